@@ -1,0 +1,54 @@
+"""The ``maskscale`` console script: one entry point, one subcommand per stage of the flow.
+
+Each package registers its own subcommands through a ``register(subparsers)`` function; the
+import happens lazily so that ``maskscale corpus ...`` never pays for importing torch or
+DeepSpeed, and ``maskscale --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# (module providing ``register(subparsers)``) in the order they appear in --help.
+COMMAND_MODULES = ["pipeline.commands", "trainer.cli", "pipeline.demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskscale",
+        description="Pretrain autoregressive (ARM) and masked diffusion (MDM) language models: "
+        "raw dumps -> packed Arrow corpus -> DeepSpeed runs tracked in MLflow -> evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that package has no CLI yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from pipeline.configlib import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"maskscale: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
