@@ -1,0 +1,284 @@
+"""``maskscale corpus build``: raw dumps -> deduplicated, temporally split, packed Arrow shards.
+
+The build is a chain of datatrove executors, one per stage, each with its own folder
+``OUTPUT/.work/<stage>-<key>``. The key fingerprints the stage's own settings *and* the keys
+of the stages it reads, so:
+
+- rerunning the same command after a kill skips every completed task (datatrove's completion
+  markers) and redoes only the unfinished ones, whose outputs are overwritten whole;
+- changing a setting gives the affected stage and everything downstream a new folder, so a
+  stale stage is never reused (datatrove alone would skip it even with new parameters);
+- identical inputs and settings produce identical bytes (no timestamps, no unordered sets).
+
+Local runs stages one after the other in this process; Ray runs them the same way on a Ray
+cluster; Slurm submits them as a chain of dependent array jobs and returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.writers import JsonlWriter
+from tqdm import tqdm
+
+from pipeline.config import CorpusConfig
+from pipeline.configlib import ConfigError, fingerprint, to_dict
+from pipeline.manifest import PublishCorpus
+from pipeline.readers import RawDumpReader, discover_inputs
+from pipeline.steps import (
+    RankFileReader,
+    SpaceWordTokenizer,
+    TemporalSplitter,
+    TokenizePack,
+    TokenizerInstall,
+    TokenizerTrainer,
+)
+from pipeline.shards import file_sha256
+
+MAX_DEFAULT_TASKS = 256
+
+
+def doc_text(doc) -> str:
+    """Content hashed by exact dedup (module level so worker processes can unpickle it)."""
+    return doc.text
+
+
+@dataclass
+class Stage:
+    """One datatrove executor run: a pipeline over ``tasks`` tasks in ``folder``."""
+
+    name: str
+    folder: str
+    pipeline: list
+    tasks: int
+    workers: int
+    key: str = ""
+
+    @property
+    def logging_dir(self) -> str:
+        return os.path.join(self.folder, "logs")
+
+    def data(self, sub: str = "data") -> str:
+        return os.path.join(self.folder, sub)
+
+
+class _Planner:
+    """Builds the chain of stages; each stage's key extends the key of what it reads."""
+
+    def __init__(self, cfg: CorpusConfig):
+        self.cfg = cfg
+        self.work = os.path.join(os.path.abspath(cfg.output), ".work")
+        self.stages: list[Stage] = []
+
+    def add(self, name: str, parent_key: str, settings, tasks: int, make_pipeline) -> Stage:
+        key = fingerprint({"parent": parent_key, "settings": settings, "stage": name})
+        folder = os.path.join(self.work, f"{len(self.stages):02d}-{name}-{key}")
+        stage = Stage(name, folder, [], tasks, min(self.cfg.executor.workers, tasks), key)
+        stage.pipeline = make_pipeline(stage)
+        self.stages.append(stage)
+        return stage
+
+
+def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> JsonlWriter:
+    return JsonlWriter(folder, output_filename=filename, compression="zstd")
+
+
+def plan_stages(cfg: CorpusConfig) -> list[Stage]:
+    """The ordered stages of a build (nothing runs here)."""
+    files = discover_inputs(cfg.input)
+    inputs_fp = fingerprint([(f, os.path.getsize(f)) for f in files])
+    tasks = cfg.executor.tasks or min(len(files), MAX_DEFAULT_TASKS)
+    p = _Planner(cfg)
+    ingest_settings = {
+        "records": to_dict(cfg.records),
+        "source": cfg.default_source,
+        "exclude": sorted(cfg.exclude_sources),
+        "undated": cfg.split.undated,
+        "tasks": tasks,
+    }
+    ingest = p.add("ingest", inputs_fp, ingest_settings, tasks, lambda s: [
+        RawDumpReader(files, s.data("rejects"), default_source=cfg.default_source,
+                      exclude_sources=cfg.exclude_sources, max_chars=cfg.records.max_chars,
+                      strict=cfg.records.strict, drop_undated=cfg.split.undated == "drop"),
+        _writer(s.data()),
+    ])  # fmt: skip
+    current, key = ingest.data(), ingest.key
+    if cfg.dedup.exact:
+        current, key = _plan_exact(p, current, key, tasks)
+    near_filter = []
+    if cfg.dedup.near:
+        near_filter, key = _plan_minhash(p, current, key, tasks)
+    sc = cfg.split
+    split = p.add("split", key, to_dict(sc), tasks, lambda s: [
+        RankFileReader(current), *near_filter,
+        TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges),
+        _writer(s.data(), "${split}/${rank}.jsonl.zst"),
+    ])  # fmt: skip
+    tok_stage = _plan_tokenizer(p, cfg, split, tasks)
+    pc = cfg.pack
+    tok_path = tok_stage.data("tokenizer.json")
+    pack = p.add("pack", f"{split.key}+{tok_stage.key}", to_dict(pc), tasks, lambda s: [
+        TokenizePack(split.data(), s.data(), tok_path, cfg.tokenizer.eos_token, pc.seq_len,
+                     pc.rows_per_shard, pc.batch_docs),
+    ])  # fmt: skip
+    stage_dirs = {st.name: st.folder for st in p.stages}
+    p.add("publish", pack.key, to_dict(cfg), 1, lambda s: [
+        PublishCorpus(cfg.output, stage_dirs, pack.data(), tok_path, to_dict(cfg)),
+    ])  # fmt: skip
+    return p.stages
+
+
+def _plan_exact(p: _Planner, current: str, key: str, tasks: int) -> tuple[str, str]:
+    xcfg = ExactDedupConfig(content_getter=doc_text)
+    sigs = p.add("exact-signatures", key, {}, tasks, lambda s: [
+        RankFileReader(current), ExactDedupSignature(s.data(), xcfg),
+    ])  # fmt: skip
+    find = p.add("exact-find", sigs.key, {}, 1, lambda s: [
+        ExactFindDedups(sigs.data(), s.data(), xcfg),
+    ])  # fmt: skip
+    filt = p.add("exact-filter", find.key, {}, tasks, lambda s: [
+        RankFileReader(current), ExactDedupFilter(find.data(), xcfg), _writer(s.data()),
+    ])  # fmt: skip
+    return filt.data(), filt.key
+
+
+def _plan_minhash(p: _Planner, current: str, key: str, tasks: int) -> tuple[list, str]:
+    d = p.cfg.dedup
+    mcfg = MinhashConfig(
+        n_grams=d.n_grams, num_buckets=d.num_buckets, hashes_per_bucket=d.hashes_per_bucket,
+        seed=d.seed,
+    )  # fmt: skip
+    settings = to_dict(d)
+    sigs = p.add("minhash-signatures", key, settings, tasks, lambda s: [
+        RankFileReader(current),
+        MinhashDedupSignature(s.data(), mcfg, language=SpaceWordTokenizer()),
+    ])  # fmt: skip
+    buckets = p.add("minhash-buckets", sigs.key, {}, d.num_buckets, lambda s: [
+        MinhashDedupBuckets(sigs.data(), s.data(), config=mcfg),
+    ])  # fmt: skip
+    cluster = p.add("minhash-cluster", buckets.key, {}, 1, lambda s: [
+        MinhashDedupCluster(buckets.data(), s.data(), config=mcfg),
+    ])  # fmt: skip
+    # Stage 4 (the filter) runs inside the split stage on exactly the stream stage 1 read.
+    return [MinhashDedupFilter(cluster.data())], cluster.key
+
+
+def _plan_tokenizer(p: _Planner, cfg: CorpusConfig, split: Stage, tasks: int) -> Stage:
+    tc = cfg.tokenizer
+    if tc.path:
+        src = Path(tc.path)
+        if src.is_dir():
+            raise ConfigError(
+                f"tokenizer.path {src} is a directory; pass the tokenizer.json file inside it"
+            )
+        if not src.is_file():
+            raise ConfigError(f"tokenizer.path {src} does not exist")
+        settings = {"sha256": file_sha256(src), "eos": tc.eos_token}
+        return p.add("tokenizer", "given", settings, 1, lambda s: [
+            TokenizerInstall(str(src.resolve()), s.data("tokenizer.json"), tc.eos_token),
+        ])  # fmt: skip
+    settings = {"vocab": tc.vocab_size, "eos": tc.eos_token, "max_chars": tc.train_max_chars}
+    return p.add("tokenizer", split.key, settings, 1, lambda s: [
+        TokenizerTrainer(os.path.join(split.data(), "train"), tasks, s.data("tokenizer.json"),
+                         tc.vocab_size, tc.eos_token, tc.train_max_chars),
+    ])  # fmt: skip
+
+
+class _QuietLocalExecutor(LocalPipelineExecutor):
+    """Local executor whose tasks log to their files only (warnings go to the console)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        # datatrove only uses local_rank to decide console verbosity: != 0 means errors only.
+        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+
+
+def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
+    done_dir = os.path.join(stage.logging_dir, "completions")
+    while not stop.wait(0.5):
+        done = len(os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
+        bar.n = done
+        bar.refresh()
+
+
+def run_local(stages: list[Stage], progress: bool = True) -> None:
+    for i, stage in enumerate(stages, start=1):
+        executor = _QuietLocalExecutor(
+            stage.pipeline, tasks=stage.tasks, workers=stage.workers,
+            logging_dir=stage.logging_dir, start_method="forkserver",
+        )  # fmt: skip
+        desc = f"[{i}/{len(stages)}] {stage.name}"
+        bar = tqdm(total=stage.tasks, desc=desc, unit="task", disable=not progress, leave=True)
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(stage, bar, stop), daemon=True)
+        watcher.start()
+        try:
+            executor.run()
+        finally:
+            stop.set()
+            watcher.join()
+            done_dir = os.path.join(stage.logging_dir, "completions")
+            bar.n = len(os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
+            bar.close()
+
+
+def run_ray(stages: list[Stage]) -> None:
+    from datatrove.executor import RayPipelineExecutor
+
+    for stage in stages:
+        RayPipelineExecutor(
+            stage.pipeline, tasks=stage.tasks, workers=stage.workers,
+            logging_dir=stage.logging_dir,
+        ).run()  # fmt: skip
+
+
+def submit_slurm(cfg: CorpusConfig, stages: list[Stage]) -> None:
+    from datatrove.executor import SlurmPipelineExecutor
+
+    sc = cfg.executor.slurm
+    previous = None
+    for stage in stages:
+        previous = SlurmPipelineExecutor(
+            stage.pipeline, tasks=stage.tasks, workers=cfg.executor.workers, time=sc.time,
+            partition=sc.partition, cpus_per_task=sc.cpus_per_task,
+            mem_per_cpu_gb=sc.mem_per_cpu_gb, sbatch_args=dict(sc.sbatch_args),
+            job_name=f"maskscale-{stage.name}", logging_dir=stage.logging_dir, depends=previous,
+        )  # fmt: skip
+    previous.run()  # launches the whole dependency chain
+
+
+def build_corpus(cfg: CorpusConfig, progress: bool = True) -> dict | None:
+    """Run (or, on Slurm, submit) every stage; returns the manifest when finished here."""
+    from pipeline.shards import read_manifest
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stages = plan_stages(cfg)
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    if cfg.executor.kind == "local":
+        run_local(stages, progress)
+    elif cfg.executor.kind == "ray":
+        run_ray(stages)
+    else:
+        submit_slurm(cfg, stages)
+        return None
+    manifest = read_manifest(cfg.output)
+    manifest["elapsed_s"] = round(time.time() - start, 2)
+    return manifest

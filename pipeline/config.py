@@ -1,0 +1,149 @@
+"""Configuration of ``maskscale corpus build``.
+
+One nested dataclass tree describes a whole build. It is saved verbatim into the manifest, and
+its parts are fingerprinted per stage so that changing, say, the tokenizer reruns tokenization
+and packing but reuses deduplication, while never reusing a stage built with other settings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.configlib import ConfigError
+
+
+@dataclass
+class RecordConfig:
+    max_chars: int = 2_000_000
+    """Documents longer than this many characters are dropped (reason ``too_long``)."""
+    strict: bool = False
+    """Stop at the first bad record with an error naming file and line, instead of counting it."""
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    """Remove documents whose text is byte-identical to an earlier one (datatrove exact dedup)."""
+    near: bool = True
+    """Remove near-duplicates with datatrove's 4-stage MinHash dedup."""
+    n_grams: int = 5
+    """Word n-gram size of MinHash shingles."""
+    num_buckets: int = 14
+    """LSH bands; with ``hashes_per_bucket`` sets the similarity threshold (~0.75 by default)."""
+    hashes_per_bucket: int = 8
+    """MinHash rows per band."""
+    seed: int = 1
+    """Seed of the MinHash permutations."""
+
+
+@dataclass
+class SplitConfig:
+    cutoff: str | None = None
+    """YYYY-MM-DD: documents dated before go to train/validation, later ones to holdout splits."""
+    validation_fraction: float = 0.01
+    """Fraction of pre-cutoff documents drawn (by a seeded hash of the text) into ``validation``."""
+    seed: int = 3407
+    """Seed of the validation draw."""
+    holdout_ranges: dict[str, list[str]] = field(default_factory=dict)
+    """Optional named holdout ranges {name: [start, end]} (inclusive dates); post-cutoff documents
+    outside every range go to ``holdout_YYYY`` by year."""
+    undated: Literal["train", "drop"] = "train"
+    """What to do with documents that carry no date: keep them in train, or drop them (counted)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """A local ``tokenizer.json`` to use; when unset a byte-level BPE is trained on train."""
+    vocab_size: int = 8192
+    """Vocabulary size of the trained BPE (ignored when ``path`` is set)."""
+    eos_token: str = "<|endoftext|>"
+    """Token placed between documents; must exist in a given tokenizer."""
+    train_max_chars: int = 200_000_000
+    """Stop feeding the BPE trainer after this many characters of train text."""
+
+
+@dataclass
+class PackConfig:
+    seq_len: int = 2048
+    """Rows hold exactly seq_len + 1 token ids (inputs and shifted targets)."""
+    rows_per_shard: int = 16384
+    """Rows per Arrow shard before a new file is started."""
+    batch_docs: int = 256
+    """Documents tokenized per ``encode_batch`` call."""
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = "cpu"
+    """Slurm partition for every stage."""
+    time: str = "12:00:00"
+    """Wall-time limit per stage job."""
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 4
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+    """Extra ``#SBATCH`` options, e.g. {account: myproj}."""
+
+
+@dataclass
+class ExecutorConfig:
+    kind: Literal["local", "slurm", "ray"] = "local"
+    """Which datatrove executor runs the stages."""
+    workers: int = 2
+    """Parallel processes (local) or concurrent tasks (slurm/ray)."""
+    tasks: int = 0
+    """Parallel tasks per stage; 0 = one per input file (capped at 256)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class CorpusConfig:
+    input: list[str] = field(default_factory=list)
+    """Input directories, files or globs (SlimPajama .jsonl.zst, .jsonl[.gz], .parquet)."""
+    output: str = ""
+    """Corpus directory to write (splits, manifest.json, tokenizer.json; work files in .work/)."""
+    default_source: str = "web"
+    """Source name for records without ``meta.redpajama_set_name``."""
+    exclude_sources: list[str] = field(default_factory=list)
+    """Sources to drop (counted), e.g. [RedPajamaGithub] as TinyLlama does."""
+    records: RecordConfig = field(default_factory=RecordConfig)
+    """Per-record validation of the raw input."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ConfigError("input: no input given (use --input DIR_OR_GLOB or input=[...])")
+        if not self.output:
+            raise ConfigError("output: no output directory given (use --output DIR)")
+        if self.split.cutoff is not None:
+            parse_day(self.split.cutoff, "split.cutoff")
+        for name, rng in self.split.holdout_ranges.items():
+            if len(rng) != 2:
+                raise ConfigError(f"split.holdout_ranges.{name}: expected [start, end] dates")
+            for d in rng:
+                parse_day(d, f"split.holdout_ranges.{name}")
+        if not 0.0 <= self.split.validation_fraction < 1.0:
+            raise ConfigError("split.validation_fraction must be in [0, 1)")
+        if self.pack.seq_len < 1 or self.pack.rows_per_shard < 1 or self.pack.batch_docs < 1:
+            raise ConfigError("pack.seq_len, pack.rows_per_shard and pack.batch_docs must be >= 1")
+        if self.tokenizer.path is None and self.tokenizer.vocab_size < 260:
+            raise ConfigError(
+                "tokenizer.vocab_size must be >= 260 (256 bytes + special tokens + merges)"
+            )
+        if self.executor.workers < 1 or self.executor.tasks < 0:
+            raise ConfigError("executor.workers must be >= 1 and executor.tasks >= 0")
+        if self.records.max_chars < 1:
+            raise ConfigError("records.max_chars must be >= 1")
+
+
+def parse_day(text: str, key: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(text))
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a YYYY-MM-DD date") from None

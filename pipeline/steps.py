@@ -1,0 +1,298 @@
+"""Custom datatrove steps of the corpus build (besides the raw reader).
+
+Every step works on one task's own files (``{rank:05d}``), never on a shared listing, so that a
+stage that reads the output of an earlier one sees exactly the same document stream in the same
+order. datatrove's dedup filters address documents by their index in that stream, and a
+missing (empty) file would otherwise shift every later task onto the wrong input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import orjson
+from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from pipeline.shards import ShardMeta, ShardWriter, file_sha256
+
+INTERMEDIATE = "{rank:05d}.jsonl.zst"
+
+
+def read_rank_file(path: str) -> Iterator[Document]:
+    """Documents of one intermediate file written by datatrove's JsonlWriter (zstd)."""
+    import io
+
+    import zstandard
+
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        for raw in io.BufferedReader(reader, buffer_size=1 << 20):
+            rec = orjson.loads(raw)
+            yield Document(text=rec["text"], id=rec["id"], metadata=rec.get("metadata") or {})
+
+
+class RankFileReader(PipelineStep):
+    """Reads ``folder/{rank:05d}.jsonl.zst`` (the same task's output of an earlier stage)."""
+
+    type = "📖 - READER"
+    name = "maskscale rank-file reader"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        for doc in read_rank_file(os.path.join(self.folder, INTERMEDIATE.format(rank=rank))):
+            self.stat_update("read")
+            yield doc
+
+
+class SpaceWordTokenizer(WordTokenizer):
+    """Whitespace word splitter for MinHash shingles: language-agnostic, no spaCy, ~10x faster."""
+
+    def __init__(self):
+        super().__init__("whitespace")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in text.split("\n") if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, pos = [], 0
+        for word in text.split():
+            start = text.index(word, pos)
+            spans.append((start, start + len(word)))
+            pos = start + len(word)
+        return spans
+
+
+def text_hash01(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) determined by the text and the seed (layout-independent)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+class TemporalSplitter(PipelineStep):
+    """Assigns ``metadata["split"]``: train / validation before the cutoff, holdouts after."""
+
+    type = "🔀 - SPLIT"
+    name = "maskscale temporal split"
+
+    def __init__(
+        self,
+        cutoff: str | None,
+        validation_fraction: float,
+        seed: int,
+        holdout_ranges: dict[str, list[str]] | None = None,
+    ):
+        super().__init__()
+        self.cutoff = dt.date.fromisoformat(cutoff) if cutoff else None
+        self.validation_fraction = validation_fraction
+        self.seed = seed
+        self.ranges = [
+            (name, dt.date.fromisoformat(a), dt.date.fromisoformat(b))
+            for name, (a, b) in (holdout_ranges or {}).items()
+        ]
+
+    def split_of(self, doc: Document) -> str:
+        date = doc.metadata.get("date")
+        day = dt.date.fromisoformat(date) if date else None
+        if day is not None and self.cutoff is not None and day >= self.cutoff:
+            for name, start, end in self.ranges:
+                if start <= day <= end:
+                    return name
+            return f"holdout_{day.year}"
+        if text_hash01(doc.text, self.seed) < self.validation_fraction:
+            return "validation"
+        return "train"
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            split = self.split_of(doc)
+            doc.metadata["split"] = split
+            self.stat_update(f"split/{split}", f"split_source/{split}/{doc.metadata['source']}")
+            if not doc.metadata.get("date"):
+                self.stat_update("undated_kept")
+            yield doc
+
+
+class TokenizerTrainer(PipelineStep):
+    """Trains a byte-level BPE on the train split (single task) and saves ``tokenizer.json``."""
+
+    type = "🔢 - TOKENIZER"
+    name = "maskscale BPE trainer"
+
+    def __init__(
+        self, train_folder: str, tasks: int, out_path: str, vocab_size: int, eos: str, max_chars
+    ):
+        super().__init__()
+        self.train_folder, self.tasks, self.out_path = train_folder, tasks, out_path
+        self.vocab_size, self.eos, self.max_chars = vocab_size, eos, max_chars
+
+    def texts(self) -> Iterator[str]:
+        budget = self.max_chars
+        for rank in range(self.tasks):
+            path = os.path.join(self.train_folder, INTERMEDIATE.format(rank=rank))
+            for doc in read_rank_file(path):
+                if budget <= 0:
+                    return
+                budget -= len(doc.text)
+                self.stat_update("train_docs")
+                yield doc.text
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.vocab_size,
+            special_tokens=[self.eos],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(self.texts(), trainer=trainer)
+        os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
+        tmp = self.out_path + ".tmp"
+        tok.save(tmp)
+        os.replace(tmp, self.out_path)
+        return iter(())
+
+
+class TokenizerInstall(PipelineStep):
+    """Validates a user-given ``tokenizer.json`` (EOS present) and copies it into the corpus."""
+
+    type = "🔢 - TOKENIZER"
+    name = "maskscale tokenizer install"
+
+    def __init__(self, src: str, out_path: str, eos: str):
+        super().__init__()
+        self.src, self.out_path, self.eos = src, out_path, eos
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import shutil
+
+        from tokenizers import Tokenizer
+
+        tokenizer_meta(Tokenizer.from_file(self.src), self.src, self.eos, 1)
+        os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
+        shutil.copyfile(self.src, self.out_path + ".tmp")
+        os.replace(self.out_path + ".tmp", self.out_path)
+        return iter(())
+
+
+class TokenizePack(PipelineStep):
+    """Tokenizes each split of one task, joins documents with EOS and packs fixed rows.
+
+    Rows never mix sources (so the trainer can weight sources). The tokens left over at the end
+    of each (task, split, source) stream are fewer than one row; they are counted as
+    ``tail_tokens`` in the stats and the manifest, not silently dropped.
+    """
+
+    type = "🔢 - TOKENIZER"
+    name = "maskscale tokenize+pack"
+
+    def __init__(self, split_folder: str, out_folder: str, tokenizer_path: str, eos: str,
+                 seq_len: int, rows_per_shard: int, batch_docs: int):  # fmt: skip
+        super().__init__()
+        self.split_folder, self.out_folder = split_folder, out_folder
+        self.tokenizer_path, self.eos, self.seq_len = tokenizer_path, eos, seq_len
+        self.rows_per_shard, self.batch_docs = rows_per_shard, batch_docs
+
+    def _batches(self, split: str, rank: int) -> Iterator[tuple[str, list[str]]]:
+        """(source, texts) batches, grouped by source in arrival order."""
+        path = os.path.join(self.split_folder, split, INTERMEDIATE.format(rank=rank))
+        pending: dict[str, list[str]] = {}
+        for doc in read_rank_file(path):
+            bucket = pending.setdefault(doc.metadata["source"], [])
+            bucket.append(doc.text)
+            if len(bucket) >= self.batch_docs:
+                yield doc.metadata["source"], pending.pop(doc.metadata["source"])
+        yield from pending.items()
+
+    def pack_split(self, tok, split: str, rank: int) -> None:
+        width = self.meta.seq_len + 1
+        meta = dataclasses.replace(self.meta, split=split)
+        buffers: dict[str, np.ndarray] = {}
+        writer, chunk = None, 0
+        eos = np.array([self.meta.eos_id], dtype=np.int64)
+        for source, texts in self._batches(split, rank):
+            with self.track_time():
+                encs = tok.encode_batch_fast(texts, add_special_tokens=False)
+                parts = [buffers.get(source, np.empty(0, np.int64))]
+                for enc in encs:
+                    parts.append(np.asarray(enc.ids, dtype=np.int64))
+                    parts.append(eos)
+                stream = np.concatenate(parts)
+                n_rows = len(stream) // width
+                buffers[source] = stream[n_rows * width :]
+                rows = stream[: n_rows * width].reshape(n_rows, width)
+                self.stat_update(f"tokens/{split}/{source}", value=len(stream) - len(parts[0]))
+                self.stat_update(f"docs/{split}/{source}", value=len(texts))
+                while len(rows):
+                    if writer is None:
+                        name = f"{rank:05d}_{chunk:05d}.arrow"
+                        writer = ShardWriter(os.path.join(self.out_folder, split, name), meta)
+                    take = min(len(rows), self.rows_per_shard - writer.rows)
+                    writer.write(rows[:take], source)
+                    self.stat_update(f"rows/{split}/{source}", value=take)
+                    rows = rows[take:]
+                    if writer.rows >= self.rows_per_shard:
+                        writer.close()
+                        writer, chunk = None, chunk + 1
+        if writer is not None:
+            writer.close()
+        for source, tail in buffers.items():
+            self.stat_update(f"tail_tokens/{split}/{source}", value=len(tail))
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(self.tokenizer_path)
+        self.meta = tokenizer_meta(tok, self.tokenizer_path, self.eos, self.seq_len)
+        splits = sorted(os.listdir(self.split_folder)) if os.path.isdir(self.split_folder) else []
+        for split in splits:
+            self.pack_split(tok, split, rank)
+        return iter(())
+
+
+def tokenizer_meta(tok, path: str, eos: str, seq_len: int) -> ShardMeta:
+    """Shard metadata of a tokenizer; the MDM mask id is reserved as the vocab size."""
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise ValueError(
+            f"{path}: EOS token {eos!r} is not in the vocabulary; set tokenizer.eos_token to "
+            "the tokenizer's end-of-text token (e.g. '</s>')"
+        )
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    return ShardMeta(file_sha256(path), vocab, eos_id, vocab, seq_len)
+
+
+def load_stats(logging_dir: str) -> dict[str, float]:
+    """Sum every counter of every finished task of a stage: {"<step name>|<label>": total}."""
+    totals: dict[str, float] = {}
+    stats_dir = os.path.join(logging_dir, "stats")
+    if not os.path.isdir(stats_dir):
+        return totals
+    for fname in sorted(os.listdir(stats_dir)):
+        with open(os.path.join(stats_dir, fname)) as f:
+            steps = json.load(f)
+        for step in steps:
+            for label, value in step.get("stats", {}).items():
+                total = value.get("total", 0) if isinstance(value, dict) else value
+                key = f"{step['name']}|{label}"
+                totals[key] = totals.get(key, 0) + total
+    return totals

@@ -1,0 +1,529 @@
+"""Deterministic, resumable, memory-mapped training data from a packed corpus.
+
+Why it looks like this: a scaling study compares many runs, so a run's data order must be a
+pure function of (corpus, seed, mixture weights) -- independent of the number of GPUs, of
+gradient accumulation, and of restarts. Everything below therefore derives from one integer,
+the *global stream position* ``p = 0, 1, 2, ...``; the loader's whole state is that integer.
+
+Position -> row
+  * Natural order (``weights=None``): all ``n`` rows form one group; epoch ``e = p // n`` and
+    ``row = perm_e(p % n)`` where ``perm_e`` is a keyed pseudo-random permutation of
+    ``[0, n)``, a new one per epoch.
+  * Mixture (``weights={source: w}``): each source is its own group with its own permutations.
+    Positions are cut into blocks of ``BLOCK`` positions. Before block ``b`` source ``s`` has
+    been drawn ``Q_s(b) = floor(b * BLOCK * w_s)`` times (the heaviest source takes the
+    remainder, so the quotas sum to ``b * BLOCK``). A keyed shuffle of block ``b``'s positions
+    gives each source ``Q_s(b+1) - Q_s(b)`` of them; the ``j``-th position (in stream order) of
+    block ``b`` that belongs to source ``s`` is that source's draw ``k = Q_s(b) + j``, and
+    draw ``k`` reads row ``perm_{s, k // n_s}(k % n_s)`` of the source. So source counts equal ``p * w_s`` (to one
+    draw) at every block boundary and fluctuate only within a block, and a source is exhausted before any of its rows
+    repeats (a heavily weighted small source is upsampled by whole epochs). Sources missing
+    from ``weights`` (or with weight 0) are not read.
+  * The permutations are Feistel networks on the smallest power of four >= ``n`` with cycle
+    walking; round keys come from ``np.random.default_rng([seed, group, epoch])``. That gives
+    random access in O(1) memory (no n-sized index array per rank, which at 10^8 rows would be
+    gigabytes) and is fully vectorised.
+
+Position -> rank (the agreed formula): the global batch of step ``s`` covers positions
+``[s*G, (s+1)*G)``; micro-step ``a`` on rank ``r`` reads ``s*G + a*micro*world + r*micro +
+[0, micro)``. Hence the union over ranks of one step is the same set of rows for any world size.
+Each row also gets a key, a bijective 63-bit mix of ``(seed, position)``, which seeds that
+row's objective randomness (MDM masks) so it does not depend on the rank it lands on.
+
+Reading: each shard is ``pa.memory_map``-ed and every record batch becomes a zero-copy
+``(rows, seq_len + 1)`` numpy view; a micro-batch gathers only its rows (one fancy-index per
+record batch touched) and widens them to int64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.shards import TOKENIZER, ShardMeta, file_sha256, read_manifest
+
+BLOCK = 4096
+"""Mixture schedule block length (positions); within a block source counts are exact to +-1."""
+
+EVAL_KEY_SEED = 0
+"""Seed mixed into the keys of evaluation rows (keys depend only on the row's file order)."""
+
+_M63 = np.uint64((1 << 63) - 1)
+_FEISTEL_ROUNDS = 6
+_STATE_VERSION = 1
+
+
+class CorpusMismatchError(ValueError):
+    """The corpus on disk disagrees with the model/run (tokenizer, vocab size or seq_len)."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _resolve(corpus_dir: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else corpus_dir / p
+
+
+def _read_shard_meta(path: Path) -> ShardMeta:
+    if not path.is_file():
+        raise CorpusMismatchError(
+            f"shard {path} is listed in the manifest but missing: the corpus is incomplete; "
+            "rebuild it with `maskscale corpus build`"
+        )
+    with pa.memory_map(str(path), "r") as source:
+        schema = pa.ipc.open_file(source).schema
+    return ShardMeta.from_arrow(schema.metadata, path)
+
+
+def _check_shard(path: Path, meta: ShardMeta, expected: dict, split: str) -> None:
+    """Compare a shard's schema metadata with the manifest's promises."""
+    have = {
+        "tokenizer sha256": meta.tokenizer_sha256,
+        "vocab_size": meta.vocab_size,
+        "seq_len": meta.seq_len,
+        "mask_id": meta.mask_id,
+    }
+    if meta.split:
+        have["split"] = meta.split
+    for field, value in have.items():
+        want = split if field == "split" else expected[field]
+        if want is not None and value != want:
+            raise CorpusMismatchError(
+                f"shard {path} has {field} {value} but manifest.json says {want}: the corpus "
+                "mixes files from different builds or was modified; rebuild it"
+            )
+
+
+def check_corpus(
+    corpus_dir: str | Path, vocab_size: int, seq_len: int, tokenizer_sha256: str | None = None
+) -> dict:
+    """Refuse a corpus whose tokenizer, vocab size or seq_len disagree with the run.
+
+    Checks the manifest against the arguments, ``tokenizer.json`` against its recorded sha256,
+    and every shard's schema metadata against the manifest. Returns the manifest.
+    """
+    corpus_dir = Path(corpus_dir)
+    manifest = read_manifest(corpus_dir)
+    tok = manifest.get("tokenizer", {})
+    c_vocab, c_seq, c_sha = tok.get("vocab_size"), manifest.get("seq_len"), tok.get("sha256")
+    if c_vocab != vocab_size:
+        raise CorpusMismatchError(
+            f"corpus {corpus_dir} was built with vocab_size {c_vocab} but the model config says "
+            f"{vocab_size}: rebuild the corpus with a matching tokenizer or set "
+            f"model.vocab_size={c_vocab}"
+        )
+    if c_seq != seq_len:
+        raise CorpusMismatchError(
+            f"corpus {corpus_dir} was packed with seq_len {c_seq} but the model config says "
+            f"{seq_len}: rebuild the corpus with seq_len={seq_len} or set model.seq_len={c_seq}"
+        )
+    if tokenizer_sha256 is not None and c_sha != tokenizer_sha256:
+        raise CorpusMismatchError(
+            f"corpus {corpus_dir} was tokenized with tokenizer sha256 {c_sha} but this run "
+            f"expects {tokenizer_sha256}: use the corpus built with that tokenizer (or start a "
+            "new run for this corpus)"
+        )
+    tok_path = _resolve(corpus_dir, tok.get("path", TOKENIZER))
+    if c_sha and tok_path.is_file() and file_sha256(tok_path) != c_sha:
+        raise CorpusMismatchError(
+            f"{tok_path} has tokenizer sha256 {file_sha256(tok_path)} but manifest.json records "
+            f"{c_sha}: the tokenizer was replaced after the corpus was built; rebuild the corpus"
+        )
+    expected = {
+        "tokenizer sha256": c_sha,
+        "vocab_size": c_vocab,
+        "seq_len": c_seq,
+        "mask_id": tok.get("mask_id", c_vocab),
+    }
+    for split, info in manifest.get("splits", {}).items():
+        for shard in info.get("shards", []):
+            path = _resolve(corpus_dir, shard["path"])
+            _check_shard(path, _read_shard_meta(path), expected, split)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _SplitReader:
+    """Zero-copy views of every record batch of one split, addressed by global row index."""
+
+    def __init__(self, corpus_dir: str | Path, split: str):
+        corpus_dir = Path(corpus_dir)
+        manifest = read_manifest(corpus_dir)
+        splits = manifest.get("splits", {})
+        if split not in splits:
+            raise ValueError(
+                f"corpus {corpus_dir} has no split {split!r}; available: {sorted(splits)}"
+            )
+        self.views: list[np.ndarray] = []
+        self._batches: list[pa.RecordBatch] = []
+        self.meta: ShardMeta | None = None
+        for shard in splits[split].get("shards", []):
+            self._open(_resolve(corpus_dir, shard["path"]), shard.get("rows"))
+        if not self.views:
+            raise ValueError(f"split {split!r} of corpus {corpus_dir} has no rows")
+        counts = np.array([len(v) for v in self.views], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.rows = int(self.starts[-1])
+        self.width = self.views[0].shape[1]
+
+    def _open(self, path: Path, manifest_rows: int | None) -> None:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        meta = ShardMeta.from_arrow(reader.schema.metadata, path)
+        if self.meta is None:
+            self.meta = meta
+        elif (meta.tokenizer_sha256, meta.vocab_size, meta.seq_len) != (
+            self.meta.tokenizer_sha256,
+            self.meta.vocab_size,
+            self.meta.seq_len,
+        ):
+            raise CorpusMismatchError(
+                f"shard {path} ({meta}) disagrees with the split's first shard ({self.meta}): "
+                "the corpus mixes builds; rebuild it"
+            )
+        rows = 0
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            if batch.num_rows == 0:
+                continue
+            ids = batch.column(0)
+            width = ids.type.list_size
+            flat = ids.flatten().to_numpy(zero_copy_only=True)
+            self.views.append(flat.reshape(-1, width))
+            self._batches.append(batch)
+            rows += batch.num_rows
+        if manifest_rows is not None and rows != manifest_rows:
+            raise CorpusMismatchError(
+                f"shard {path} has {rows} rows but manifest.json says {manifest_rows}: the "
+                "shard was truncated or replaced; rebuild the corpus"
+            )
+
+    def source_runs(self) -> dict[str, list[tuple[int, int]]]:
+        """{source: [(first global row, length), ...]} -- contiguous single-source runs."""
+        runs: dict[str, list[tuple[int, int]]] = {}
+        for b, batch in enumerate(self._batches):
+            enc = batch.column(1).dictionary_encode()
+            names = enc.dictionary.to_pylist()
+            idx = enc.indices.to_numpy()
+            cuts = np.concatenate([[0], np.flatnonzero(np.diff(idx)) + 1, [len(idx)]])
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                start = int(self.starts[b] + lo)
+                runs.setdefault(names[idx[lo]], []).append((start, int(hi - lo)))
+        return runs
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Global row indices -> int64 array (len(rows), seq_len + 1); copies only those rows."""
+        out = np.empty((len(rows), self.width), dtype=np.int64)
+        batch = np.searchsorted(self.starts, rows, side="right") - 1
+        offset = rows - self.starts[batch]
+        for b in np.unique(batch):
+            sel = np.flatnonzero(batch == b)
+            out[sel] = self.views[b][offset[sel]]
+        return out
+
+
+# ----------------------------------------------------------------------------- stream
+
+
+def mix_keys(positions: np.ndarray, seed: int) -> np.ndarray:
+    """Bijective 63-bit mix of stream positions (distinct positions -> distinct int64 keys)."""
+    offset = np.uint64((seed * 0x9E3779B97F4A7C15) & ((1 << 63) - 1))
+    x = (np.asarray(positions, dtype=np.uint64) + offset) & _M63
+    for mult in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB):
+        x = (x * np.uint64(mult)) & _M63  # odd multiplier: a bijection modulo 2**63
+        x ^= x >> np.uint64(31)
+    return x.astype(np.int64)
+
+
+class _Permutation:
+    """Keyed pseudo-random permutation of ``[0, n)`` with O(1) memory and random access."""
+
+    def __init__(self, n: int, key: list[int]):
+        self.n = n
+        bits = max(2, math.ceil(math.log2(max(n, 2))))
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        rng = np.random.default_rng(key)
+        self.round_keys = rng.integers(0, 2**63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for k in self.round_keys:
+            f = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)
+            f ^= f >> np.uint64(29)
+            f *= np.uint64(0xBF58476D1CE4E5B9)
+            f ^= f >> np.uint64(32)
+            left, right = right, left ^ (f & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        y = self._feistel(np.asarray(idx, dtype=np.uint64))
+        out = y >= np.uint64(self.n)
+        while out.any():  # cycle walking: re-permute until the value lands inside [0, n)
+            y[out] = self._feistel(y[out])
+            out = y >= np.uint64(self.n)
+        return y.astype(np.int64)
+
+
+class _Group:
+    """Rows of one source (or of the whole split): runs of global rows + per-epoch shuffles."""
+
+    def __init__(self, index: int, runs: list[tuple[int, int]], seed: int):
+        self.index, self.seed = index, seed
+        self.run_start = np.array([s for s, _ in runs], dtype=np.int64)
+        self.run_cum = np.concatenate([[0], np.cumsum([n for _, n in runs])]).astype(np.int64)
+        self.rows = int(self.run_cum[-1])
+        self._perms: dict[int, _Permutation] = {}
+
+    def perm(self, epoch: int) -> _Permutation:
+        if epoch not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[epoch] = _Permutation(self.rows, [self.seed, self.index, epoch])
+        return self._perms[epoch]
+
+    def draws_to_rows(self, k: np.ndarray) -> np.ndarray:
+        """Draw numbers of this group -> global row indices."""
+        epoch, within = np.divmod(k, self.rows)
+        local = np.empty_like(k)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            local[sel] = self.perm(int(e))(within[sel])
+        run = np.searchsorted(self.run_cum, local, side="right") - 1
+        return self.run_start[run] + (local - self.run_cum[run])
+
+
+class _Stream:
+    """Global position -> global row, per the scheme in the module docstring."""
+
+    def __init__(self, groups: list[_Group], weights: list[float], seed: int):
+        self.groups, self.seed = groups, seed
+        self.w = np.asarray(weights, dtype=np.float64)
+        self.heavy = int(np.argmax(self.w))
+        if len(groups) * (len(groups) - 1) > BLOCK:
+            raise ValueError(f"at most 64 weighted sources are supported, got {len(groups)}")
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def quotas(self, block: int) -> np.ndarray:
+        """Q_s(block): draws of each group before ``block``."""
+        q = np.floor(block * BLOCK * self.w).astype(np.int64)
+        q[self.heavy] = block * BLOCK - (q.sum() - q[self.heavy])
+        return q
+
+    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(group, draw number) of each of the BLOCK positions of ``block``."""
+        if block not in self._blocks:
+            if len(self._blocks) > 8:
+                self._blocks.clear()
+            q0, q1 = self.quotas(block), self.quotas(block + 1)
+            first = np.concatenate([[0], np.cumsum(q1 - q0)])
+            perm = _Permutation(BLOCK, [self.seed, len(self.groups), 1, block])
+            group = np.searchsorted(first, perm(np.arange(BLOCK)), side="right") - 1
+            draw = np.empty(BLOCK, dtype=np.int64)
+            for g in range(len(self.groups)):  # the j-th position of g in the block: draw Q_g + j
+                where = np.flatnonzero(group == g)
+                draw[where] = q0[g] + np.arange(len(where))
+            self._blocks[block] = (group, draw)
+        return self._blocks[block]
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(self.groups) == 1:
+            return self.groups[0].draws_to_rows(positions)
+        group = np.empty_like(positions)
+        draw = np.empty_like(positions)
+        blocks, slots = np.divmod(positions, BLOCK)
+        for b in np.unique(blocks):
+            sel = blocks == b
+            block_group, block_draw = self._block(int(b))
+            group[sel], draw[sel] = block_group[slots[sel]], block_draw[slots[sel]]
+        out = np.empty_like(positions)
+        for g in np.unique(group):
+            sel = group == g
+            out[sel] = self.groups[g].draws_to_rows(draw[sel])
+        return out
+
+    def epoch(self, position: int) -> int:
+        """Completed passes over the most repeated group when ``position`` is reached."""
+        if len(self.groups) == 1:
+            return position // self.groups[0].rows
+        q = np.floor(position * self.w).astype(np.int64)
+        return int(max(qs // g.rows for qs, g in zip(q, self.groups)))
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def _normalise_weights(weights: dict[str, float], available: list[str]) -> dict[str, float]:
+    unknown = sorted(set(weights) - set(available))
+    if unknown:
+        raise ValueError(
+            f"mixture weights name unknown source(s) {unknown}; corpus has {available}"
+        )
+    if any(w < 0 or not math.isfinite(w) for w in weights.values()):
+        raise ValueError(f"mixture weights must be finite and >= 0, got {weights}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"mixture weights must not all be 0, got {weights}")
+    return {s: weights[s] / total for s in sorted(weights) if weights[s] > 0}
+
+
+class CorpusLoader:
+    """Micro-batches of one rank, drawn from the deterministic global stream of a split."""
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        split: str = "train",
+        *,
+        micro_batch: int,
+        global_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 3407,
+        weights: dict[str, float] | None = None,
+    ):
+        if micro_batch < 1 or global_batch < 1 or world_size < 1:
+            raise ValueError("micro_batch, global_batch and world_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(
+                f"global_batch {global_batch} must be a multiple of micro_batch x world_size = "
+                f"{micro_batch} x {world_size}: change batch.micro_batch or batch.global_batch"
+            )
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.split, self.seed = split, seed
+        self.micro_batch, self.global_batch = micro_batch, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.accum = global_batch // (micro_batch * world_size)
+        self._reader = _SplitReader(corpus_dir, split)
+        self.meta: ShardMeta = self._reader.meta
+        self.seq_len = self.meta.seq_len
+        if weights is None:
+            self.weights = None
+            groups = [_Group(0, [(0, self._reader.rows)], seed)]
+            self._stream = _Stream(groups, [1.0], seed)
+        else:
+            runs = self._reader.source_runs()
+            self.weights = _normalise_weights(weights, sorted(runs))
+            groups = [_Group(i, runs[s], seed) for i, s in enumerate(self.weights)]
+            self._stream = _Stream(groups, list(self.weights.values()), seed)
+        self._step_start = 0  # first position of the current optimizer step
+        self._micro_step = 0  # micro-steps of the current step already consumed
+
+    @property
+    def rows(self) -> int:
+        """Rows the stream draws from (all rows of the split, or of the weighted sources)."""
+        return sum(g.rows for g in self._stream.groups)
+
+    @property
+    def position(self) -> int:
+        """Next global stream position the ranks will consume (all ranks agree)."""
+        return self._step_start + self._micro_step * self.micro_batch * self.world_size
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps fully consumed (position // global_batch for a fixed batch size)."""
+        return self._step_start // self.global_batch
+
+    @property
+    def epoch(self) -> int:
+        return self._stream.epoch(self.position)
+
+    def rows_for(self, positions: np.ndarray) -> np.ndarray:
+        """Global stream positions -> global row indices of the split (for tests and audits)."""
+        return self._stream.rows(np.asarray(positions, dtype=np.int64))
+
+    def micro_positions(self) -> np.ndarray:
+        """Stream positions of this rank's next micro-batch."""
+        start = self.position + self.rank * self.micro_batch
+        return np.arange(start, start + self.micro_batch, dtype=np.int64)
+
+    def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens int64 [micro, seq_len+1], keys int64 [micro]) and advance by one micro-step."""
+        positions = self.micro_positions()
+        tokens = torch.from_numpy(self._reader.gather(self._stream.rows(positions)))
+        keys = torch.from_numpy(mix_keys(positions, self.seed))
+        self._micro_step += 1
+        if self._micro_step == self.accum:
+            self._step_start += self.global_batch
+            self._micro_step = 0
+        return tokens, keys
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_micro_batch()
+
+    def state_dict(self) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "split": self.split,
+            "seed": self.seed,
+            "rows": self.rows,
+            "weights": self.weights,
+            "position": self.position,
+            "step_start": self._step_start,
+            "micro_step": self._micro_step,
+            "micro_x_world": self.micro_batch * self.world_size,
+            "global_batch": self.global_batch,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` stopped (world size may differ at step boundaries)."""
+        for key in ("seed", "rows", "split"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data state was saved with {key}={state[key]!r} but this loader has "
+                    f"{getattr(self, key)!r}: the sample stream would differ, so the run cannot "
+                    "resume exactly; restore the original setting or start a new run"
+                )
+        if not _same_weights(state["weights"], self.weights):
+            raise ValueError(
+                f"data state was saved with mixture weights {state['weights']} but this loader "
+                f"has {self.weights}: restore the weights or start a new run"
+            )
+        if state["micro_step"] and (
+            state["micro_x_world"] != self.micro_batch * self.world_size
+            or state["global_batch"] != self.global_batch
+        ):
+            raise ValueError(
+                "data state was saved in the middle of a gradient-accumulation cycle with "
+                f"micro_batch*world_size={state['micro_x_world']} and global_batch="
+                f"{state['global_batch']}; resume with the same geometry or from a checkpoint "
+                "taken at a step boundary"
+            )
+        self._step_start = int(state["step_start"])
+        self._micro_step = int(state["micro_step"])
+
+
+def _same_weights(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return set(a) == set(b) and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
+
+
+def iter_eval_batches(
+    corpus_dir: str | Path, split: str, batch_size: int, max_rows: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, keys) batches of a split in file order; the last batch may be smaller.
+
+    Keys mix the row's file-order index with ``EVAL_KEY_SEED``, so every evaluation of any run
+    on this split draws the same MDM masks for the same rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    reader = _SplitReader(corpus_dir, split)
+    total = reader.rows if max_rows is None else min(reader.rows, max_rows)
+    for start in range(0, total, batch_size):
+        rows = np.arange(start, min(start + batch_size, total), dtype=np.int64)
+        yield torch.from_numpy(reader.gather(rows)), torch.from_numpy(mix_keys(rows, EVAL_KEY_SEED))

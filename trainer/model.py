@@ -1,0 +1,266 @@
+"""One Llama-style Transformer shared by the autoregressive (ARM) and masked diffusion (MDM) models.
+
+The study compares the two objectives on *the same network*: they differ only in whether
+attention is causal and in the loss (see ``trainer/objectives.py``). Keeping a single class with a
+``causal`` flag means every size, init and FLOP count is identical by construction, so scaling
+curves compare objectives and nothing else.
+
+Architecture (paper-notes.md): pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, no
+biases, multi-head attention through ``F.scaled_dot_product_attention`` (fused kernels on GPU),
+untied input/output embeddings. The input embedding has ``vocab_size + 1`` rows: the last row is
+the MDM mask token (``mask_id == vocab_size``); the output head predicts only real tokens.
+
+Precision: parameters may be fp32 (optionally run under ``torch.autocast(bf16)``) or cast to bf16
+as a whole (DeepSpeed's bf16 mode). RMSNorm and RoPE compute in fp32 either way, and the RoPE
+tables are rebuilt in fp32 whenever the module is moved or cast, so positions stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.configlib import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. Presets live in ``configs/model/<name>.yaml`` (trainer/presets.py)."""
+
+    n_layer: int
+    """Number of Transformer blocks (L)."""
+    n_head: int
+    """Attention heads; must divide d_model."""
+    d_model: int
+    """Width of the residual stream (d)."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width; None means 4 * d_model, which reproduces every size of the paper grid."""
+    vocab_size: int = 32000
+    """Real tokens (output head rows). The embedding has one extra row, the MDM mask token."""
+    seq_len: int = 2048
+    """Longest sequence the model accepts (length of the RoPE tables)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (theta)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+    @property
+    def ffn(self) -> int:
+        """SwiGLU hidden width actually used."""
+        return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mask_id(self) -> int:
+        """Token id of the MDM mask token (the extra embedding row)."""
+        return self.vocab_size
+
+    def validate(self) -> None:
+        for key in ("n_layer", "n_head", "d_model", "vocab_size", "seq_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key}: must be a positive integer, got {value!r}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ConfigError(
+                f"model.ffn_hidden: must be a positive integer or null (= 4 * d_model), "
+                f"got {self.ffn_hidden!r}"
+            )
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                "choose n_head dividing d_model"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.d_model / model.n_head = {self.head_dim} must be even for rotary "
+                "embeddings; change n_head or d_model"
+            )
+        if not self.rope_base > 1:
+            raise ConfigError(f"model.rope_base: must be > 1, got {self.rope_base!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"model.norm_eps: must be > 0, got {self.norm_eps!r}")
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    """N = L (4 d^2 + 3 d ffn + 2 d) + d: attention (q, k, v, out), SwiGLU (gate, up, down),
+    two RMSNorm weights per block, and the final RMSNorm. Excludes both embedding matrices."""
+    d, f = cfg.d_model, cfg.ffn
+    return cfg.n_layer * (4 * d * d + 3 * d * f + 2 * d) + d
+
+
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int | None = None, *, include_head: bool = False
+) -> float:
+    """Training FLOPs per token (forward + backward): ``6 N + 12 L d T``.
+
+    * ``6 N``: every non-embedding weight does one multiply-add (2 FLOPs) per token in the
+      forward pass and two in the backward pass (input and weight gradients): 2 + 4 = 6.
+      This is the paper's compute accounting, ``C = 6 N D``.
+    * ``12 L d T``: attention scores ``Q K^T`` and the weighted sum ``A V`` are matmuls without
+      weights. Per layer and token the forward pass costs ``2 T d`` for each (T = sequence
+      length), i.e. ``4 T d``; times 3 for forward + backward gives ``12 T d`` per layer.
+      We count the full ``T x T`` matrix for both objectives: causal kernels skip about half of
+      it, bidirectional (MDM) ones do not, but counting the same work makes MFU comparable
+      between ARM and MDM (this is also the usual PaLM-style MFU convention).
+    * The output head (``6 d V``) is excluded by default, as in ``C = 6 N D``; pass
+      ``include_head=True`` for a hardware-utilisation figure that counts it (it dominates for
+      small models with a 32k vocabulary). The embedding lookup costs no FLOPs.
+    """
+    t = cfg.seq_len if seq_len is None else seq_len
+    flops = 6.0 * non_embedding_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * t
+    if include_head:
+        flops += 6.0 * cfg.d_model * cfg.vocab_size
+    return flops
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables (fp32, not saved in checkpoints).
+
+    ``_apply`` is overridden so that ``.to(device)``, ``.bfloat16()`` or ``.to_empty()`` rebuild
+    the tables in fp32 on the new device instead of rounding or emptying them.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, seq_len: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.seq_len, self.base = head_dim, seq_len, base
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(self.cos.device)
+
+    def _build(self, device: torch.device) -> None:
+        # float64 on CPU for exact angles, then fp32 on the target device.
+        half = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        inv_freq = self.base**-half
+        angles = torch.outer(torch.arange(self.seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim], rotate-half layout
+        self.cos = angles.cos().to(device=device, dtype=torch.float32)
+        self.sin = angles.sin().to(device=device, dtype=torch.float32)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        super()._apply(fn, recurse)
+        self._build(self.cos.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [B, H, T, head_dim]; math in fp32, result in x's dtype."""
+        t = x.shape[-2]
+        cos, sin = self.cos[:t], self.sin[:t]
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; ``causal`` selects ARM (True) or MDM (False) masking."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, rotary: Rotary) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.causal = cfg.n_head, cfg.head_dim, causal
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = [rotary]  # shared tables; a list so it is not registered as a child
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
+        rotary = self.rotary[0]
+        q, k = rotary(q), rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up are one fused matmul."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool, rotary: Rotary) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, causal, rotary)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> logits [B, T, vocab_size]; ``causal`` is True for ARM, False for MDM."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.causal = cfg, causal
+        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)  # last row: MDM mask token
+        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg, causal, self.rotary) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, sqrt(2/(5d))) everywhere; attention-out and MLP-down use 1/sqrt(d)/L."""
+        d = self.cfg.d_model
+        std = math.sqrt(2.0 / (5.0 * d))
+        out_std = 1.0 / math.sqrt(d) / self.cfg.n_layer
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, mean=0.0, std=out_std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=out_std)
+
+    def count_non_embedding_params(self) -> int:
+        """All parameters minus the input embedding and the output head (works on meta too)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() - self.head.weight.numel()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] > self.cfg.seq_len:
+            raise ValueError(
+                f"sequence of {input_ids.shape[-1]} tokens exceeds model seq_len="
+                f"{self.cfg.seq_len}; raise model.seq_len"
+            )
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

@@ -1,0 +1,227 @@
+"""Training and validation losses: autoregressive (ARM) and masked diffusion (MDM).
+
+The two objectives train the same Transformer (``trainer/model.py``); an objective says whether
+the model must be causal and turns a batch of packed rows ``tokens[B, T+1]`` into a scalar loss.
+Both use the first T positions of a row, so a step costs the same FLOPs under either objective.
+
+Reproducibility: every random draw of the MDM loss comes from the row's ``key`` (one int64 per
+row, unique per step and global row, supplied by the data loader) through a CPU
+``torch.Generator`` seeded with it. A row therefore gets the same mask whichever rank or
+micro-batch it lands in, and after a resume, so 1-process and N-process runs compute the same
+loss. The loss of a batch is the mean of the losses its rows would have alone.
+
+MDM loss (paper-notes.md, RADD-style absorbing diffusion): per row draw t ~ U[0,1), mask each
+token with probability p = (1 - eps) t + eps (replace it by ``mask_id``), and score
+``sum over masked tokens of CE / p``, divided by the row length; the batch loss is the mean over
+rows, i.e. ``sum / (B * T)`` when no row is shortened.
+
+Stochastic sequence length: the paper cuts a whole micro-batch to a random length in [1, T] with
+probability 1%. A per-micro-batch decision would depend on which rows share a micro-batch and so
+on the world size; here each row is shortened independently with that probability (decision and
+length drawn from its key). Shortened rows run through the model as separate, shorter batches
+(one extra forward per distinct length, ~1% of rows), so attention stays the fused SDPA path
+without padding masks. Each row still sees the same length distribution as in the paper.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.configlib import ConfigError
+
+
+def row_generator(key: int) -> torch.Generator:
+    """The CPU generator all of a row's random draws come from."""
+    return torch.Generator(device="cpu").manual_seed(int(key))
+
+
+def _check_batch(model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, causal: bool) -> None:
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [B, T+1] with T >= 1, got shape {tuple(tokens.shape)}")
+    if keys.shape != tokens.shape[:1]:
+        raise ValueError(f"keys must be [B]={tokens.shape[0]} (one per row), got {keys.shape}")
+    inner = getattr(model, "module", model)  # DeepSpeed engines wrap the model
+    model_causal = getattr(inner, "causal", None)
+    if model_causal is not None and model_causal != causal:
+        raise ValueError(
+            f"objective needs causal={causal} attention but the model has causal={model_causal}; "
+            "build Transformer(cfg, causal=objective.causal)"
+        )
+
+
+class Objective(ABC):
+    """A loss over packed rows ``tokens[B, T+1]`` with one random ``key`` per row."""
+
+    name: str
+    """Registry name ("arm" or "mdm")."""
+    causal: bool
+    """Whether the model must use causal attention."""
+
+    @abstractmethod
+    def train_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Scalar training loss (differentiable)."""
+
+    @abstractmethod
+    def eval_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
+    ) -> torch.Tensor:
+        """Scalar mean per-token validation loss (nats), computed without gradients."""
+
+
+class ARMObjective(Objective):
+    """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]``, mean over tokens."""
+
+    name = "arm"
+    causal = True
+
+    def train_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        _check_batch(model, tokens, keys, self.causal)
+        logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    @torch.no_grad()
+    def eval_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 1
+    ) -> torch.Tensor:
+        """Exact: the same next-token loss (``keys`` and ``n_samples`` are not needed)."""
+        return self.train_loss(model, tokens, keys)
+
+
+@dataclass(frozen=True)
+class RowDraw:
+    """The random choices for one MDM training row."""
+
+    length: int
+    """Positions the row keeps (T unless the row was shortened)."""
+    t: float
+    """Diffusion time in [0, 1)."""
+    p: float
+    """Mask probability (1 - eps) t + eps, in [eps, 1)."""
+    mask: torch.Tensor
+    """bool[length] on CPU: True where the token is replaced by the mask id."""
+
+
+class MDMObjective(Objective):
+    """Masked diffusion loss (see module docstring); the model must be bidirectional."""
+
+    name = "mdm"
+    causal = False
+
+    def __init__(self, mask_id: int, eps: float = 1e-3, random_length_prob: float = 0.01) -> None:
+        if not 0 < eps <= 1:
+            raise ConfigError(f"objective eps: must be in (0, 1], got {eps!r}")
+        if not 0 <= random_length_prob <= 1:
+            raise ConfigError(
+                f"objective random_length_prob: must be in [0, 1], got {random_length_prob!r}"
+            )
+        self.mask_id, self.eps, self.random_length_prob = int(mask_id), eps, random_length_prob
+
+    def draw_row(self, key: int, seq_len: int) -> RowDraw:
+        """Random choices of one training row; a pure function of ``key`` (draw order fixed)."""
+        g = row_generator(key)
+        cut_u, t = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        cut_len = int(torch.randint(1, seq_len + 1, (1,), generator=g))
+        uniforms = torch.rand(seq_len, generator=g)
+        length = cut_len if cut_u < self.random_length_prob else seq_len
+        p = (1 - self.eps) * t + self.eps
+        return RowDraw(length=length, t=t, p=p, mask=uniforms[:length] < p)
+
+    def eval_draws(
+        self, keys: torch.Tensor, n_samples: int, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation draws: stratified times float64[B, n] and masks bool[B, n, T] (CPU).
+
+        Per row, u ~ U[0,1) comes first from the key's generator and t_i = (u + i/n) mod 1, so
+        each row's n times hit every interval [j/n, (j+1)/n) exactly once; then n x T uniforms
+        give sample i the mask ``uniform < p_i`` with p_i = (1 - eps) t_i + eps.
+        """
+        offsets = torch.arange(n_samples, dtype=torch.float64) / n_samples
+        times, uniforms = [], []
+        for k in keys.tolist():
+            g = row_generator(k)
+            times.append((torch.rand(1, generator=g, dtype=torch.float64) + offsets) % 1.0)
+            uniforms.append(torch.rand(n_samples, seq_len, generator=g))
+        times_t = torch.stack(times)
+        p = (1 - self.eps) * times_t + self.eps
+        return times_t, torch.stack(uniforms) < p[:, :, None]
+
+    def _masked_loss_sum(
+        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """sum over masked positions of CE * weight[row]; x, mask [b, L]; weight float32[b]."""
+        logits = model(torch.where(mask, self.mask_id, x))
+        ce = F.cross_entropy(logits[mask].float(), x[mask], reduction="none")
+        return (ce * weight[:, None].expand_as(mask)[mask]).sum()
+
+    def train_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        _check_batch(model, tokens, keys, self.causal)
+        x = tokens[:, :-1]
+        batch, seq_len = x.shape
+        draws = [self.draw_row(k, seq_len) for k in keys.tolist()]
+        lengths = sorted({d.length for d in draws}, key=lambda n: (n != seq_len, n))
+        parts = []
+        for length in lengths:  # full-length rows first: usually the only group
+            rows = [i for i, d in enumerate(draws) if d.length == length]
+            xs = x if len(rows) == batch else x[torch.tensor(rows, device=x.device), :length]
+            mask = torch.stack([draws[i].mask for i in rows]).to(x.device, non_blocking=True)
+            weight = torch.tensor(
+                [1.0 / (draws[i].p * length) for i in rows], dtype=torch.float32
+            ).to(x.device)
+            parts.append(self._masked_loss_sum(model, xs, mask, weight))
+        return torch.stack(parts).sum() / batch
+
+    @torch.no_grad()
+    def eval_loss(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
+    ) -> torch.Tensor:
+        """Monte Carlo ELBO with ``n_samples`` stratified times per row (no length cuts).
+
+        Sample i masks row b with p = (1 - eps) t[b, i] + eps and its own uniforms (drawn from
+        the row's key after u), so the estimate is deterministic for fixed keys.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        _check_batch(model, tokens, keys, self.causal)
+        x = tokens[:, :-1]
+        batch, seq_len = x.shape
+        times, masks = self.eval_draws(keys, n_samples, seq_len)
+        p = (1 - self.eps) * times + self.eps  # float64[B, n]
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for i in range(n_samples):
+            weight = (1.0 / (p[:, i] * seq_len)).float().to(x.device)
+            mask = masks[:, i].to(x.device, non_blocking=True)
+            total += self._masked_loss_sum(model, x, mask, weight).double()
+        return (total / (batch * n_samples)).float()
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}
+
+
+def build_objective(name: str, mask_id: int, **kw: float) -> Objective:
+    """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob).
+
+    ARM takes no options: passing any raises ConfigError rather than silently ignoring it.
+    """
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective: unknown {name!r}; choose one of {sorted(OBJECTIVES)}")
+    if name == "arm":
+        if kw:
+            raise ConfigError(f"objective arm takes no options, got {sorted(kw)}")
+        return ARMObjective()
+    allowed = {"eps", "random_length_prob"}
+    if set(kw) - allowed:
+        raise ConfigError(
+            f"objective mdm: unknown option(s) {sorted(set(kw) - allowed)}; valid: {sorted(allowed)}"
+        )
+    return MDMObjective(mask_id, **kw)
