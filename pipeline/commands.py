@@ -69,6 +69,11 @@ def corpus_config_from_args(args: argparse.Namespace):
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    import os
+
+    # datatrove logs every task at INFO through loguru; keep the terminal to progress bars,
+    # warnings and the summary (full logs stay in each stage's logs/ folder).
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from pipeline.build import build_corpus
     from pipeline.manifest import summary_table
     from pipeline.readers import BadInputError

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import gzip
-import io
 import json
 import os
 import re
@@ -80,12 +79,36 @@ def parse_date(value, dump: str | None = None) -> dt.date | None:
     return None
 
 
+def _zstd_blocks(fh) -> Iterator[bytes]:
+    """Decompressed blocks of a (multi-frame) zstd file; a truncated last frame raises."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    while chunk := fh.read(1 << 20):
+        while chunk:
+            yield dobj.decompress(chunk)
+            in_frame = not dobj.eof
+            chunk = dobj.unused_data if dobj.eof else b""
+            if dobj.eof:
+                dobj = dctx.decompressobj()
+    if in_frame:
+        raise zstandard.ZstdError("truncated zstd stream: the last frame is incomplete")
+
+
+def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for block in blocks:
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
 def _open_lines(path: str) -> Iterator[bytes]:
-    """Raw lines of a (possibly compressed) JSONL file; compression errors propagate."""
+    """Raw lines of a (possibly compressed) JSONL file; damaged files raise part-way."""
     if path.endswith((".zst", ".zstd")):
         with open(path, "rb") as fh:
-            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-            yield from io.BufferedReader(reader, buffer_size=1 << 20)
+            yield from _split_lines(_zstd_blocks(fh))
     elif path.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             yield from fh

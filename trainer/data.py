@@ -48,7 +48,7 @@ import torch
 from pipeline.shards import TOKENIZER, ShardMeta, file_sha256, read_manifest
 
 BLOCK = 4096
-"""Mixture schedule block length (positions); within a block source counts are exact to +-1."""
+"""Mixture schedule block (positions): source counts are exact at every block boundary."""
 
 EVAL_KEY_SEED = 0
 """Seed mixed into the keys of evaluation rows (keys depend only on the row's file order)."""

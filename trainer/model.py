@@ -152,15 +152,16 @@ class Rotary(nn.Module):
         self._build(self.cos.device)
 
     def _build(self, device: torch.device) -> None:
-        # float64 on CPU for exact angles, then fp32 on the target device.
-        half = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        # Exact angles in float64, then fp32 on the target device. Integer aranges are cast
+        # explicitly: DeepSpeed's zero.Init rounds *floating* constructor results to bf16.
+        half = torch.arange(0, self.head_dim, 2, device="cpu").double() / self.head_dim
         inv_freq = self.base**-half
-        angles = torch.outer(torch.arange(self.seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.outer(torch.arange(self.seq_len, device="cpu").double(), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [T, head_dim], rotate-half layout
         self.cos = angles.cos().to(device=device, dtype=torch.float32)
         self.sin = angles.sin().to(device=device, dtype=torch.float32)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+    def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._build(self.cos.device)
         return self

@@ -173,7 +173,9 @@ class MDMObjective(Objective):
         parts = []
         for length in lengths:  # full-length rows first: usually the only group
             rows = [i for i, d in enumerate(draws) if d.length == length]
-            xs = x if len(rows) == batch else x[torch.tensor(rows, device=x.device), :length]
+            xs = x[:, :length]  # a view; index rows only when the batch splits
+            if len(rows) < batch:
+                xs = xs[torch.tensor(rows, device=x.device)]
             mask = torch.stack([draws[i].mask for i in rows]).to(x.device, non_blocking=True)
             weight = torch.tensor(
                 [1.0 / (draws[i].p * length) for i in rows], dtype=torch.float32

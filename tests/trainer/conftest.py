@@ -19,7 +19,14 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from pipeline.shards import MANIFEST, TOKENIZER, ShardMeta, ShardWriter, file_sha256
+from pipeline.shards import (
+    MANIFEST,
+    TOKENIZER,
+    ShardMeta,
+    ShardWriter,
+    file_sha256,
+    token_dtype,
+)
 
 EOS = "<|endoftext|>"
 
@@ -94,30 +101,37 @@ def make_corpus(
         chunks = [
             (src, _rows(rng, n, seq_len + 1, vocab_size, kind)) for src, n in counts.items() if n
         ]
-        shards = _write_split(root, split, meta, chunks, rows_per_shard, batch_rows)
         manifest_splits[split] = {
             "documents": n_rows,
             "tokens": n_rows * (seq_len + 1),
             "rows": n_rows,
-            "sources": {s: {"rows": n} for s, n in counts.items()},
-            "shards": shards,
+            "tail_tokens": 0,
+            "shards": _write_split(root, split, meta, chunks, rows_per_shard, batch_rows),
         }
         for s, n in counts.items():
-            tot = source_totals.setdefault(s, {"documents": 0, "tokens": 0, "rows": 0})
+            tot = source_totals.setdefault(s, {"documents": 0, "tokens": 0})
             tot["documents"] += n
-            tot["rows"] += n
             tot["tokens"] += n * (seq_len + 1)
-    manifest = {
-        "seq_len": seq_len,
+    n_docs = sum(splits.values())
+    manifest = {  # the layout pipeline/manifest.py writes, with fixture-sized counts
+        "format": "maskscale-corpus/1",
+        "documents": {"read": n_docs, "kept": n_docs},
+        "dropped": {},
+        "duplicates": {"exact": 0, "near": 0},
+        "splits": manifest_splits,
+        "sources": dict(sorted(source_totals.items())),
         "tokenizer": {
             "path": TOKENIZER,
             "sha256": tok_sha,
             "vocab_size": vocab_size,
             "eos_id": eos_id,
             "mask_id": vocab_size,
+            "trained": False,
         },
-        "splits": manifest_splits,
-        "sources": source_totals,
+        "seq_len": seq_len,
+        "dtype": str(token_dtype(vocab_size)),
+        "stages": {},
+        "config": {"fixture": {"kind": kind, "seed": seed}},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return root

@@ -75,9 +75,10 @@ def test_epochs_are_fresh_permutations_and_batches_match_rows(corpus_factory):
     assert not np.array_equal(other.rows_for(np.arange(n)), epoch0)
 
 
-def test_resume_mid_step_and_across_epochs_matches_uninterrupted(corpus_factory):
-    corpus = corpus_factory(splits={"train": 40})
-    kw = dict(micro_batch=2, global_batch=8, seed=5)
+@pytest.mark.parametrize("weights", [None, {"web": 1.0, "books": 2.0}])
+def test_resume_mid_step_and_across_epochs_matches_uninterrupted(corpus_factory, weights):
+    corpus = corpus_factory(splits={"train": 40}, sources=["web", "books"])
+    kw = dict(micro_batch=2, global_batch=8, seed=5, weights=weights)
     whole = take(CorpusLoader(corpus, **kw), 33)  # 66 rows: crosses the epoch boundary at 40
     first = CorpusLoader(corpus, **kw)
     head = take(first, 7)  # stops in the middle of an accumulation cycle

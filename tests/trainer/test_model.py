@@ -130,6 +130,25 @@ def test_rope_tables_fp32_non_persistent_and_survive_casts():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+def test_rope_tables_exact_when_float_constructors_round_to_bf16(monkeypatch):
+    """DeepSpeed's zero.Init casts floating results of torch.arange/empty/... to bf16."""
+    ref = Rotary(head_dim=16, seq_len=64, base=10000.0)
+
+    def rounding(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            return out.to(torch.bfloat16) if out.is_floating_point() else out
+
+        return wrapped
+
+    for name in ("arange", "empty", "zeros", "ones", "tensor"):
+        monkeypatch.setattr(torch, name, rounding(getattr(torch, name)))
+    rot = Rotary(head_dim=16, seq_len=64, base=10000.0)
+    assert rot.cos.dtype == torch.float32
+    torch.testing.assert_close(rot.cos, ref.cos, rtol=0, atol=0)
+    torch.testing.assert_close(rot.sin, ref.sin, rtol=0, atol=0)
+
+
 def test_rope_depends_only_on_relative_position():
     rot = Rotary(head_dim=8, seq_len=32, base=10000.0)
     q, k = torch.randn(8), torch.randn(8)

@@ -1,0 +1,182 @@
+"""End-to-end corpus builds through the real CLI, datatrove executors and Arrow files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from tokenizers import Tokenizer
+
+from pipeline.shards import ShardMeta, file_sha256, open_shard, read_manifest, shard_tokens
+
+from .conftest import CUTOFF, ROOT, build_cmd, run_build
+
+MARKER = re.compile(r"^((?:doc|fw|pl|tr)\d+) ")
+
+
+def decode_split(corpus: Path, split: str) -> tuple[list[str], list[str]]:
+    """(complete documents, truncated last documents) of a split.
+
+    Per task (shard name prefix) and source, rows are one continuous token stream; it ends
+    with the start of a document whose rest is the counted tail.
+    """
+    manifest = read_manifest(corpus)
+    tok = Tokenizer.from_file(str(corpus / "tokenizer.json"))
+    eos = manifest["tokenizer"]["eos_id"]
+    streams: dict[tuple[str, str], list[np.ndarray]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        table, _ = open_shard(corpus / shard["path"])
+        tokens, sources = shard_tokens(table), table.column("source").to_pylist()
+        task = Path(shard["path"]).name.split("_")[0]
+        for source in sorted(set(sources)):
+            rows = tokens[np.array([s == source for s in sources])]
+            streams.setdefault((task, source), []).append(rows.reshape(-1))
+    complete, partial = [], []
+    for parts in streams.values():
+        pieces = np.split(np.concatenate(parts), np.flatnonzero(np.concatenate(parts) == eos))
+        docs = [tok.decode(p[p != eos].tolist()) for p in pieces]
+        complete += docs[:-1]
+        if docs[-1]:
+            partial.append(docs[-1])
+    return complete, partial
+
+
+def shard_digests(corpus: Path) -> dict[str, str]:
+    out = {}
+    for split in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for shard in sorted(split.glob("*.arrow")):
+            out[f"{split.name}/{shard.name}"] = file_sha256(shard)
+    out["tokenizer.json"] = file_sha256(corpus / "tokenizer.json")
+    return out
+
+
+def test_accounting_closes_and_bad_input_is_counted(built, dump):
+    m = read_manifest(built)
+    dropped = sum(m["dropped"].values())
+    dups = m["duplicates"]["exact"] + m["duplicates"]["near"]
+    assert m["documents"]["read"] == m["documents"]["kept"] + dropped + dups
+    assert m["dropped"] == dump.bad  # every planted bad record, by reason
+    assert m["documents"]["kept"] == sum(s["documents"] for s in m["splits"].values())
+    rejects = list((built / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
+    lines = [json.loads(x) for f in rejects for x in f.read_text().splitlines()]
+    assert {r["reason"] for r in lines} == set(dump.bad)
+    assert all(r["file"] and r["line"] >= 1 for r in lines)
+
+
+def test_every_valid_document_is_kept_once(built, dump):
+    m = read_manifest(built)
+    seen: dict[str, int] = {}
+    for split in m["splits"]:
+        complete, partial = decode_split(built, split)
+        for text in complete + partial:
+            marker = MARKER.match(text).group(1)
+            seen[marker] = seen.get(marker, 0) + 1
+            expected = dump.texts[marker]
+            assert text == expected if text in complete else expected.startswith(text)
+    expected = {k for k in dump.texts if k not in dump.truncated}
+    # the exact copy and the near copy are gone, the originals stay: one of each marker
+    assert expected == set(seen), sorted(expected ^ set(seen))
+    assert all(n == 1 for n in seen.values()), {k: n for k, n in seen.items() if n > 1}
+    assert m["duplicates"] == {"exact": dump.exact_dups, "near": dump.near_dups}
+
+
+def test_dates_respected(built, dump):
+    m = read_manifest(built)
+    for split in m["splits"]:
+        for text in sum(decode_split(built, split), []):
+            date = dump.dates[MARKER.match(text).group(1)]
+            if split in ("train", "validation"):
+                assert date < CUTOFF, (split, date)
+            else:
+                assert date >= CUTOFF and split == f"holdout_{date[:4]}", (split, date)
+    assert {"train", "validation"} <= set(m["splits"])
+    assert any(s.startswith("holdout_") for s in m["splits"])
+
+
+def test_shards_schema_pyarrow_and_datasets(built):
+    import datasets
+
+    m = read_manifest(built)
+    shard = built / m["splits"]["train"]["shards"][0]["path"]
+    table, meta = open_shard(shard)
+    assert isinstance(meta, ShardMeta) and meta.seq_len == 64 and meta.split == "train"
+    assert meta.mask_id == meta.vocab_size == m["tokenizer"]["vocab_size"]
+    assert meta.tokenizer_sha256 == file_sha256(built / "tokenizer.json")
+    assert table.schema.field("input_ids").type == pa.list_(pa.uint16(), 65)
+    assert shard_tokens(table).max() < meta.vocab_size
+    rows = sum(s["rows"] for s in m["splits"]["train"]["shards"])
+    assert rows == m["splits"]["train"]["rows"]
+    for s in m["splits"]["train"]["shards"]:
+        assert file_sha256(built / s["path"]) == s["sha256"]
+    ds = datasets.load_dataset(
+        "arrow", data_files=str(built / "train" / "*.arrow"), split="train", cache_dir=None
+    )
+    assert len(ds) == rows and len(ds[0]["input_ids"]) == 65
+    per_split = m["splits"]["train"]
+    assert per_split["tokens"] == per_split["rows"] * 65 + per_split["tail_tokens"]
+
+
+def test_strict_mode_names_file_and_line(dump, tmp_path):
+    proc = run_build(dump.root, tmp_path / "c", "--strict", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert re.search(r"example_train_1\.jsonl\.zst:1: malformed_json", out), out[-2000:]
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_shards(built, dump, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(build_cmd(dump.root, out), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        done = list(out.glob(".work/*minhash-signatures*/logs/completions/*"))
+        if done:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "build finished before it could be killed"
+    run_build(dump.root, out)
+    assert shard_digests(out) == shard_digests(built)
+
+
+def test_changed_settings_rebuild_instead_of_reusing(built, dump, tmp_path):
+    out = tmp_path / "c"
+    run_build(dump.root, out)
+    first = read_manifest(out)
+    run_build(dump.root, out, "pack.seq_len=32")
+    second = read_manifest(out)
+    assert second["seq_len"] == 32
+    _, meta = open_shard(out / second["splits"]["train"]["shards"][0]["path"])
+    assert meta.seq_len == 32
+    assert second["stages"]["pack"] != first["stages"]["pack"]
+    assert second["stages"]["split"] == first["stages"]["split"]  # upstream reused
+    # a different cutoff re-splits and removes splits that no longer exist
+    run_build(dump.root, out, "split.cutoff=2030-01-01")
+    third = read_manifest(out)
+    assert set(third["splits"]) == {"train", "validation"}
+    assert not any(p.name.startswith("holdout_") for p in out.iterdir())
+
+
+def test_given_tokenizer_is_used_and_checked(built, dump, tmp_path):
+    tok = built / "tokenizer.json"
+    out = tmp_path / "c"
+    run_build(dump.root, out, "--tokenizer", str(tok))
+    m = read_manifest(out)
+    assert m["tokenizer"]["sha256"] == file_sha256(tok) and not m["tokenizer"]["trained"]
+    bad = run_build(dump.root, tmp_path / "d", "--tokenizer", str(tok), "tokenizer.eos_token=</s>",
+                    check=False)  # fmt: skip
+    assert bad.returncode != 0 and "'</s>' is not in the vocabulary" in bad.stdout + bad.stderr
+    missing = run_build(dump.root, tmp_path / "e", "--tokenizer", str(tmp_path), check=False)
+    assert "is a directory" in missing.stdout + missing.stderr

@@ -1,0 +1,257 @@
+"""ARM and MDM losses: hand-computed values, gradient paths, keyed randomness, stratified ELBO."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.configlib import ConfigError
+from trainer.model import ModelConfig, Transformer
+from trainer.objectives import (
+    OBJECTIVES,
+    ARMObjective,
+    MDMObjective,
+    build_objective,
+)
+
+torch.set_num_threads(1)
+
+V = 40
+CFG = ModelConfig(n_layer=2, n_head=2, d_model=32, vocab_size=V, seq_len=32)
+
+
+def _model(causal: bool) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG, causal=causal)
+
+
+def _batch(b: int = 3, t: int = 16, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (b, t + 1), generator=g)
+    keys = torch.arange(b, dtype=torch.long) * 7919 + seed
+    return tokens, keys
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model, keeps every logits tensor (with retained grad) and input it produced."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.inputs, self.logits = model, [], []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.module(ids)
+        out.retain_grad()
+        self.inputs.append(ids)
+        self.logits.append(out)
+        return out
+
+
+def test_registry_and_builder():
+    assert OBJECTIVES == {"arm": ARMObjective, "mdm": MDMObjective}
+    assert build_objective("arm", mask_id=V).causal is True
+    mdm = build_objective("mdm", mask_id=V, eps=0.01, random_length_prob=0.0)
+    assert isinstance(mdm, MDMObjective) and mdm.causal is False
+    assert (mdm.mask_id, mdm.eps, mdm.random_length_prob) == (V, 0.01, 0.0)
+    with pytest.raises(ConfigError, match="arm, mdm|'arm', 'mdm'"):
+        build_objective("ar", mask_id=V)
+    with pytest.raises(ConfigError, match="eps"):
+        build_objective("arm", mask_id=V, eps=0.1)
+    with pytest.raises(ConfigError, match="epsilon"):
+        build_objective("mdm", mask_id=V, epsilon=0.1)
+    with pytest.raises(ConfigError, match="eps"):
+        MDMObjective(V, eps=0.0)
+
+
+def test_objective_refuses_wrong_attention():
+    tokens, keys = _batch()
+    with pytest.raises(ValueError, match="causal"):
+        MDMObjective(V).train_loss(_model(causal=True), tokens, keys)
+    with pytest.raises(ValueError, match="causal"):
+        ARMObjective().train_loss(_model(causal=False), tokens, keys)
+    with pytest.raises(ValueError, match="keys"):
+        ARMObjective().train_loss(_model(causal=True), tokens, keys[:1])
+
+
+def test_arm_loss_equals_hand_computed_ce():
+    model, obj = _model(causal=True), ARMObjective()
+    tokens, keys = _batch()
+    loss = obj.train_loss(model, tokens, keys)
+    logp = torch.log_softmax(model(tokens[:, :-1]), dim=-1)
+    hand = -logp.gather(-1, tokens[:, 1:, None]).mean()
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert model.embed.weight.grad is not None
+    ev = obj.eval_loss(model, tokens, keys, n_samples=3)
+    assert not ev.requires_grad
+    torch.testing.assert_close(ev, loss.detach())
+
+
+def test_mdm_loss_equals_hand_computed_on_the_drawn_mask():
+    model, obj = _model(causal=False), MDMObjective(mask_id=V, random_length_prob=0.0)
+    tokens, keys = _batch()
+    x = tokens[:, :-1]
+    b, t = x.shape
+    hand = torch.zeros(())
+    for row, key in enumerate(keys.tolist()):
+        draw = obj.draw_row(key, t)
+        assert draw.length == t and draw.mask.any()
+        noisy = x[row].clone()
+        noisy[draw.mask] = V
+        logits = model(noisy[None])[0]
+        for pos in draw.mask.nonzero().flatten().tolist():
+            hand += F.cross_entropy(logits[pos], x[row, pos]) / draw.p
+    hand /= b * t
+    torch.testing.assert_close(obj.train_loss(model, tokens, keys), hand, rtol=1e-5, atol=1e-6)
+
+
+def test_mdm_gradient_only_through_masked_positions():
+    rec = Recorder(_model(causal=False))
+    obj = MDMObjective(mask_id=V, random_length_prob=0.0)
+    tokens, keys = _batch()
+    obj.train_loss(rec, tokens, keys).backward()
+    (ids,), (logits,) = rec.inputs, rec.logits
+    masked = ids == V
+    assert masked.any() and (~masked).any()
+    for row, key in enumerate(keys.tolist()):  # the input is exactly the drawn mask
+        assert torch.equal(masked[row], obj.draw_row(key, ids.shape[1]).mask)
+    grad_norm = logits.grad.abs().sum(-1)
+    assert (grad_norm[~masked] == 0).all()
+    assert (grad_norm[masked] > 0).all()
+
+
+def test_mdm_draws_are_keyed_and_p_in_range():
+    obj = MDMObjective(mask_id=V, eps=0.2)
+    a, b = obj.draw_row(12345, 64), obj.draw_row(12345, 64)
+    assert (a.t, a.p, a.length) == (b.t, b.p, b.length) and torch.equal(a.mask, b.mask)
+    draws = [obj.draw_row(k, 64) for k in range(400)]
+    assert len({d.t for d in draws}) == 400
+    mid = [d for d in draws if d.p < 0.9]  # p near 1 masks everything: identical masks
+    assert len({tuple(d.mask.tolist()) for d in mid}) == len(mid) > 300
+    ps = torch.tensor([d.p for d in draws])
+    assert ps.min() >= 0.2 and ps.max() <= 1.0
+    torch.testing.assert_close(ps, torch.tensor([0.8 * d.t + 0.2 for d in draws]))
+    # the mask rate follows p
+    rates = torch.tensor([d.mask.float().mean() for d in draws])
+    assert (rates - ps).abs().mean() < 0.06
+
+
+def test_random_length_rate_and_range():
+    seq_len = 50
+    cut = MDMObjective(V, random_length_prob=0.1)
+    lengths = torch.tensor([cut.draw_row(k, seq_len).length for k in range(4000)])
+    shortened = lengths < seq_len
+    # a cut may land on the full length (1 / seq_len of cuts), so the rate is slightly below p
+    assert 0.08 < shortened.float().mean() < 0.115
+    assert lengths.min() >= 1 and len(set(lengths[shortened].tolist())) > 30
+    never = MDMObjective(V, random_length_prob=0.0)
+    assert all(never.draw_row(k, seq_len).length == seq_len for k in range(4000))
+    always = MDMObjective(V, random_length_prob=1.0)
+    full = sum(always.draw_row(k, seq_len).length == seq_len for k in range(4000))
+    assert full < 4000 * 3 / seq_len
+    # the cut does not change the row's mask prefix (the same uniforms are used)
+    d_cut, d_full = always.draw_row(7, seq_len), never.draw_row(7, seq_len)
+    assert d_cut.t == d_full.t and torch.equal(d_cut.mask, d_full.mask[: d_cut.length])
+
+
+def test_mdm_shortened_rows_run_at_their_length():
+    rec = Recorder(_model(causal=False))
+    obj = MDMObjective(mask_id=V, random_length_prob=1.0)
+    tokens, keys = _batch(b=3, t=20)
+    loss = obj.train_loss(rec, tokens, keys)
+    draws = [obj.draw_row(k, 20) for k in keys.tolist()]
+    assert sorted(ids.shape[1] for ids in rec.inputs) == sorted({d.length for d in draws})
+    assert sum(ids.shape[0] for ids in rec.inputs) == 3
+    hand = 0.0
+    for row, d in enumerate(draws):
+        x = tokens[row, : d.length]
+        logits = rec.module(torch.where(d.mask, V, x)[None])[0]
+        ce = F.cross_entropy(logits[d.mask], x[d.mask], reduction="sum")
+        hand += ce / d.p / d.length
+    torch.testing.assert_close(loss, hand / 3, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", [ARMObjective(), MDMObjective(V, random_length_prob=0.5)])
+def test_batch_loss_is_mean_of_row_losses(objective):
+    """Rows draw from their own keys, so any split into micro-batches/ranks gives the same loss."""
+    model = _model(causal=objective.causal)
+    tokens, keys = _batch(b=4, t=24)
+    whole = objective.train_loss(model, tokens, keys)
+    rows = [objective.train_loss(model, tokens[i : i + 1], keys[i : i + 1]) for i in range(4)]
+    halves = [objective.train_loss(model, tokens[i : i + 2], keys[i : i + 2]) for i in (0, 2)]
+    torch.testing.assert_close(whole, torch.stack(rows).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole, torch.stack(halves).mean(), rtol=1e-5, atol=1e-6)
+    shuffled = objective.train_loss(model, tokens[[2, 0, 3, 1]], keys[[2, 0, 3, 1]])
+    torch.testing.assert_close(whole, shuffled, rtol=1e-5, atol=1e-6)
+
+
+def test_mdm_eval_times_are_stratified():
+    obj = MDMObjective(V)
+    keys = torch.arange(20)
+    times, masks = obj.eval_draws(keys, n_samples=16, seq_len=10)
+    assert times.shape == (20, 16) and masks.shape == (20, 16, 10)
+    bins = (times * 16).floor().long().sort(dim=1).values
+    assert torch.equal(bins, torch.arange(16).expand(20, 16))  # each 1/n bin exactly once
+    assert len({round(float(t), 12) for t in times[:, 0]}) == 20  # u differs per key
+    again, masks_again = obj.eval_draws(keys, n_samples=16, seq_len=10)
+    assert torch.equal(times, again) and torch.equal(masks, masks_again)
+
+
+def test_mdm_eval_loss_hand_computed_and_deterministic():
+    model = _model(causal=False)
+    obj = MDMObjective(V)
+    tokens, keys = _batch(b=2, t=12)
+    ev = obj.eval_loss(model, tokens, keys, n_samples=4)
+    assert not ev.requires_grad
+    assert ev == obj.eval_loss(model, tokens, keys, n_samples=4)
+    assert ev != obj.eval_loss(model, tokens, keys + 1, n_samples=4)
+    x = tokens[:, :-1]
+    times, masks = obj.eval_draws(keys, 4, 12)
+    hand = 0.0
+    with torch.no_grad():
+        for row in range(2):
+            for i in range(4):
+                p = (1 - obj.eps) * times[row, i].item() + obj.eps
+                m = masks[row, i]
+                logits = model(torch.where(m, V, x[row])[None])[0]
+                hand += F.cross_entropy(logits[m], x[row][m], reduction="sum").item() / p
+    assert ev.item() == pytest.approx(hand / (2 * 4 * 12), rel=1e-5)
+
+
+class MaskFractionModel(torch.nn.Module):
+    """Predicts token 0 with confidence falling as more of the row is masked (a loss that
+    depends strongly on t, like a trained model's)."""
+
+    causal = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        frac = (ids == V).float().mean(1, keepdim=True)  # [B, 1]
+        logits = torch.zeros(*ids.shape, V)
+        logits[..., 0] = 8.0 * (1 - frac)
+        return logits
+
+
+def test_mdm_stratified_eval_has_lower_variance_than_iid_times():
+    """Same row, n = 8 draws per estimate: stratified t vs 8 independent training draws."""
+    model, obj = MaskFractionModel(), MDMObjective(V, random_length_prob=0.0)
+    tokens, reps, n = torch.zeros(1, 33, dtype=torch.long), 40, 8
+    strat = torch.stack([obj.eval_loss(model, tokens, torch.tensor([k]), n) for k in range(reps)])
+    draws = [obj.train_loss(model, tokens, torch.tensor([k])) for k in range(reps * n)]
+    iid = torch.stack(draws).view(reps, n).mean(1)
+    assert strat.var() < 0.5 * iid.var()
+    # both estimate the same expectation
+    assert abs(strat.mean() - iid.mean()) < 3 * (strat.var() / reps + iid.var() / reps) ** 0.5
+
+
+@pytest.mark.parametrize("objective", [ARMObjective(), MDMObjective(V, random_length_prob=0.5)])
+def test_losses_under_bf16_autocast_are_fp32_and_close(objective):
+    model = _model(causal=objective.causal)
+    tokens, keys = _batch(b=4, t=24)
+    ref = objective.train_loss(model, tokens, keys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective.train_loss(model, tokens, keys)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    loss.backward()
+    assert torch.isfinite(model.head.weight.grad).all()

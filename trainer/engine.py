@@ -1,0 +1,340 @@
+"""DeepSpeed, driven from our config: process group, engine, LR schedule, steps, validation.
+
+Everything that talks to DeepSpeed or ``torch.distributed`` lives here so the training loop
+only orchestrates. Choices, and why:
+
+* One process by default: when no launcher set ``RANK``/``WORLD_SIZE``, we set the
+  single-process variables ourselves (else DeepSpeed looks for MPI). ``torchrun`` and the
+  ``deepspeed`` launcher set them for many processes and nodes.
+* On CPU (gloo) DeepSpeed would compile a shared-memory all-reduce op on first use (~30 s,
+  and a killed compile leaves a lock that hangs later runs). That op only serves inference
+  all-reduce, so it is switched off for training on CPU.
+* The optimizer is ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer: no
+  compiled FusedAdam, identical on CPU and GPU, and ZeRO 1-3 partition it as usual.
+* The LR schedule is our own ``WarmupCosine``: linear warmup over max(1% of steps, 100)
+  then a cosine that ends *exactly* at lr_min on the last step (cos(pi) = -1 exactly).
+* Global batch -> micro-batch x accumulation x world size is derived here; a geometry that
+  does not divide is refused before anything starts.
+* One optimizer step (:func:`train_step`) reduces the loss over micro-batches and ranks
+  *before* the update, so a NaN/inf loss stops every rank before the weights change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from pipeline.configlib import ConfigError
+from trainer.config import BatchConfig, OptimConfig, TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stops, checkpoints stay intact."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Initialise (once) the process group: env from a launcher, or a single process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(
+        torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device
+    )
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over ranks (float64, so losses reduce without extra rounding)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def warmup_steps(total_steps: int, frac: float, minimum: int) -> int:
+    """max(ceil(frac * S), minimum), capped at S // 2 so short runs still reach the cosine."""
+    return min(max(math.ceil(frac * total_steps), minimum), total_steps // 2)
+
+
+def lr_at(step: int, total_steps: int, warmup: int, lr: float, lr_min: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Linear warmup ``lr * (step + 1) / warmup`` reaching ``lr`` at step warmup-1, then a
+    cosine from ``lr`` down to exactly ``lr_min`` at the last step ``total_steps - 1``.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    span = total_steps - 1 - warmup
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup) / span)
+    return lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(LRScheduler):
+    """``lr_at`` as a torch scheduler (DeepSpeed steps it once per optimizer step and
+    saves/restores its state with every checkpoint)."""
+
+    def __init__(self, optimizer, total_steps: int, warmup: int, lr: float, lr_min: float):
+        self.total_steps, self.warmup, self.peak, self.lr_min = total_steps, warmup, lr, lr_min
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        value = lr_at(self.last_epoch, self.total_steps, self.warmup, self.peak, self.lr_min)
+        return [value for _ in self.optimizer.param_groups]
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def batch_geometry(batch: BatchConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch per process, gradient accumulation steps) for this world size."""
+    g = batch.global_batch
+    micro = batch.micro_batch if batch.micro_batch is not None else g // world_size
+    if micro < 1 or g % (micro * world_size):
+        raise ConfigError(
+            f"batch.global_batch={g} is not divisible by batch.micro_batch={micro} x "
+            f"world_size={world_size}; choose global_batch = micro_batch x world_size x "
+            "accumulation steps (set batch.micro_batch or change the number of processes)"
+        )
+    return micro, g // (micro * world_size)
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config implied by ``cfg`` (optimizer and scheduler are clients)."""
+    micro, accum = batch_geometry(cfg.batch, world_size)
+    ds = {
+        "train_batch_size": cfg.batch.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if cfg.zero_stage == 3:
+        # Gather the full weights on rank 0 for saving 16-bit copies; fp32 export reads
+        # the ZeRO shards instead (trainer/checkpoint.py).
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """Plain torch AdamW over every parameter (weight decay on all, as in the reference)."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=optim.lr,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def build_engine(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    total_steps: int,
+    world_size: int,
+    load_universal: bool = False,
+):
+    """``deepspeed.initialize`` with our config, a torch AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    warm = warmup_steps(total_steps, cfg.optim.warmup_frac, cfg.optim.warmup_min)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    def schedule(opt):
+        return WarmupCosine(opt, total_steps, warm, cfg.optim.lr, cfg.optim.lr_min)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=build_ds_config(cfg, world_size, load_universal),
+    )
+    return engine
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean training loss of the step over all micro-batches and ranks."""
+    grad_norm: float | None
+    """Global gradient 2-norm before clipping (None if DeepSpeed did not compute it)."""
+    lr: float
+    """Learning rate used by this step's update."""
+    keys: list[int]
+    """Row keys this rank consumed (for data-order audits)."""
+
+
+def _module_grad_norm(engine) -> float:
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+
+
+def train_step(
+    engine, loader, objective, accum: int, device: torch.device, step: int
+) -> StepResult:
+    """One optimizer step: ``accum`` micro-batches forward/backward, reduce, check, update."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    keys: list[int] = []
+    for a in range(accum):
+        tokens, row_keys = loader.next_micro_batch()
+        keys.extend(row_keys.tolist())
+        loss = objective.train_loss(engine, tokens.to(device, non_blocking=True), row_keys)
+        engine.backward(loss)
+        total += loss.detach().double()
+        if a < accum - 1:
+            engine.step()  # no update inside the accumulation window
+    loss_sum, count = all_reduce_sum([float(total), accum], device)
+    mean = loss_sum / count
+    if not math.isfinite(mean):
+        raise TrainingDiverged(
+            f"loss is {mean} at step {step}: training stopped before the update; the last "
+            "checkpoint is intact. Lower optim.lr, check the data, or use precision=fp32."
+        )
+    lr = engine.get_lr()[0]
+    # Plain fp32 data parallel (stage 0) clips without recording the norm: measure it here,
+    # after DeepSpeed averaged the gradients and before it clips them.
+    plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    norm = _module_grad_norm(engine) if plain else None
+    engine.step()
+    if norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = None if reported is None else float(reported)
+    if norm is not None and not math.isfinite(norm):
+        raise TrainingDiverged(
+            f"gradient norm is {norm} at step {step}: the weights are no longer finite; no "
+            "checkpoint was written for this step. Lower optim.lr or set optim.grad_clip."
+        )
+    return StepResult(loss=mean, grad_norm=norm, lr=lr, keys=keys)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory allocated on this device, or the process's resident memory on CPU."""
+    if device.type == "cuda":
+        return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    try:
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return {"memory/rss_gb": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class Evaluator:
+    """Validation loss on fixed splits: batches spread over ranks, sums reduced.
+
+    Each rank evaluates batches ``rank, rank + world, ...``; ranks with fewer batches run a
+    zero-weight repeat so every rank does the same number of forward passes (ZeRO-3 gathers
+    weights collectively in every forward).
+    """
+
+    def __init__(
+        self,
+        corpus_dir,
+        splits: list[str],
+        batch_size: int,
+        max_rows: int | None,
+        n_samples: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
+        from trainer.data import iter_eval_batches
+
+        self.splits, self.n_samples, self.device = splits, n_samples, device
+        self.rank, self.world = rank, world_size
+        self.batches = {
+            s: list(iter_eval_batches(corpus_dir, s, batch_size, max_rows)) for s in splits
+        }
+
+    def _split_loss(self, engine, objective, batches) -> float:
+        n_rounds = math.ceil(len(batches) / self.world)
+        loss_sum, rows = 0.0, 0
+        for i in range(n_rounds):
+            index = i * self.world + self.rank
+            weight = 1 if index < len(batches) else 0
+            tokens, keys = batches[index if weight else 0]
+            loss = objective.eval_loss(
+                engine, tokens.to(self.device), keys, n_samples=self.n_samples
+            )
+            loss_sum += weight * float(loss) * len(keys)
+            rows += weight * len(keys)
+        total, count = all_reduce_sum([loss_sum, rows], self.device)
+        return total / max(count, 1)
+
+    def run(self, engine, objective) -> dict[str, float]:
+        """{"val/<split>/loss": mean per-token loss (nats), "val/<split>/ppl": exp(loss)}."""
+        was_training = engine.module.training
+        engine.eval()
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for split in self.splits:
+                loss = self._split_loss(engine, objective, self.batches[split])
+                out[f"val/{split}/loss"] = loss
+                out[f"val/{split}/ppl"] = math.exp(min(loss, 700.0))
+        engine.train(was_training)
+        return out
+
+
+def eval_splits(manifest: dict, requested: list[str] | None) -> list[str]:
+    """The requested splits, or `validation` plus every `holdout_*` split of the corpus."""
+    available = list(manifest.get("splits", {}))
+    if requested is not None:
+        missing = [s for s in requested if s not in available]
+        if missing:
+            raise ConfigError(f"eval.splits: {missing} not in the corpus (has {available})")
+        return list(requested)
+    return [s for s in available if s == "validation" or s.startswith("holdout_")]

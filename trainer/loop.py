@@ -1,0 +1,404 @@
+"""The training loop: wires data, model, objective, engine, checkpoints, tracking, validation.
+
+This module only orchestrates; each piece lives in its own module (data.py, model.py,
+objectives.py, engine.py, checkpoint.py, tracking.py, budget.py). Read ``train`` top to
+bottom: check the corpus against the model, resolve the budget, build the engine, resume,
+then step -> log -> validate -> checkpoint until the budget is spent, save, export, summarise.
+
+Everything a run needs to be re-created is written down: ``run_dir/config.yaml`` (the
+resolved config, also in every checkpoint and as MLflow params), ``metrics.jsonl``,
+``summary.json``, ``loss_curve.png`` and ``export/`` (plain fp32 safetensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.configlib import ConfigError, to_dict
+from pipeline.shards import MANIFEST, TOKENIZER, read_manifest
+from trainer.budget import Budget, mfu, peak_flops, resolve_budget
+from trainer.checkpoint import CheckpointManager, CheckpointRef, export_checkpoint, fault_point
+from trainer.config import TrainConfig
+from trainer.engine import (
+    DistInfo,
+    Evaluator,
+    barrier,
+    batch_geometry,
+    build_engine,
+    eval_splits,
+    init_distributed,
+    memory_metrics,
+    train_step,
+    warmup_steps,
+)
+from trainer.model import ModelConfig, flops_per_token, non_embedding_params
+
+IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
+"""What a checkpoint must share with the config that resumes it."""
+
+
+@dataclass
+class Setup:
+    """Everything resolved before the first step."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    manifest: dict
+    model_cfg: ModelConfig
+    budget: Budget
+    micro: int
+    accum: int
+    identity: dict = field(default_factory=dict)
+
+
+def say(dist: DistInfo, text: str) -> None:
+    if dist.rank == 0:
+        print(f"[maskscale] {text}", flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_model(cfg: TrainConfig, manifest: dict) -> ModelConfig:
+    """Preset + overrides; vocab_size and seq_len come from the corpus unless overridden."""
+    from trainer.data import check_corpus
+    from trainer.presets import load_preset
+
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
+    overrides.setdefault("seq_len", manifest["seq_len"])
+    model_cfg = load_preset(cfg.model, **overrides)
+    check_corpus(cfg.corpus, model_cfg.vocab_size, model_cfg.seq_len)
+    cfg.model_overrides = overrides  # the resolved config records what was used
+    return model_cfg
+
+
+def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setup:
+    """Check the corpus, resolve model, budget and batch geometry; refuse a foreign resume."""
+    manifest = read_manifest(cfg.corpus)
+    model_cfg = resolve_model(cfg, manifest)
+    micro, accum = batch_geometry(cfg.batch, dist.world_size)
+    n = non_embedding_params(model_cfg)
+    budget = resolve_budget(cfg.budget, n, cfg.batch.global_batch, model_cfg.seq_len)
+    identity = {
+        "objective": cfg.objective,
+        "model": to_dict(model_cfg),
+        "global_batch": cfg.batch.global_batch,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
+    }
+    if ref is not None:
+        saved = ref.meta.get("identity", {})
+        diff = [k for k in IDENTITY_KEYS if k in saved and saved[k] != identity[k]]
+        if diff:
+            raise ConfigError(
+                f"cannot resume {ref.path}: it was trained with different "
+                + ", ".join(f"{k} ({saved[k]!r} vs now {identity[k]!r})" for k in diff)
+                + "; restore those settings or start a new run_dir"
+            )
+    return Setup(cfg, dist, manifest, model_cfg, budget, micro, accum, identity)
+
+
+def write_run_files(s: Setup) -> None:
+    """config.yaml and a copy of the tokenizer in run_dir (rank 0)."""
+    run_dir = Path(s.cfg.run_dir)
+    if s.dist.rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(s.cfg), sort_keys=False))
+    tokenizer = Path(s.cfg.corpus) / s.manifest["tokenizer"].get("path", TOKENIZER)
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, run_dir / TOKENIZER)
+
+
+def tracking_params(s: Setup) -> tuple[dict, dict]:
+    """(MLflow params, tags): the resolved config plus what it resolved to."""
+    manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+    b = s.budget
+    resolved = {
+        "N": b.n_params,
+        "steps": b.steps,
+        "tokens": b.tokens,
+        "flops": b.flops,
+        "micro_batch": s.micro,
+        "grad_accum": s.accum,
+        "world_size": s.dist.world_size,
+        "warmup_steps": warmup_steps(b.steps, s.cfg.optim.warmup_frac, s.cfg.optim.warmup_min),
+        "model": to_dict(s.model_cfg),
+    }
+    params = {**to_dict(s.cfg), "resolved": resolved, "corpus_manifest_sha256": manifest_sha}
+    tags = {
+        "family": s.cfg.objective,
+        "model": s.cfg.model,
+        "N": str(b.n_params),
+        "C": f"{b.flops:.4g}",
+    }
+    return params, tags
+
+
+class Meter:
+    """Step times between log points -> tokens/s and MFU."""
+
+    def __init__(self, s: Setup):
+        self.tokens_per_step = s.budget.tokens_per_step
+        self.flops_per_token = flops_per_token(s.model_cfg, s.model_cfg.seq_len)
+        name = torch.cuda.get_device_name(s.dist.device) if s.dist.device.type == "cuda" else None
+        self.peak, self.world = peak_flops(name), s.dist.world_size
+        self.window: list[float] = []
+        self.all: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        self.window.append(seconds)
+        self.all.append(seconds)
+
+    def read(self) -> dict[str, float]:
+        seconds, n = sum(self.window) or float("nan"), max(len(self.window), 1)
+        self.window = []
+        tps = self.tokens_per_step * n / seconds
+        out = {"tokens_per_s": tps, "step_time_s": seconds / n}
+        value = mfu(self.flops_per_token, tps, self.world, self.peak)
+        if value is not None:
+            out["mfu"] = value
+        return out
+
+    def median_tokens_per_s(self) -> float | None:
+        steady = self.all[1:] or self.all  # the first step pays for warm-up
+        return self.tokens_per_step / statistics.median(steady) if steady else None
+
+
+def step_metrics(result, step: int, s: Setup, meter: Meter, loader) -> dict[str, float]:
+    metrics = {"loss": result.loss, "lr": result.lr, "tokens": step * s.budget.tokens_per_step}
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = result.grad_norm
+    metrics["epoch"] = loader.epoch
+    metrics.update(meter.read())
+    metrics.update(memory_metrics(s.dist.device))
+    return metrics
+
+
+def write_row_keys(s: Setup, step: int, keys: list[int]) -> None:
+    folder = Path(s.cfg.run_dir) / "row_keys"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank{s.dist.rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+
+def checkpoint_meta(s: Setup, step: int) -> dict:
+    return {
+        "identity": s.identity,
+        "zero_stage": s.cfg.zero_stage,
+        "precision": s.cfg.precision,
+        "objective": s.cfg.objective,
+        "causal": s.cfg.objective == "arm",
+        "mask_id": s.model_cfg.mask_id,
+        "model": to_dict(s.model_cfg),
+        "preset": s.cfg.model,
+        "tokens": step * s.budget.tokens_per_step,
+        "n_params": s.budget.n_params,
+        "corpus": str(Path(s.cfg.corpus).resolve()),
+        "tokenizer_sha256": s.identity["tokenizer_sha256"],
+    }
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step: int) -> dict:
+    """Train from ``step`` to the budget; returns the last step and validation metrics."""
+    cfg, total, meter = s.cfg, s.budget.steps, Meter(s)
+    last_loss, last_val, saved_at = None, {}, step
+    while step < total:
+        start = time.perf_counter()
+        result = train_step(engine, loader, objective, s.accum, s.dist.device, step + 1)
+        step += 1
+        meter.add(time.perf_counter() - start)
+        last_loss = result.loss
+        if cfg.log.row_keys:
+            write_row_keys(s, step, result.keys)
+        if due(step, cfg.log.every) or step == total:
+            metrics = step_metrics(result, step, s, meter, loader)
+            tracker.log_metrics(metrics, step)
+            say(s.dist, f"step {step}/{total} " + _fmt(metrics))
+        if due(step, cfg.eval.every) or (step == total and cfg.eval.at_end):
+            last_val = evaluator.run(engine, objective)
+            tracker.log_metrics(last_val, step)
+            say(s.dist, f"step {step} " + _fmt(last_val))
+        if due(step, cfg.checkpoint.every) or step == total:
+            client = {"loader": loader.state_dict(), "step": step, "config": to_dict(cfg)}
+            client["tokens"] = step * s.budget.tokens_per_step
+            ckpt.save(engine, step, client, checkpoint_meta(s, step))
+            saved_at = step
+        fault_point("step", step)
+    return {
+        "step": step,
+        "loss": last_loss,
+        "val": last_val,
+        "saved_at": saved_at,
+        "tokens_per_s": meter.median_tokens_per_s(),
+    }
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
+
+
+def plot_loss_curve(metrics_path: Path, out: Path) -> Path | None:
+    """loss (and validation losses) against step from metrics.jsonl, as a PNG."""
+    if not metrics_path.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec.items():
+            if k == "loss" or (k.startswith("val/") and k.endswith("/loss")):
+                series.setdefault(k, {})[int(rec["step"])] = v  # a resumed step: last wins
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series.items():
+        steps = sorted(points)
+        marker = None if name == "loss" else "o"
+        ax.plot(steps, [points[i] for i in steps], marker=marker, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: float) -> dict:
+    """Export weights, write summary.json and loss_curve.png, log them as artifacts."""
+    run_dir = Path(s.cfg.run_dir)
+    export_dir = run_dir / "export"
+    latest = ckpt.latest()
+    if s.dist.rank == 0 and s.cfg.checkpoint.export and latest is not None:
+        export_checkpoint(latest, export_dir, run_dir / TOKENIZER)
+    b = s.budget
+    summary = {
+        "run_dir": str(run_dir.resolve()),
+        "objective": s.cfg.objective,
+        "model": s.cfg.model,
+        "N": b.n_params,
+        "steps": outcome["step"],
+        "tokens": outcome["step"] * b.tokens_per_step,
+        "flops": 6.0 * b.n_params * outcome["step"] * b.tokens_per_step,
+        "budget": b.as_dict(),
+        "final_loss": outcome["loss"],
+        "val": outcome["val"],
+        "tokens_per_s": outcome["tokens_per_s"],
+        "checkpoint": str(latest.path) if latest else None,
+        "export": str(export_dir) if s.cfg.checkpoint.export else None,
+        "mlflow_run_id": tracker.run_id,
+        "world_size": s.dist.world_size,
+        "wall_s": time.time() - t0,
+    }
+    if s.dist.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        for path in (run_dir / "config.yaml", png, run_dir / "summary.json"):
+            if path is not None:
+                tracker.log_artifact(path)
+    barrier()
+    return summary
+
+
+def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
+    """Objective, DeepSpeed engine and data loader, restored from ``ref`` when resuming."""
+    from trainer.data import CorpusLoader
+    from trainer.model import Transformer
+    from trainer.objectives import build_objective
+
+    cfg, dist = s.cfg, s.dist
+    seed_everything(cfg.seed)
+    kw = {"eps": cfg.mdm.eps, "random_length_prob": cfg.mdm.random_length_prob}
+    objective = build_objective(
+        cfg.objective, s.model_cfg.mask_id, **(kw if cfg.objective == "mdm" else {})
+    )
+    universal = ref is not None and ckpt.needs_universal(ref, cfg.zero_stage)
+    model = Transformer(s.model_cfg, causal=objective.causal)
+    engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
+    loader = CorpusLoader(
+        cfg.corpus,
+        "train",
+        micro_batch=s.micro,
+        global_batch=cfg.batch.global_batch,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.seed,
+        weights=cfg.data.weights,
+    )
+    step = 0
+    if ref is not None:
+        client = ckpt.load(engine, ref, universal)
+        loader.load_state_dict(client["loader"])
+        step = int(client["step"])
+        say(dist, f"resumed from {ref.path} at step {step}" + (" (universal)" if universal else ""))
+    return objective, engine, loader, step
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training run to its budget; returns the summary dict."""
+    from trainer.tracking import Tracker
+
+    t0 = time.time()
+    cfg.validate()
+    dist = init_distributed()
+    ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, dist.rank, dist.world_size)
+    ref = ckpt.resolve(cfg.checkpoint.resume)
+    s = prepare(cfg, dist, ref)
+    write_run_files(s)
+    b = s.budget
+    say(
+        dist,
+        f"{cfg.objective} {cfg.model}: N={b.n_params:,} D={b.tokens:,} C={b.flops:.3e} "
+        f"steps={b.steps} micro={s.micro} accum={s.accum} world={dist.world_size}",
+    )
+    objective, engine, loader, step = build(s, ckpt, ref)
+    e = cfg.eval
+    splits = eval_splits(s.manifest, e.splits)
+    evaluator = Evaluator(
+        cfg.corpus,
+        splits,
+        e.batch_size,
+        e.max_rows,
+        e.n_samples,
+        dist.rank,
+        dist.world_size,
+        dist.device,
+    )
+    tracker = Tracker(cfg.tracking, cfg.run_dir, dist.rank)
+    tracker.start(*tracking_params(s))
+    try:
+        outcome = run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step)
+        summary = finish_run(s, ckpt, tracker, outcome, t0)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    say(dist, f"done: loss={summary['final_loss']} -> {summary['run_dir']}")
+    return summary
