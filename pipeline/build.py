@@ -43,6 +43,7 @@ from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.manifest import PublishCorpus
 from pipeline.readers import RawDumpReader, discover_inputs
+from pipeline.shards import file_sha256
 from pipeline.steps import (
     RankFileReader,
     SpaceWordTokenizer,
@@ -51,7 +52,6 @@ from pipeline.steps import (
     TokenizerInstall,
     TokenizerTrainer,
 )
-from pipeline.shards import file_sha256
 
 MAX_DEFAULT_TASKS = 256
 

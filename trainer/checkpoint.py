@@ -125,8 +125,15 @@ def read_checkpoint(path: str | Path) -> CheckpointRef | None:
 class CheckpointManager:
     """Save/resume/prune the checkpoints of one run directory (call on every rank)."""
 
-    def __init__(self, run_dir: str | Path, keep: int, rank: int = 0, world_size: int = 1):
-        self.root = Path(run_dir) / CKPT_DIR
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep: int,
+        rank: int = 0,
+        world_size: int = 1,
+        root_name: str = CKPT_DIR,
+    ):
+        self.root = Path(run_dir) / root_name
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
     def complete(self) -> list[CheckpointRef]:
@@ -157,10 +164,11 @@ class CheckpointManager:
             return None
         if resume == "auto":
             return self.latest()
-        path = Path(resume)
-        ref = read_checkpoint(path) or CheckpointManager(path.parent, 1).latest()
-        if ref is None and (path / LATEST).is_file():
-            ref = read_checkpoint(path / (path / LATEST).read_text().strip())
+        path = Path(resume)  # a checkpoint, a checkpoints folder, or a run directory
+        ref = read_checkpoint(path)
+        for root in (path, path / CKPT_DIR):
+            if ref is None and root.is_dir():
+                ref = CheckpointManager(root.parent, 1, root_name=root.name).latest()
         if ref is None:
             raise FileNotFoundError(
                 f"checkpoint.resume={resume}: no complete checkpoint there (a checkpoint "

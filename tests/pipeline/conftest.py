@@ -119,7 +119,11 @@ def _add_fineweb_and_jsonl(root: Path, rng: random.Random, dump: Dump) -> None:
         marker = f"pl{i}"
         text = _text(rng, marker)
         plain.append(json.dumps({"text": text, "date": f"201{i}-06-01", "source": "plain"}))
-        dump.texts[marker], dump.dates[marker], dump.sources[marker] = text, f"201{i}-06-01", "plain"
+        dump.texts[marker], dump.dates[marker], dump.sources[marker] = (
+            text,
+            f"201{i}-06-01",
+            "plain",
+        )
     (root / "plain").mkdir(parents=True, exist_ok=True)
     (root / "plain" / "docs.jsonl").write_text("\n".join(plain) + "\n")
     dump.read += len(rows) + len(plain)
