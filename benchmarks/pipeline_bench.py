@@ -116,7 +116,10 @@ def bench_datatrove(split_dir: Path, tok_path: Path, work: Path, tasks: int, wor
 
 def bench_minhash(split_dir: Path, work: Path, tasks: int, workers: int, n_docs: int) -> float:
     from datatrove.pipeline.dedup.minhash import (
-        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
         MinhashDedupSignature,
     )  # fmt: skip
 
@@ -170,8 +173,10 @@ def main() -> None:
     print(f"B/A = {med['maskscale'] / med['bare']:.2f}  (goal >= 0.85)")
     print(f"B/A' = {med['maskscale'] / med['fast']:.2f}  (the stricter limit)")
     print(f"B/C = {med['maskscale'] / med['datatrove']:.2f}  (goal >= 1.0)")
-    print(f"MinHash near-dedup (4 stages)  : {med['minhash']:7.0f} docs/s, "
-          f"{med['minhash'] * mb / len(texts):.2f} MB/s (docs average {mb * 1e3 / len(texts):.0f} kB)")
+    print(
+        f"MinHash near-dedup (4 stages)  : {med['minhash']:7.0f} docs/s, "
+        f"{med['minhash'] * mb / len(texts):.2f} MB/s (docs average {mb * 1e3 / len(texts):.0f} kB)"
+    )
     shutil.rmtree(work)
 
 
