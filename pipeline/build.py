@@ -16,6 +16,7 @@ cluster; Slurm submits them as a chain of dependent array jobs and returns at on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -42,7 +43,7 @@ from tqdm import tqdm
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.manifest import PublishCorpus
-from pipeline.readers import RawDumpReader, discover_inputs
+from pipeline.readers import RawDumpReader, discover_inputs, load_date_map
 from pipeline.shards import file_sha256
 from pipeline.steps import (
     RankFileReader,
@@ -113,11 +114,14 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
         "exclude": sorted(cfg.exclude_sources),
         "undated": cfg.split.undated,
         "tasks": tasks,
+        "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
+    date_map = load_date_map(cfg.date_map)
     ingest = p.add("ingest", inputs_fp, ingest_settings, tasks, lambda s: [
         RawDumpReader(files, s.data("rejects"), default_source=cfg.default_source,
                       exclude_sources=cfg.exclude_sources, max_chars=cfg.records.max_chars,
-                      strict=cfg.records.strict, drop_undated=cfg.split.undated == "drop"),
+                      strict=cfg.records.strict, drop_undated=cfg.split.undated == "drop",
+                      date_map=date_map),
         _writer(s.data()),
     ])  # fmt: skip
     current, key = ingest.data(), ingest.key
@@ -206,8 +210,11 @@ class _QuietLocalExecutor(LocalPipelineExecutor):
     """Local executor whose tasks log to their files only (warnings go to the console)."""
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        # datatrove only uses local_rank to decide console verbosity: != 0 means errors only.
-        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+        # datatrove only uses local_rank to decide console verbosity (!= 0: errors only). Its
+        # steps' own tqdm bars would tear through our per-stage bars, so they go to /dev/null;
+        # everything is still in the task's log file and exceptions still propagate.
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
 
 
 def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:

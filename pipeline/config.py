@@ -106,6 +106,9 @@ class CorpusConfig:
     """Corpus directory to write (splits, manifest.json, tokenizer.json; work files in .work/)."""
     default_source: str = "web"
     """Source name for records without ``meta.redpajama_set_name``."""
+    date_map: str | None = None
+    """Optional side mapping of document id -> date (a JSON object or a CSV with columns
+    ``id,date``) for records that carry no date themselves."""
     exclude_sources: list[str] = field(default_factory=list)
     """Sources to drop (counted), e.g. [RedPajamaGithub] as TinyLlama does."""
     records: RecordConfig = field(default_factory=RecordConfig)

@@ -51,6 +51,7 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
         "exact": _dropped_by(stats.get("exact-filter", {}), "exact-deduplication"),
         "near": _dropped_by(split, "MinHash"),
         "split_docs": _counter(split, "split/"),
+        "undated": sum(_counter(split, "undated_kept").values()),
         "tokens": _counter(pack, "tokens/"),
         "rows": _counter(pack, "rows/"),
         "docs": _counter(pack, "docs/"),
@@ -152,7 +153,7 @@ class PublishCorpus(PipelineStep):
                 sources[src]["tokens"] += tokens[split].get(src, 0)
         return {
             "format": "maskscale-corpus/1",
-            "documents": {"read": counts["read"], "kept": kept},
+            "documents": {"read": counts["read"], "kept": kept, "undated_kept": counts["undated"]},
             "dropped": counts["dropped"],
             "duplicates": {"exact": counts["exact"], "near": counts["near"]},
             "splits": {

@@ -57,6 +57,24 @@ def discover_inputs(patterns: list[str]) -> list[str]:
     return sorted(files)
 
 
+def load_date_map(path: str | None) -> dict[str, str]:
+    """id -> date from a JSON object file or a CSV file with ``id,date`` columns."""
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"date_map {path} does not exist")
+    if path.endswith(".json"):
+        with open(path) as f:
+            return {str(k): str(v) for k, v in json.load(f).items()}
+    import csv
+
+    with open(path, newline="") as f:
+        rows = csv.DictReader(f)
+        if not rows.fieldnames or not {"id", "date"} <= set(rows.fieldnames):
+            raise ValueError(f"date_map {path}: expected a CSV header with columns id,date")
+        return {row["id"]: row["date"] for row in rows}
+
+
 def parse_date(value, dump: str | None = None) -> dt.date | None:
     """Date of a record from an ISO date/datetime/year, or a CC-MAIN-YYYY-WW dump id.
 
@@ -133,6 +151,7 @@ class RawDumpReader(PipelineStep):
         max_chars: int = 2_000_000,
         strict: bool = False,
         drop_undated: bool = False,
+        date_map: dict[str, str] | None = None,
     ):
         super().__init__()
         self.files = list(files)
@@ -142,6 +161,7 @@ class RawDumpReader(PipelineStep):
         self.max_chars = max_chars
         self.strict = strict
         self.drop_undated = drop_undated
+        self.date_map = date_map or {}
         self._rejects = None
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -176,8 +196,11 @@ class RawDumpReader(PipelineStep):
         source = meta.get("redpajama_set_name") or rec.get("source") or self.default_source
         if source in self.exclude_sources:
             return self._reject(path, line, "excluded_source", str(source))
+        raw_date = meta.get("date") or rec.get("date")
+        if raw_date is None and not rec.get("dump") and rec.get("id") is not None:
+            raw_date = self.date_map.get(str(rec["id"]))
         try:
-            date = parse_date(meta.get("date") or rec.get("date"), rec.get("dump"))
+            date = parse_date(raw_date, rec.get("dump"))
         except ValueError as e:
             return self._reject(path, line, "invalid_date", str(e))
         if date is None and self.drop_undated:

@@ -70,3 +70,17 @@ def test_default_dump_is_slimpajama_layout(tmp_path):
     assert all(r["meta"]["redpajama_set_name"] == "StateOfTheUnion" for r in recs)
     years = sorted(int(r["meta"]["date"][:4]) for r in recs)
     assert years[0] == 1790 and years[-1] >= 2025
+
+
+def test_date_side_mapping(tmp_path):
+    mapping = tmp_path / "dates.csv"
+    mapping.write_text("id,date\nu1,2021-05-01\n")
+    from pipeline.readers import load_date_map
+
+    docs, _ = _read(tmp_path, [b'{"text": "x", "id": "u1"}', b'{"text": "y", "id": "u2"}'],
+                    date_map=load_date_map(str(mapping)))  # fmt: skip
+    assert [d.metadata["date"] for d in docs] == ["2021-05-01", None]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("key,when\n")
+    with pytest.raises(ValueError, match="expected a CSV header with columns id,date"):
+        load_date_map(str(bad))
