@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.overrides)
     try:
         train(cfg)
-    except (CorpusMismatchError, TrainingDiverged, FileExistsError) as e:
+    except (CorpusMismatchError, TrainingDiverged, FileExistsError, FileNotFoundError) as e:
         print(f"maskscale train: {e}", file=sys.stderr)
         return 1
     finally:
@@ -112,6 +112,8 @@ def register(subparsers) -> None:
         help="corpus=DIR objective=arm|mdm model=PRESET flops=|tokens=|steps= run_dir=DIR "
         "seed=N, or any dotted config key",
     )
+    # the `deepspeed` launcher appends --local_rank=N; the rank is read from the environment
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     export = subparsers.add_parser(
         "export", help="consolidate a checkpoint to fp32 safetensors", description=doc

@@ -56,12 +56,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+OWNER_ENV, PORT_ENV = "MASKSCALE_SINGLE_PROCESS_PID", "MASKSCALE_SINGLE_PROCESS_PORT"
+"""Mark the variables we set for a single process, so that a child process inheriting them
+(e.g. a training subprocess started after an in-process run) does not mistake them for a
+launcher's and reuse the parent's rendezvous port."""
+
+
+def _launched() -> bool:
+    """True when RANK/WORLD_SIZE come from a launcher (torchrun, deepspeed, Slurm wrappers)."""
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return False
+    inherited = env.get(OWNER_ENV) not in (None, str(os.getpid()))
+    return not (inherited and env.get("MASTER_PORT") == env.get(PORT_ENV))
+
+
 def init_distributed() -> DistInfo:
     """Initialise (once) the process group: env from a launcher, or a single process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized() and not _launched():
+        port = str(_free_port())
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.update(MASTER_PORT=port, **{PORT_ENV: port, OWNER_ENV: str(os.getpid())})
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     import deepspeed
 

@@ -102,3 +102,22 @@ def test_eval_splits_default_and_explicit():
     assert eval_splits(manifest, ["holdout_2025"]) == ["holdout_2025"]
     with pytest.raises(ConfigError, match="eval.splits"):
         eval_splits(manifest, ["test"])
+
+
+def test_single_process_env_is_not_mistaken_for_a_launcher(monkeypatch):
+    from trainer import engine
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_PORT", engine.OWNER_ENV, engine.PORT_ENV):
+        monkeypatch.delenv(key, raising=False)
+    assert not engine._launched()  # nothing set: we run one process ourselves
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert engine._launched()  # torchrun-style
+    # variables a parent process set for itself and a child inherited
+    monkeypatch.setenv(engine.OWNER_ENV, "1")  # not our pid
+    monkeypatch.setenv(engine.PORT_ENV, "29500")
+    assert not engine._launched()
+    # a launcher started from such a parent sets its own port
+    monkeypatch.setenv("MASTER_PORT", "29777")
+    assert engine._launched()

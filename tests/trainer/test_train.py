@@ -52,7 +52,6 @@ BASE = [
     "checkpoint.keep=5",
     "tracking.enabled=false",
 ]
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def config(corpus: Path, run_dir: Path, *extra: str):
@@ -86,10 +85,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args: list[str], fault: str | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
-    """`python -m pipeline.cli train ...` (or torchrun with nproc) in a clean environment."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env["MASKSCALE_FAULT"] = fault or ""
+def run_cli(
+    args: list[str], fault: str | None = None, nproc: int = 1
+) -> subprocess.CompletedProcess:
+    """`python -m pipeline.cli train ...` (or torchrun with nproc).
+
+    The environment is inherited as is: after the in-process runs of this module it holds the
+    single-process RANK/WORLD_SIZE/MASTER_PORT that init_distributed set, which the child must
+    recognise as not coming from a launcher.
+    """
+    env = dict(os.environ, MASKSCALE_FAULT=fault or "")
     if nproc == 1:
         cmd = [sys.executable, "-m", "pipeline.cli", "train", *args]
     else:
@@ -132,8 +137,14 @@ def arm_run(corpus, tmp_path_factory):
     """The reference: ARM, 50 steps, one process, MLflow on a fresh sqlite store."""
     base = tmp_path_factory.mktemp("arm")
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    cfg = config(corpus, base / "run", f"steps={STEPS}", "tracking.enabled=true",
-                 f"tracking.uri={uri}", "tracking.experiment=test-train")  # fmt: skip
+    cfg = config(
+        corpus,
+        base / "run",
+        f"steps={STEPS}",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.experiment=test-train",
+    )
     return base / "run", train(cfg), uri
 
 
@@ -166,7 +177,9 @@ def test_run_files_metrics_and_export(arm_run, corpus):
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     model, info = load_export(run_dir / "export")
     assert info["objective"] == "arm" and info["step"] == STEPS and info["causal"]
-    assert (run_dir / "export/tokenizer.json").read_bytes() == (corpus / "tokenizer.json").read_bytes()
+    assert (run_dir / "export/tokenizer.json").read_bytes() == (
+        corpus / "tokenizer.json"
+    ).read_bytes()
     logits = model(torch.zeros(1, 32, dtype=torch.long))
     assert logits.shape == (1, 32, 64)
 
@@ -191,8 +204,16 @@ def test_mlflow_run_holds_params_metrics_artifacts(arm_run):
 
 
 def test_mdm_trains_and_reports_elbo(corpus, tmp_path):
-    summary = train(config(corpus, tmp_path / "mdm", "objective=mdm", f"steps={STEPS}",
-                           "checkpoint.every=0", "log.row_keys=false"))  # fmt: skip
+    summary = train(
+        config(
+            corpus,
+            tmp_path / "mdm",
+            "objective=mdm",
+            f"steps={STEPS}",
+            "checkpoint.every=0",
+            "log.row_keys=false",
+        )
+    )
     loss = losses(tmp_path / "mdm")
     first = sum(loss[s] for s in range(1, 11)) / 10
     last = sum(loss[s] for s in range(41, 51)) / 10
@@ -251,8 +272,17 @@ def test_two_processes_match_one_and_resume_on_one(arm_run, corpus, tmp_path):
 
 
 def test_zero3_bf16_smoke(corpus, tmp_path):
-    summary = train(config(corpus, tmp_path / "z3", "zero_stage=3", "precision=bf16", "steps=4",
-                           "batch.global_batch=4", "eval.max_rows=16"))  # fmt: skip
+    summary = train(
+        config(
+            corpus,
+            tmp_path / "z3",
+            "zero_stage=3",
+            "precision=bf16",
+            "steps=4",
+            "batch.global_batch=4",
+            "eval.max_rows=16",
+        )
+    )
     loss = losses(tmp_path / "z3")
     assert len(loss) == 4 and all(torch.isfinite(torch.tensor(v)) for v in loss.values())
     assert torch.isfinite(torch.tensor(summary["val"]["val/validation/loss"]))
@@ -272,8 +302,15 @@ def test_mismatched_corpus_refused(corpus, tmp_path, arm_run):
 
 def test_divergence_stops_with_last_good_checkpoint_intact(corpus, tmp_path):
     run_dir = tmp_path / "nan"
-    cfg = config(corpus, run_dir, "steps=20", "optim.lr=1e30", "optim.warmup_min=1",
-                 "checkpoint.every=1", "eval.every=0")  # fmt: skip
+    cfg = config(
+        corpus,
+        run_dir,
+        "steps=20",
+        "optim.lr=1e30",
+        "optim.warmup_min=1",
+        "checkpoint.every=1",
+        "eval.every=0",
+    )
     with pytest.raises(TrainingDiverged, match="at step 2"):
         train(cfg)
     ref = CheckpointManager(run_dir, keep=5).latest()
@@ -283,8 +320,27 @@ def test_divergence_stops_with_last_good_checkpoint_intact(corpus, tmp_path):
 
 def test_dead_tracking_server_does_not_stop_training(corpus, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    cfg = config(corpus, tmp_path / "dead", "steps=3", "tracking.enabled=true",
-                 f"tracking.uri={uri}", "tracking.timeout_s=1", "eval.every=0")  # fmt: skip
+    cfg = config(
+        corpus,
+        tmp_path / "dead",
+        "steps=3",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.timeout_s=1",
+        "eval.every=0",
+    )
     with pytest.warns(RuntimeWarning, match="MLflow"):
         summary = train(cfg)
     assert summary["steps"] == 3 and sorted(losses(tmp_path / "dead")) == [1, 2, 3]
+
+
+def test_export_command(arm_run, tmp_path):
+    from pipeline.cli import main
+
+    run_dir = arm_run[0]
+    assert (
+        main(["export", str(run_dir), "--tag", "step00000040", "--out", str(tmp_path / "e")]) == 0
+    )
+    model, info = load_export(tmp_path / "e")
+    assert info["step"] == 40 and (tmp_path / "e" / "tokenizer.json").is_file()
+    assert main(["export", str(tmp_path / "no_run")]) == 1
