@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="run the whole flow on the embedded default corpus (CPU)")
     d.add_argument("--dir", default="demo", help="working directory (default: ./demo)")
-    d.add_argument("--flops", type=float, default=5e12, help="training FLOP budget per model")
+    d.add_argument("--flops", type=float, default=3e12, help="training FLOP budget per model")
     d.add_argument("--skip-train", action="store_true", help="only build the corpus")
     d.set_defaults(func=cmd_demo)
 
@@ -62,6 +62,42 @@ def train_pair(work: Path, corpus: Path, flops: float) -> dict[str, dict]:
     return results
 
 
+def comparison_table(results: dict[str, dict]) -> str:
+    """Validation loss per split, ARM vs MDM (MDM: an upper bound, the ELBO)."""
+    splits = sorted({k.split("/")[1] for r in results.values() for k in r.get("val", {})})
+    lines = [f"{'split':<16}" + "".join(f"{o.upper():>10}" for o in results)]
+    for split in splits:
+        cells = "".join(f"{r['val'].get(f'val/{split}/loss', float('nan')):>10.3f}"
+                        for r in results.values())  # fmt: skip
+        lines.append(f"{split:<16}{cells}")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: dict[str, dict], out: Path) -> Path:
+    """Training loss of both runs on one figure, read from their metrics.jsonl."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for objective, summary in results.items():
+        rows = [json.loads(x) for x in open(Path(summary["run_dir"]) / "metrics.jsonl")]
+        pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        ax.plot(*zip(*pts), label=f"{objective.upper()} train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token; MDM: ELBO bound)")
+    ax.set_title("Same network, same FLOPs: ARM vs MDM")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     work = Path(args.dir).resolve()
@@ -70,10 +106,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.skip_train:
         return 0
     results = train_pair(work, corpus, args.flops)
-    print("\n[demo] done.")
-    for objective, summary in results.items():
-        loss = summary.get("final_val_loss", summary.get("final_loss"))
-        print(f"  {objective.upper()}: {summary.get('steps')} steps, loss {loss}, "
-              f"run dir {work / 'runs' / objective}")  # fmt: skip
-    print(f"  MLflow: mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}")
+    print("\n[demo] done. Validation loss after training (holdouts are later decades):")
+    print(comparison_table(results))
+    try:
+        print(f"  loss curves: {plot_comparison(results, work / 'arm_vs_mdm.png')}")
+    except (OSError, KeyError, ValueError) as e:
+        print(f"  (no comparison plot: {e})")
+    for objective in results:
+        print(f"  {objective.upper()} run: {work / 'runs' / objective} (loss_curve.png, export/)")
+    print(f"  MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}")
     return 0
