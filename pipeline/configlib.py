@@ -69,6 +69,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
