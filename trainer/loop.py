@@ -92,14 +92,6 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
     manifest = read_manifest(cfg.corpus)
     model_cfg = resolve_model(cfg, manifest)
     micro, accum = batch_geometry(cfg.batch, dist.world_size)
-    cuts = cfg.objective == "mdm" and cfg.mdm.random_length_prob > 0
-    if cfg.zero_stage == 3 and dist.world_size > 1 and cuts:  # measured: 2 processes hang
-        raise ConfigError(
-            "zero_stage=3 on several processes with mdm.random_length_prob > 0 would hang: "
-            "shortened rows cost an extra forward pass on some ranks only, and ZeRO-3 "
-            "gathers weights collectively in every forward. Use zero_stage=2 (or set "
-            "mdm.random_length_prob=0)"
-        )
     n = non_embedding_params(model_cfg)
     budget = resolve_budget(cfg.budget, n, cfg.batch.global_batch, model_cfg.seq_len)
     identity = {

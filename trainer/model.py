@@ -9,6 +9,8 @@ Architecture (paper-notes.md): pre-norm RMSNorm, rotary position embeddings, Swi
 biases, multi-head attention through ``F.scaled_dot_product_attention`` (fused kernels on GPU),
 untied input/output embeddings. The input embedding has ``vocab_size + 1`` rows: the last row is
 the MDM mask token (``mask_id == vocab_size``); the output head predicts only real tokens.
+``forward(ids, lengths)`` can cut rows to shorter lengths inside one pass through a boolean
+attention mask (the MDM's stochastic sequence length); without cuts attention stays unmasked.
 
 Precision: parameters may be fp32 (optionally run under ``torch.autocast(bf16)``) or cast to bf16
 as a whole (DeepSpeed's bf16 mode). RMSNorm and RoPE compute in fp32 either way, and the RoPE
@@ -186,13 +188,19 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = [rotary]  # shared tables; a list so it is not registered as a child
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: None (plain causal or full attention, the fused kernels' fast path) or
+        a boolean mask broadcastable to [B, H, T, T], True where a query may attend to a key; it
+        then replaces ``is_causal`` (``Transformer.forward`` folds causality into it)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
         rotary = self.rotary[0]
         q, k = rotary(q), rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -217,8 +225,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -255,13 +263,43 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() - self.head.weight.numel()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] > self.cfg.seq_len:
+    def attention_mask(self, lengths: torch.Tensor, t: int, device: torch.device) -> torch.Tensor:
+        """bool[B, 1, 1 or T, T]: row b's queries see only keys ``< lengths[b]`` (and, for a
+        causal model, only keys at or before their own position)."""
+        keys = torch.arange(t, device=device)
+        mask = (keys < lengths.to(device)[:, None])[:, None, None, :]  # [B, 1, 1, T]
+        if self.causal:
+            mask = mask & (keys[None, :] <= keys[:, None])  # [B, 1, T, T]
+        return mask
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab_size] for ``input_ids`` [B, T].
+
+        ``lengths`` (int[B], optional) cuts row b to its first ``lengths[b]`` positions inside
+        the one forward pass: attention keys at or beyond the cut are masked out, so logits at
+        positions ``< lengths[b]`` equal (up to float rounding) those of running the truncated
+        row alone; logits at later positions are meaningless and must be ignored. Every row
+        still costs the full T positions, so all ranks run the same computation (what ZeRO-3's
+        collective weight gathers need). When ``lengths`` is None or every row is full length,
+        attention runs unmasked (fused causal/bidirectional kernels). Pass a CPU tensor to keep
+        the full-length check free of a device synchronisation.
+        """
+        b, t = input_ids.shape
+        if t > self.cfg.seq_len:
             raise ValueError(
-                f"sequence of {input_ids.shape[-1]} tokens exceeds model seq_len="
-                f"{self.cfg.seq_len}; raise model.seq_len"
+                f"sequence of {t} tokens exceeds model seq_len={self.cfg.seq_len}; "
+                "raise model.seq_len"
             )
+        attn_mask = None
+        if lengths is not None:
+            if lengths.shape != (b,):
+                raise ValueError(f"lengths must be [B]={b}, got shape {tuple(lengths.shape)}")
+            shortest, longest = int(lengths.min()), int(lengths.max())
+            if shortest < 1 or longest > t:
+                raise ValueError(f"lengths must lie in [1, {t}], got {lengths.tolist()}")
+            if shortest < t:
+                attn_mask = self.attention_mask(lengths, t, input_ids.device)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, attn_mask)
         return self.head(self.norm(x))

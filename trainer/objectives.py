@@ -18,9 +18,17 @@ rows, i.e. ``sum / (B * T)`` when no row is shortened.
 Stochastic sequence length: the paper cuts a whole micro-batch to a random length in [1, T] with
 probability 1%. A per-micro-batch decision would depend on which rows share a micro-batch and so
 on the world size; here each row is shortened independently with that probability (decision and
-length drawn from its key). Shortened rows run through the model as separate, shorter batches
-(one extra forward per distinct length, ~1% of rows), so attention stays the fused SDPA path
-without padding masks. Each row still sees the same length distribution as in the paper.
+length drawn from its key). Each row still sees the same length distribution as in the paper.
+The cut happens inside the micro-batch's single forward pass: the model gets the row lengths and
+masks attention to keys beyond each row's cut (``Transformer.forward(ids, lengths)``), so a cut
+row's first l logits equal those of the row run alone at length l, positions >= l get zero loss
+weight, and every rank runs exactly one forward per micro-batch whatever its rows drew (ZeRO-3
+gathers weights collectively in each forward). Micro-batches without a cut attend unmasked.
+
+Cost: the loss is a cross-entropy over all B x T positions times a per-position weight
+(``mask / (p * length)``, zero elsewhere), the same dense computation as the ARM loss; gathering
+the masked logits instead would make the backward pass scatter into a zero tensor the size of
+all logits.
 """
 
 from __future__ import annotations
@@ -154,34 +162,46 @@ class MDMObjective(Objective):
         p = (1 - self.eps) * times_t + self.eps
         return times_t, torch.stack(uniforms) < p[:, :, None]
 
-    def _masked_loss_sum(
-        self, model: nn.Module, x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
+    def _weighted_loss_sum(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sum over masked positions of CE * weight[row]; x, mask [b, L]; weight float32[b]."""
-        logits = model(torch.where(mask, self.mask_id, x))
-        ce = F.cross_entropy(logits[mask].float(), x[mask], reduction="none")
-        return (ce * weight[:, None].expand_as(mask)[mask]).sum()
+        """``sum(CE * weight)`` over all positions of ``x`` [B, T]; ``weight`` float32[B, T] is
+        ``1 / (p * length)`` where a token is masked and 0 elsewhere (so the input is masked
+        exactly where the weight is positive). ``lengths`` (CPU int[B]) cuts rows in the model."""
+        noisy = torch.where(weight > 0, self.mask_id, x)
+        logits = model(noisy) if lengths is None else model(noisy, lengths=lengths)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1), x.reshape(-1), reduction="none"
+        )  # dense, like the ARM loss: no gather of masked positions
+        return (ce * weight.flatten()).sum()
+
+    def train_weights(
+        self, keys: torch.Tensor, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-position loss weights float32[B, T] and row lengths (int64[B], or None when no
+        row is cut), both on CPU: row b weighs ``1 / (p_b * l_b)`` at its masked positions
+        ``< l_b`` and 0 elsewhere, so ``sum(CE * weight) / B`` is the mean of the row losses."""
+        draws = [self.draw_row(k, seq_len) for k in keys.tolist()]
+        weight = torch.zeros(len(draws), seq_len, dtype=torch.float32)
+        for row, d in enumerate(draws):
+            weight[row, : d.length] = d.mask.float() / (d.p * d.length)
+        lengths = [d.length for d in draws]
+        if all(n == seq_len for n in lengths):
+            return weight, None
+        return weight, torch.tensor(lengths, dtype=torch.long)
 
     def train_loss(
         self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
     ) -> torch.Tensor:
         _check_batch(model, tokens, keys, self.causal)
         x = tokens[:, :-1]
-        batch, seq_len = x.shape
-        draws = [self.draw_row(k, seq_len) for k in keys.tolist()]
-        lengths = sorted({d.length for d in draws}, key=lambda n: (n != seq_len, n))
-        parts = []
-        for length in lengths:  # full-length rows first: usually the only group
-            rows = [i for i, d in enumerate(draws) if d.length == length]
-            xs = x[:, :length]  # a view; index rows only when the batch splits
-            if len(rows) < batch:
-                xs = xs[torch.tensor(rows, device=x.device)]
-            mask = torch.stack([draws[i].mask for i in rows]).to(x.device, non_blocking=True)
-            weight = torch.tensor(
-                [1.0 / (draws[i].p * length) for i in rows], dtype=torch.float32
-            ).to(x.device)
-            parts.append(self._masked_loss_sum(model, xs, mask, weight))
-        return torch.stack(parts).sum() / batch
+        weight, lengths = self.train_weights(keys, x.shape[1])
+        weight = weight.to(x.device, non_blocking=True)
+        return self._weighted_loss_sum(model, x, weight, lengths) / x.shape[0]
 
     @torch.no_grad()
     def eval_loss(
@@ -199,11 +219,12 @@ class MDMObjective(Objective):
         batch, seq_len = x.shape
         times, masks = self.eval_draws(keys, n_samples, seq_len)
         p = (1 - self.eps) * times + self.eps  # float64[B, n]
+        weights = (masks / (p[:, :, None] * seq_len)).float()  # [B, n, T], 0 where unmasked
+        weights = weights.transpose(0, 1).contiguous()  # [n, B, T]: sample i is weights[i]
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         for i in range(n_samples):
-            weight = (1.0 / (p[:, i] * seq_len)).float().to(x.device)
-            mask = masks[:, i].to(x.device, non_blocking=True)
-            total += self._masked_loss_sum(model, x, mask, weight).double()
+            weight = weights[i].to(x.device, non_blocking=True)
+            total += self._weighted_loss_sum(model, x, weight).double()
         return (total / (batch * n_samples)).float()
 
 

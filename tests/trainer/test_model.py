@@ -64,6 +64,81 @@ def test_bidirectional_model_sees_future_tokens():
     assert (a[:, :6] - b[:, :6]).abs().amax(dim=-1).min() > 1e-4  # every early position moves
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@torch.no_grad()
+def test_lengths_cut_rows_like_running_them_alone(causal):
+    model = _model(causal=causal)
+    ids = _tokens(b=4, t=12)
+    ids[1, 2] = TINY.mask_id
+    lengths = torch.tensor([12, 5, 1, 9])
+    out = model(ids, lengths=lengths)
+    assert out.shape == (4, 12, TINY.vocab_size) and torch.isfinite(out).all()
+    for row, n in enumerate(lengths.tolist()):
+        alone = model(ids[row : row + 1, :n])[0]
+        torch.testing.assert_close(out[row, :n], alone, rtol=1e-5, atol=1e-6)
+    # tokens past a row's cut do not reach its kept positions
+    changed = ids.clone()
+    changed[1, 5:] = (changed[1, 5:] + 7) % TINY.vocab_size
+    torch.testing.assert_close(model(changed, lengths=lengths)[1, :5], out[1, :5], rtol=0, atol=0)
+
+
+def test_lengths_cut_gradients_like_running_rows_alone():
+    model = _model(causal=False)
+    ids = _tokens(b=3, t=12)
+    lengths = torch.tensor([12, 4, 7])
+    targets = _tokens(b=3, t=12, seed=9)
+    logits = model(ids, lengths=lengths)
+    keep = torch.arange(12)[None, :] < lengths[:, None]
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), reduction="none"
+    )
+    (ce * keep.flatten()).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = sum(
+        torch.nn.functional.cross_entropy(
+            model(ids[r : r + 1, :n])[0], targets[r, :n], reduction="sum"
+        )
+        for r, n in enumerate(lengths.tolist())
+    )
+    total.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_full_lengths_take_the_unmasked_attention_path(causal, monkeypatch):
+    model = _model(causal=causal)
+    ids = _tokens()
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        plain = model(ids)
+        full = model(ids, lengths=torch.tensor([12, 12]))
+        model(ids, lengths=torch.tensor([12, 3]))
+    assert torch.equal(plain, full)
+    n = TINY.n_layer
+    assert calls[: 2 * n] == [{"is_causal": causal}] * (2 * n)  # no mask: fused kernels
+    masks = [c["attn_mask"] for c in calls[2 * n :]]
+    assert len(masks) == n and all(c.keys() == {"attn_mask"} for c in calls[2 * n :])
+    mask = masks[0].expand(2, 1, 12, 12)
+    assert mask[0, 0].all() != causal and mask[1, 0, :, 3:].sum() == 0
+    if causal:
+        assert torch.equal(mask[0, 0], torch.ones(12, 12, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("lengths", [[12], [0, 12], [12, 13]])
+def test_bad_lengths_are_refused(lengths):
+    with pytest.raises(ValueError, match="lengths"):
+        _model(causal=False)(_tokens(), lengths=torch.tensor(lengths))
+
+
 def test_same_weights_for_arm_and_mdm_given_seed():
     arm, mdm = _model(causal=True), _model(causal=False)
     for (na, pa), (nm, pm) in zip(arm.state_dict().items(), mdm.state_dict().items()):

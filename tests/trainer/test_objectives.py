@@ -38,12 +38,13 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.module, self.inputs, self.logits = model, [], []
+        self.module, self.inputs, self.lengths, self.logits = model, [], [], []
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.module(ids)
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.module(ids, lengths=lengths)
         out.retain_grad()
         self.inputs.append(ids)
+        self.lengths.append(lengths)
         self.logits.append(out)
         return out
 
@@ -155,21 +156,64 @@ def test_random_length_rate_and_range():
     assert d_cut.t == d_full.t and torch.equal(d_cut.mask, d_full.mask[: d_cut.length])
 
 
-def test_mdm_shortened_rows_run_at_their_length():
-    rec = Recorder(_model(causal=False))
+def _row_alone_loss(model, obj, tokens, key):
+    """One row's training loss computed the slow way: truncated to its drawn length, run alone,
+    CE gathered at its masked positions."""
+    t = tokens.shape[0] - 1
+    d = obj.draw_row(key, t)
+    x = tokens[: d.length]
+    logits = model(torch.where(d.mask, V, x)[None])[0]
+    return F.cross_entropy(logits[d.mask], x[d.mask], reduction="sum") / d.p / d.length
+
+
+def test_mdm_shortened_rows_cost_one_forward_and_match_rows_run_alone():
+    model = _model(causal=False)
+    rec = Recorder(model)
     obj = MDMObjective(mask_id=V, random_length_prob=1.0)
     tokens, keys = _batch(b=3, t=20)
     loss = obj.train_loss(rec, tokens, keys)
     draws = [obj.draw_row(k, 20) for k in keys.tolist()]
-    assert sorted(ids.shape[1] for ids in rec.inputs) == sorted({d.length for d in draws})
-    assert sum(ids.shape[0] for ids in rec.inputs) == 3
-    hand = 0.0
+    assert min(d.length for d in draws) < 20
+    # one forward over the whole micro-batch at full length, lengths passed to the model
+    assert [tuple(ids.shape) for ids in rec.inputs] == [(3, 20)]
+    assert rec.lengths[0].tolist() == [d.length for d in draws]
+    loss.backward()
+    (ids,), (logits,) = rec.inputs, rec.logits
     for row, d in enumerate(draws):
-        x = tokens[row, : d.length]
-        logits = rec.module(torch.where(d.mask, V, x)[None])[0]
-        ce = F.cross_entropy(logits[d.mask], x[d.mask], reduction="sum")
-        hand += ce / d.p / d.length
-    torch.testing.assert_close(loss, hand / 3, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ids[row, : d.length] == V, d.mask)  # the drawn mask, prefix only
+        assert (logits.grad[row, d.length :] == 0).all()  # positions past the cut: no loss
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hand = sum(_row_alone_loss(model, obj, tokens[r], k) for r, k in enumerate(keys.tolist()))
+    hand = hand / 3
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
+    hand.backward()  # and the same gradients as running each truncated row alone
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mdm_without_cuts_calls_the_model_without_lengths():
+    rec = Recorder(_model(causal=False))
+    tokens, keys = _batch(b=3, t=20)
+    MDMObjective(mask_id=V, random_length_prob=0.0).train_loss(rec, tokens, keys)
+    assert rec.lengths == [None]
+
+
+def test_mdm_train_weights():
+    obj = MDMObjective(mask_id=V, random_length_prob=0.5)
+    keys = torch.arange(40) * 31 + 3
+    weight, lengths = obj.train_weights(keys, 24)
+    assert weight.shape == (40, 24) and weight.dtype == torch.float32
+    assert lengths is not None and (lengths < 24).any() and (lengths == 24).any()
+    for row, key in enumerate(keys.tolist()):
+        d = obj.draw_row(key, 24)
+        assert lengths[row] == d.length
+        assert torch.equal(weight[row, : d.length] > 0, d.mask)
+        assert (weight[row, d.length :] == 0).all()
+        torch.testing.assert_close(
+            weight[row, : d.length][d.mask], torch.full((int(d.mask.sum()),), 1 / (d.p * d.length))
+        )
+    assert MDMObjective(V, random_length_prob=0.0).train_weights(keys, 24)[1] is None
 
 
 @pytest.mark.parametrize("objective", [ARMObjective(), MDMObjective(V, random_length_prob=0.5)])

@@ -7,6 +7,7 @@ MLflow record, export; and it is the uninterrupted baseline that killed-and-resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil  # a DeepSpeed dependency
 import pytest
 import torch
 import yaml
@@ -25,6 +27,7 @@ from trainer.cli import load_train_config
 from trainer.data import CorpusMismatchError
 from trainer.engine import TrainingDiverged
 from trainer.loop import train
+from trainer.objectives import MDMObjective
 
 from .conftest import make_corpus
 
@@ -269,6 +272,56 @@ def test_two_processes_match_one_and_resume_on_one(arm_run, corpus, tmp_path):
     resumed = losses(run_dir)
     for s in range(21, STEPS + 1):
         assert resumed[s] == pytest.approx(want[s], abs=1e-5), s
+
+
+@pytest.mark.slow
+def test_mdm_zero3_two_processes_with_length_cuts(corpus, tmp_path):
+    """MDM under ZeRO-3 on 2 processes with half of the rows cut: ranks draw different cuts,
+    yet each runs one forward per micro-batch, so ZeRO-3's collective weight gathers stay in
+    step. A hang fails after 120 s (torchrun and its workers are killed)."""
+    run_dir = tmp_path / "mdm_z3"
+    args = [
+        *BASE,
+        f"corpus={corpus}",
+        f"run_dir={run_dir}",
+        "objective=mdm",
+        "mdm.random_length_prob=0.5",
+        "zero_stage=3",
+        "steps=4",
+        "eval.every=2",
+        "eval.max_rows=16",
+        "checkpoint.every=2",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd = [*torchrun, f"--master_port={free_port()}", "-m", "pipeline.cli", "train", *args]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=dict(os.environ, MASKSCALE_FAULT=""),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in its own session: kill them by pid, then torchrun
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"MDM + ZeRO-3 on 2 processes hung; stderr tail:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    loss = losses(run_dir)
+    assert sorted(loss) == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss.values())
+    keys = [k for ks in row_keys(run_dir).values() for k in ks]
+    seq_len = 32
+    cuts = [MDMObjective(64, random_length_prob=0.5).draw_row(k, seq_len).length for k in keys]
+    assert sum(n < seq_len for n in cuts) >= 4  # the run really cut rows
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
 
 
 def test_zero3_bf16_smoke(corpus, tmp_path):
