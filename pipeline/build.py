@@ -105,7 +105,8 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> JsonlWriter:
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
     files = discover_inputs(cfg.input)
-    inputs_fp = fingerprint([(f, os.path.getsize(f)) for f in files])
+    # path, size and mtime: an input rewritten in place invalidates every stage built from it
+    inputs_fp = fingerprint([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
     tasks = cfg.executor.tasks or min(len(files), MAX_DEFAULT_TASKS)
     p = _Planner(cfg)
     ingest_settings = {

@@ -180,3 +180,19 @@ def test_given_tokenizer_is_used_and_checked(built, dump, tmp_path):
     assert bad.returncode != 0 and "'</s>' is not in the vocabulary" in bad.stdout + bad.stderr
     missing = run_build(dump.root, tmp_path / "e", "--tokenizer", str(tmp_path), check=False)
     assert "is a directory" in missing.stdout + missing.stderr
+
+
+def test_edited_input_is_reread(dump, tmp_path):
+    import shutil
+
+    raw = tmp_path / "raw"
+    shutil.copytree(dump.root, raw)
+    out = tmp_path / "c"
+    run_build(raw, out)
+    before = read_manifest(out)["documents"]
+    with open(raw / "plain" / "docs.jsonl", "a") as f:
+        f.write(json.dumps({"text": "pl99 a fresh document about rivers", "date": "2011-01-01"}))
+        f.write("\n")
+    run_build(raw, out)
+    after = read_manifest(out)["documents"]
+    assert after["read"] == before["read"] + 1 and after["kept"] == before["kept"] + 1
