@@ -196,3 +196,25 @@ def test_edited_input_is_reread(dump, tmp_path):
     run_build(raw, out)
     after = read_manifest(out)["documents"]
     assert after["read"] == before["read"] + 1 and after["kept"] == before["kept"] + 1
+
+
+def test_large_vocab_gives_uint32_shards(tmp_path):
+    """vocab + 1 > 65536: ids (and the MDM mask id) need uint32."""
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    docs = [" ".join(f"w{69_999 - i * 101 - j}" for j in range(50)) for i in range(6)]
+    lines = [json.dumps({"text": d, "date": "2001-01-01"}) for d in docs]
+    (raw / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "c"
+    run_build(raw, out, "--tokenizer", str(tmp_path / "tokenizer.json"), "dedup.near=false")
+    m = read_manifest(out)
+    assert m["dtype"] == "uint32" and m["tokenizer"]["mask_id"] == 70_002
+    table, meta = open_shard(out / m["splits"]["train"]["shards"][0]["path"])
+    assert table.schema.field("input_ids").type == pa.list_(pa.uint32(), 65)
+    assert shard_tokens(table).max() > 65_535
