@@ -88,7 +88,9 @@ def publish_shards(output: str, pack_dir: str, splits: list[str]) -> dict[str, l
     published: dict[str, list[dict]] = {}
     for split in splits:
         src_dir, dst_dir = os.path.join(pack_dir, split), os.path.join(output, split)
-        names = sorted(n for n in os.listdir(src_dir) if n.endswith(".arrow"))
+        # a split whose documents add up to less than one row has no shard: all of it is tail
+        listing = os.listdir(src_dir) if os.path.isdir(src_dir) else []
+        names = sorted(n for n in listing if n.endswith(".arrow"))
         os.makedirs(dst_dir, exist_ok=True)
         for stale in set(os.listdir(dst_dir)) - set(names):
             if stale.endswith(".arrow"):

@@ -346,10 +346,14 @@ class Evaluator:
 
 def eval_splits(manifest: dict, requested: list[str] | None) -> list[str]:
     """The requested splits, or `validation` plus every `holdout_*` split of the corpus."""
-    available = list(manifest.get("splits", {}))
+    splits = manifest.get("splits", {})
+    available = [s for s in splits if splits[s].get("rows", 1) > 0]  # tiny splits: all tail
     if requested is not None:
         missing = [s for s in requested if s not in available]
         if missing:
-            raise ConfigError(f"eval.splits: {missing} not in the corpus (has {available})")
+            raise ConfigError(
+                f"eval.splits: {missing} not in the corpus or without a full row "
+                f"(evaluable: {available})"
+            )
         return list(requested)
     return [s for s in available if s == "validation" or s.startswith("holdout_")]

@@ -102,6 +102,10 @@ def test_eval_splits_default_and_explicit():
     assert eval_splits(manifest, ["holdout_2025"]) == ["holdout_2025"]
     with pytest.raises(ConfigError, match="eval.splits"):
         eval_splits(manifest, ["test"])
+    manifest["splits"]["holdout_2025"]["rows"] = 0  # shorter than one row: nothing to evaluate
+    assert eval_splits(manifest, None) == ["validation", "holdout_2024"]
+    with pytest.raises(ConfigError, match="without a full row"):
+        eval_splits(manifest, ["holdout_2025"])
 
 
 def test_single_process_env_is_not_mistaken_for_a_launcher(monkeypatch):
