@@ -161,10 +161,41 @@ class LogConfig:
 
 @dataclass
 class DataConfig:
-    """How the trainer samples the corpus's train split."""
+    """Which corpus split(s) the trainer samples, and in what mixture (see trainer/mixture.py)."""
 
+    split: str | list[str] = "train"
+    """Split to train on, or a list of splits mixed into one stream, e.g. [train, holdout_2020s]
+    (the order does not matter). Evaluating on a split you train on measures memorisation."""
     weights: dict[str, float] | None = None
-    """Mixture weights per source (manifest `sources`); null = natural proportions."""
+    """Mixture weights; null = every row of the split(s) in natural proportions. Keys: `source`
+    (manifest `sources`; that source in every selected split), `split/source`, or `split/*`
+    (each source of that split gets the weight). Most specific wins: split/source > split/* >
+    source. Sources without a weight (or with 0) are not read; weights are normalised."""
+
+    def __post_init__(self) -> None:
+        self.validate()  # TrainConfig.validate does not visit this section; check on load
+
+    def validate(self) -> None:
+        names = [self.split] if isinstance(self.split, str) else list(self.split)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(
+                f"data.split: a split name or a non-empty list of them, got {self.split!r}"
+            )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.split: {self.split!r} lists a split more than once")
+        for key, w in (self.weights or {}).items():
+            head, slash, tail = key.partition("/")
+            if not key or (slash and not tail):
+                raise ConfigError(
+                    f"data.weights: bad key {key!r}; use source, split/source or split/*"
+                )
+            if not isinstance(w, int | float) or isinstance(w, bool) or not 0 <= w < float("inf"):
+                raise ConfigError(f"data.weights.{key}: must be a finite number >= 0, got {w!r}")
+            if slash and tail == "*" and head not in names:
+                raise ConfigError(
+                    f"data.weights: key {key!r} names split {head!r}, which is not in "
+                    f"data.split {names}; valid split prefixes: {[n + '/' for n in names]}"
+                )
 
 
 @dataclass
@@ -229,11 +260,10 @@ class TrainConfig:
             self.eval,
             self.log,
             self.mdm,
+            self.data,
+            self.tracking,
         ):
             section.validate()
-        tracking_validate = getattr(self.tracking, "validate", None)
-        if tracking_validate is not None:
-            tracking_validate()
 
 
 def apply_shortcuts(data: dict[str, Any], overrides: list[str]) -> list[str]:

@@ -5,24 +5,18 @@ pure function of (corpus, seed, mixture weights) -- independent of the number of
 gradient accumulation, and of restarts. Everything below therefore derives from one integer,
 the *global stream position* ``p = 0, 1, 2, ...``; the loader's whole state is that integer.
 
-Position -> row
-  * Natural order (``weights=None``): all ``n`` rows form one group; epoch ``e = p // n`` and
-    ``row = perm_e(p % n)`` where ``perm_e`` is a keyed pseudo-random permutation of
-    ``[0, n)``, a new one per epoch.
-  * Mixture (``weights={source: w}``): each source is its own group with its own permutations.
-    Positions are cut into blocks of ``BLOCK`` positions. Before block ``b`` source ``s`` has
-    been drawn ``Q_s(b) = floor(b * BLOCK * w_s)`` times (the heaviest source takes the
-    remainder, so the quotas sum to ``b * BLOCK``). A keyed shuffle of block ``b``'s positions
-    gives each source ``Q_s(b+1) - Q_s(b)`` of them; the ``j``-th position (in stream order) of
-    block ``b`` that belongs to source ``s`` is that source's draw ``k = Q_s(b) + j``, and
-    draw ``k`` reads row ``perm_{s, k // n_s}(k % n_s)`` of the source. So source counts equal ``p * w_s`` (to one
-    draw) at every block boundary and fluctuate only within a block, and a source is exhausted before any of its rows
-    repeats (a heavily weighted small source is upsampled by whole epochs). Sources missing
-    from ``weights`` (or with weight 0) are not read.
-  * The permutations are Feistel networks on the smallest power of four >= ``n`` with cycle
-    walking; round keys come from ``np.random.default_rng([seed, group, epoch])``. That gives
-    random access in O(1) memory (no n-sized index array per rank, which at 10^8 rows would be
-    gigabytes) and is fully vectorised.
+Position -> row (details and weight-key rules in :mod:`trainer.mixture`)
+  * Natural order (``weights=None``): all ``n`` selected rows form one group, visited by a
+    fresh keyed pseudo-random permutation (a Feistel network, O(1) memory) per epoch.
+  * Mixture (``weights={key: w}``): each weighted *component* -- a source of the split, or a
+    ``(split, source)`` pair when several splits are selected -- is its own group. Positions
+    are cut into blocks of ``BLOCK``; a deterministic schedule gives component ``s`` exactly
+    ``floor(p * w_s)`` draws (to one) at every block boundary and shuffles them within the
+    block, and a component is exhausted before any of its rows repeats.
+  * Several splits (``split=[a, b, ...]``): their rows are concatenated in sorted split order
+    and treated like one split; every shard of every selected split must agree on tokenizer,
+    vocab size and seq_len. A single split (``"train"`` or ``["train"]``) gives exactly the
+    stream it always did.
 
 Position -> rank (the agreed formula): the global batch of step ``s`` covers positions
 ``[s*G, (s+1)*G)``; micro-step ``a`` on rank ``r`` reads ``s*G + a*micro*world + r*micro +
@@ -46,15 +40,14 @@ import pyarrow as pa
 import torch
 
 from pipeline.shards import TOKENIZER, ShardMeta, file_sha256, read_manifest
-
-BLOCK = 4096
-"""Mixture schedule block (positions): source counts are exact at every block boundary."""
+from trainer.mixture import BLOCK as BLOCK  # re-exported: callers import it from here
+from trainer.mixture import _Group, _Stream, component_name, resolve_weights
+from trainer.mixture import _Permutation as _Permutation
 
 EVAL_KEY_SEED = 0
 """Seed mixed into the keys of evaluation rows (keys depend only on the row's file order)."""
 
 _M63 = np.uint64((1 << 63) - 1)
-_FEISTEL_ROUNDS = 6
 _STATE_VERSION = 1
 
 
@@ -152,41 +145,52 @@ def check_corpus(
 
 
 class _SplitReader:
-    """Zero-copy views of every record batch of one split, addressed by global row index."""
+    """Zero-copy views of every record batch of one or more splits, by global row index.
 
-    def __init__(self, corpus_dir: str | Path, split: str):
+    Several splits are concatenated in the order given (the loader sorts them); all their
+    shards must agree with the first one on tokenizer, vocab size and seq_len.
+    """
+
+    def __init__(self, corpus_dir: str | Path, split: str | list[str] | tuple[str, ...]):
         corpus_dir = Path(corpus_dir)
         manifest = read_manifest(corpus_dir)
         splits = manifest.get("splits", {})
-        if split not in splits:
-            raise ValueError(
-                f"corpus {corpus_dir} has no split {split!r}; available: {sorted(splits)}"
-            )
+        names = [split] if isinstance(split, str) else list(split)
         self.views: list[np.ndarray] = []
         self._batches: list[pa.RecordBatch] = []
+        self._batch_split: list[str] = []
         self.meta: ShardMeta | None = None
-        for shard in splits[split].get("shards", []):
-            self._open(_resolve(corpus_dir, shard["path"]), shard.get("rows"))
-        if not self.views:
-            raise ValueError(f"split {split!r} of corpus {corpus_dir} has no rows")
+        self._first: str = ""  # split of the first shard (for mismatch messages)
+        for name in names:
+            if name not in splits:
+                raise ValueError(
+                    f"corpus {corpus_dir} has no split {name!r}; available: {sorted(splits)}"
+                )
+            before = len(self.views)
+            for shard in splits[name].get("shards", []):
+                self._open(_resolve(corpus_dir, shard["path"]), shard.get("rows"), name)
+            if len(self.views) == before:
+                raise ValueError(f"split {name!r} of corpus {corpus_dir} has no rows")
         counts = np.array([len(v) for v in self.views], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self.rows = int(self.starts[-1])
         self.width = self.views[0].shape[1]
 
-    def _open(self, path: Path, manifest_rows: int | None) -> None:
+    def _open(self, path: Path, manifest_rows: int | None, split: str) -> None:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         meta = ShardMeta.from_arrow(reader.schema.metadata, path)
         if self.meta is None:
-            self.meta = meta
+            self.meta, self._first = meta, split
         elif (meta.tokenizer_sha256, meta.vocab_size, meta.seq_len) != (
             self.meta.tokenizer_sha256,
             self.meta.vocab_size,
             self.meta.seq_len,
         ):
+            where = "the split's" if split == self._first else f"split {self._first!r}'s"
             raise CorpusMismatchError(
-                f"shard {path} ({meta}) disagrees with the split's first shard ({self.meta}): "
-                "the corpus mixes builds; rebuild it"
+                f"shard {path} of split {split!r} ({meta}) disagrees with {where} first shard "
+                f"({self.meta}) on tokenizer, vocab_size or seq_len: the corpus mixes builds, "
+                "so these rows cannot be read (or mixed) together; rebuild it"
             )
         rows = 0
         for i in range(reader.num_record_batches):
@@ -198,6 +202,7 @@ class _SplitReader:
             flat = ids.flatten().to_numpy(zero_copy_only=True)
             self.views.append(flat.reshape(-1, width))
             self._batches.append(batch)
+            self._batch_split.append(split)
             rows += batch.num_rows
         if manifest_rows is not None and rows != manifest_rows:
             raise CorpusMismatchError(
@@ -205,9 +210,9 @@ class _SplitReader:
                 "shard was truncated or replaced; rebuild the corpus"
             )
 
-    def source_runs(self) -> dict[str, list[tuple[int, int]]]:
-        """{source: [(first global row, length), ...]} -- contiguous single-source runs."""
-        runs: dict[str, list[tuple[int, int]]] = {}
+    def source_runs(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        """{(split, source): [(first global row, length), ...]} -- contiguous runs."""
+        runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for b, batch in enumerate(self._batches):
             enc = batch.column(1).dictionary_encode()
             names = enc.dictionary.to_pylist()
@@ -215,7 +220,8 @@ class _SplitReader:
             cuts = np.concatenate([[0], np.flatnonzero(np.diff(idx)) + 1, [len(idx)]])
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 start = int(self.starts[b] + lo)
-                runs.setdefault(names[idx[lo]], []).append((start, int(hi - lo)))
+                key = (self._batch_split[b], names[idx[lo]])
+                runs.setdefault(key, []).append((start, int(hi - lo)))
         return runs
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
@@ -242,146 +248,22 @@ def mix_keys(positions: np.ndarray, seed: int) -> np.ndarray:
     return x.astype(np.int64)
 
 
-class _Permutation:
-    """Keyed pseudo-random permutation of ``[0, n)`` with O(1) memory and random access."""
-
-    def __init__(self, n: int, key: list[int]):
-        self.n = n
-        bits = max(2, math.ceil(math.log2(max(n, 2))))
-        self.half = np.uint64((bits + 1) // 2)
-        self.mask = np.uint64((1 << int(self.half)) - 1)
-        rng = np.random.default_rng(key)
-        self.round_keys = rng.integers(0, 2**63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
-
-    def _feistel(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self.half, x & self.mask
-        for k in self.round_keys:
-            f = (right ^ k) * np.uint64(0x9E3779B97F4A7C15)
-            f ^= f >> np.uint64(29)
-            f *= np.uint64(0xBF58476D1CE4E5B9)
-            f ^= f >> np.uint64(32)
-            left, right = right, left ^ (f & self.mask)
-        return (left << self.half) | right
-
-    def __call__(self, idx: np.ndarray) -> np.ndarray:
-        y = self._feistel(np.asarray(idx, dtype=np.uint64))
-        out = y >= np.uint64(self.n)
-        while out.any():  # cycle walking: re-permute until the value lands inside [0, n)
-            y[out] = self._feistel(y[out])
-            out = y >= np.uint64(self.n)
-        return y.astype(np.int64)
-
-
-class _Group:
-    """Rows of one source (or of the whole split): runs of global rows + per-epoch shuffles."""
-
-    def __init__(self, index: int, runs: list[tuple[int, int]], seed: int):
-        self.index, self.seed = index, seed
-        self.run_start = np.array([s for s, _ in runs], dtype=np.int64)
-        self.run_cum = np.concatenate([[0], np.cumsum([n for _, n in runs])]).astype(np.int64)
-        self.rows = int(self.run_cum[-1])
-        self._perms: dict[int, _Permutation] = {}
-
-    def perm(self, epoch: int) -> _Permutation:
-        if epoch not in self._perms:
-            if len(self._perms) > 8:
-                self._perms.clear()
-            self._perms[epoch] = _Permutation(self.rows, [self.seed, self.index, epoch])
-        return self._perms[epoch]
-
-    def draws_to_rows(self, k: np.ndarray) -> np.ndarray:
-        """Draw numbers of this group -> global row indices."""
-        epoch, within = np.divmod(k, self.rows)
-        local = np.empty_like(k)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            local[sel] = self.perm(int(e))(within[sel])
-        run = np.searchsorted(self.run_cum, local, side="right") - 1
-        return self.run_start[run] + (local - self.run_cum[run])
-
-
-class _Stream:
-    """Global position -> global row, per the scheme in the module docstring."""
-
-    def __init__(self, groups: list[_Group], weights: list[float], seed: int):
-        self.groups, self.seed = groups, seed
-        self.w = np.asarray(weights, dtype=np.float64)
-        self.heavy = int(np.argmax(self.w))
-        if len(groups) * (len(groups) - 1) > BLOCK:
-            raise ValueError(f"at most 64 weighted sources are supported, got {len(groups)}")
-        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def quotas(self, block: int) -> np.ndarray:
-        """Q_s(block): draws of each group before ``block``."""
-        q = np.floor(block * BLOCK * self.w).astype(np.int64)
-        q[self.heavy] = block * BLOCK - (q.sum() - q[self.heavy])
-        return q
-
-    def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """(group, draw number) of each of the BLOCK positions of ``block``."""
-        if block not in self._blocks:
-            if len(self._blocks) > 8:
-                self._blocks.clear()
-            q0, q1 = self.quotas(block), self.quotas(block + 1)
-            first = np.concatenate([[0], np.cumsum(q1 - q0)])
-            perm = _Permutation(BLOCK, [self.seed, len(self.groups), 1, block])
-            group = np.searchsorted(first, perm(np.arange(BLOCK)), side="right") - 1
-            draw = np.empty(BLOCK, dtype=np.int64)
-            for g in range(len(self.groups)):  # the j-th position of g in the block: draw Q_g + j
-                where = np.flatnonzero(group == g)
-                draw[where] = q0[g] + np.arange(len(where))
-            self._blocks[block] = (group, draw)
-        return self._blocks[block]
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        if len(self.groups) == 1:
-            return self.groups[0].draws_to_rows(positions)
-        group = np.empty_like(positions)
-        draw = np.empty_like(positions)
-        blocks, slots = np.divmod(positions, BLOCK)
-        for b in np.unique(blocks):
-            sel = blocks == b
-            block_group, block_draw = self._block(int(b))
-            group[sel], draw[sel] = block_group[slots[sel]], block_draw[slots[sel]]
-        out = np.empty_like(positions)
-        for g in np.unique(group):
-            sel = group == g
-            out[sel] = self.groups[g].draws_to_rows(draw[sel])
-        return out
-
-    def epoch(self, position: int) -> int:
-        """Completed passes over the most repeated group when ``position`` is reached."""
-        if len(self.groups) == 1:
-            return position // self.groups[0].rows
-        q = np.floor(position * self.w).astype(np.int64)
-        return int(max(qs // g.rows for qs, g in zip(q, self.groups)))
-
-
 # ----------------------------------------------------------------------------- loaders
 
 
-def _normalise_weights(weights: dict[str, float], available: list[str]) -> dict[str, float]:
-    unknown = sorted(set(weights) - set(available))
-    if unknown:
-        raise ValueError(
-            f"mixture weights name unknown source(s) {unknown}; corpus has {available}"
-        )
-    if any(w < 0 or not math.isfinite(w) for w in weights.values()):
-        raise ValueError(f"mixture weights must be finite and >= 0, got {weights}")
-    total = sum(weights.values())
-    if total <= 0:
-        raise ValueError(f"mixture weights must not all be 0, got {weights}")
-    return {s: weights[s] / total for s in sorted(weights) if weights[s] > 0}
-
-
 class CorpusLoader:
-    """Micro-batches of one rank, drawn from the deterministic global stream of a split."""
+    """Micro-batches of one rank, drawn from the deterministic global stream of one or more
+    splits (``split="train"`` or ``split=["train", "holdout_2020s"]``).
+
+    ``weights`` keys: ``source`` (that source in every selected split), ``split/source`` or
+    ``split/*``; the most specific key wins (see :mod:`trainer.mixture`). ``None`` reads every
+    row of the selection in natural proportions.
+    """
 
     def __init__(
         self,
         corpus_dir: str | Path,
-        split: str = "train",
+        split: str | list[str] | tuple[str, ...] = "train",
         *,
         micro_batch: int,
         global_batch: int,
@@ -401,11 +283,13 @@ class CorpusLoader:
             )
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.split, self.seed = split, seed
+        splits = _canonical_splits(split)
+        self.split: str | list[str] = splits[0] if len(splits) == 1 else list(splits)
+        self.seed = seed
         self.micro_batch, self.global_batch = micro_batch, global_batch
         self.rank, self.world_size = rank, world_size
         self.accum = global_batch // (micro_batch * world_size)
-        self._reader = _SplitReader(corpus_dir, split)
+        self._reader = _SplitReader(corpus_dir, splits)
         self.meta: ShardMeta = self._reader.meta
         self.seq_len = self.meta.seq_len
         if weights is None:
@@ -414,15 +298,17 @@ class CorpusLoader:
             self._stream = _Stream(groups, [1.0], seed)
         else:
             runs = self._reader.source_runs()
-            self.weights = _normalise_weights(weights, sorted(runs))
-            groups = [_Group(i, runs[s], seed) for i, s in enumerate(self.weights)]
+            multi = len(splits) > 1
+            self.weights = resolve_weights(weights, sorted(runs), list(splits))
+            by_name = {component_name(sp, src, multi): r for (sp, src), r in runs.items()}
+            groups = [_Group(i, by_name[c], seed) for i, c in enumerate(self.weights)]
             self._stream = _Stream(groups, list(self.weights.values()), seed)
         self._step_start = 0  # first position of the current optimizer step
         self._micro_step = 0  # micro-steps of the current step already consumed
 
     @property
     def rows(self) -> int:
-        """Rows the stream draws from (all rows of the split, or of the weighted sources)."""
+        """Rows the stream draws from (all selected rows, or those of the weighted components)."""
         return sum(g.rows for g in self._stream.groups)
 
     @property
@@ -440,7 +326,9 @@ class CorpusLoader:
         return self._stream.epoch(self.position)
 
     def rows_for(self, positions: np.ndarray) -> np.ndarray:
-        """Global stream positions -> global row indices of the split (for tests and audits)."""
+        """Global stream positions -> global row indices (for tests and audits).
+
+        Rows index the selected splits concatenated in sorted order (``loader.split``)."""
         return self._stream.rows(np.asarray(positions, dtype=np.int64))
 
     def micro_positions(self) -> np.ndarray:
@@ -480,7 +368,7 @@ class CorpusLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` stopped (world size may differ at step boundaries)."""
-        for key in ("seed", "rows", "split"):
+        for key in ("seed", "split", "rows"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"data state was saved with {key}={state[key]!r} but this loader has "
@@ -504,6 +392,17 @@ class CorpusLoader:
             )
         self._step_start = int(state["step_start"])
         self._micro_step = int(state["micro_step"])
+
+
+def _canonical_splits(split: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The selected splits, sorted (the stream depends on the set, not on the order given)."""
+    names = [split] if isinstance(split, str) else list(split)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"split must be a split name or a non-empty list of them, got {split!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"split lists {repeated} more than once: {split!r}")
+    return tuple(sorted(names))
 
 
 def _same_weights(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:

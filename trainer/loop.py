@@ -339,7 +339,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
     loader = CorpusLoader(
         cfg.corpus,
-        "train",
+        cfg.data.split,
         micro_batch=s.micro,
         global_batch=cfg.batch.global_batch,
         rank=dist.rank,
