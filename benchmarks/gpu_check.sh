@@ -10,12 +10,10 @@
 #
 # Logs and JSON go to $OUT (the device tool's output folder) or /tmp/gpu_check_out.
 #
-# The device image has torch but not DeepSpeed (nor hjson, pydantic). Carry them as wheels in
-# .whl/ (listed in .git/info/exclude; name `.whl` in the run's carry); this script installs
-# them with --target /tmp/site. DeepSpeed ships no wheel on PyPI: build one here with
-#   DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8 -w .whl
-# and fetch the cp312 manylinux wheels of hjson, pydantic, pydantic-core, annotated-types and
-# typing-inspection as described in the device README.
+# The device image has torch but not DeepSpeed (nor hjson, pydantic). Before the device call,
+# run `bash benchmarks/gpu_wheels.sh` HERE: it builds/fetches them into .whl/ (git-ignored via
+# .git/info/exclude); then call the device tool with carry [".whl"] and this script installs
+# them with --target /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +25,7 @@ PY="${PY:-python3}"
 [[ -x .venv/bin/python ]] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+if [[ $DRY == 0 && -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 3
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
