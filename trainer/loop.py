@@ -376,6 +376,9 @@ def train(cfg: TrainConfig) -> dict:
     objective, engine, loader, step = build(s, ckpt, ref)
     e = cfg.eval
     splits = eval_splits(s.manifest, e.splits)
+    trained = {cfg.data.split} if isinstance(cfg.data.split, str) else set(cfg.data.split)
+    if overlap := sorted(trained & set(splits)):
+        say(dist, f"warning: evaluating on {overlap}, which this run also trains on")
     evaluator = Evaluator(
         cfg.corpus,
         splits,
