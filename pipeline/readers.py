@@ -122,7 +122,7 @@ def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
         yield rest
 
 
-def _open_lines(path: str) -> Iterator[bytes]:
+def open_lines(path: str) -> Iterator[bytes]:
     """Raw lines of a (possibly compressed) JSONL file; damaged files raise part-way."""
     if path.endswith((".zst", ".zstd")):
         with open(path, "rb") as fh:
@@ -214,7 +214,7 @@ class RawDumpReader(PipelineStep):
     def _read_jsonl(self, path: str) -> Iterator[Document]:
         line = 0
         try:
-            for line, raw in enumerate(_open_lines(path), start=1):
+            for line, raw in enumerate(open_lines(path), start=1):
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError as e:

@@ -21,6 +21,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from pipeline.readers import open_lines
 from pipeline.shards import ShardMeta, ShardWriter, file_sha256
 
 INTERMEDIATE = "{rank:05d}.jsonl.zst"
@@ -28,15 +29,10 @@ INTERMEDIATE = "{rank:05d}.jsonl.zst"
 
 def read_rank_file(path: str) -> Iterator[Document]:
     """Documents of one intermediate file written by datatrove's JsonlWriter (zstd)."""
-    import io
-
-    import zstandard
-
     if not os.path.exists(path):
         return
-    with open(path, "rb") as fh:
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-        for raw in io.BufferedReader(reader, buffer_size=1 << 20):
+    for raw in open_lines(path):
+        if raw.strip():
             rec = orjson.loads(raw)
             yield Document(text=rec["text"], id=rec["id"], metadata=rec.get("metadata") or {})
 
