@@ -218,11 +218,14 @@ class _QuietLocalExecutor(LocalPipelineExecutor):
             return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
 
 
-def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
+def _completed(stage: Stage) -> int:
     done_dir = os.path.join(stage.logging_dir, "completions")
+    return len(os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
+
+
+def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
     while not stop.wait(0.5):
-        done = len(os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
-        bar.n = done
+        bar.n = _completed(stage)
         bar.refresh()
 
 
@@ -242,8 +245,7 @@ def run_local(stages: list[Stage], progress: bool = True) -> None:
         finally:
             stop.set()
             watcher.join()
-            done_dir = os.path.join(stage.logging_dir, "completions")
-            bar.n = len(os.listdir(done_dir)) if os.path.isdir(done_dir) else 0
+            bar.n = _completed(stage)
             bar.close()
 
 

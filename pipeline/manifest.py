@@ -17,7 +17,7 @@ from collections import defaultdict
 from datatrove.pipeline.base import PipelineStep
 from tokenizers import Tokenizer
 
-from pipeline.shards import MANIFEST, TOKENIZER, file_sha256
+from pipeline.shards import MANIFEST, TOKENIZER, file_sha256, open_shard
 from pipeline.steps import load_stats, tokenizer_meta
 
 
@@ -104,8 +104,6 @@ def publish_shards(output: str, pack_dir: str, splits: list[str]) -> dict[str, l
                 os.link(src, dst)
             except OSError:
                 shutil.copyfile(src, dst)
-            from pipeline.shards import open_shard
-
             rows = open_shard(dst)[0].num_rows
             shards.append({"path": f"{split}/{name}", "sha256": file_sha256(dst), "rows": rows})
         published[split] = shards
@@ -125,8 +123,10 @@ class PublishCorpus(PipelineStep):
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         manifest_path = os.path.join(self.output, MANIFEST)
-        old = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
+        old = {}
         if os.path.exists(manifest_path):
+            with open(manifest_path) as f:
+                old = json.load(f)
             os.remove(manifest_path)  # a half-published corpus must not look complete
         counts = collect_counts(self.stage_dirs)
         kept = check_accounting(counts)
