@@ -20,46 +20,32 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.dedup.exact_dedup import (
-    ExactDedupConfig,
-    ExactDedupFilter,
-    ExactDedupSignature,
-    ExactFindDedups,
-)
-from datatrove.pipeline.dedup.minhash import (
-    MinhashConfig,
-    MinhashDedupBuckets,
-    MinhashDedupCluster,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
 from datatrove.pipeline.writers import JsonlWriter
 from tqdm import tqdm
 
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
+from pipeline.dedup import plan_dedup
 from pipeline.manifest import PublishCorpus
 from pipeline.readers import RawDumpReader, discover_inputs, load_date_map
 from pipeline.shards import file_sha256
 from pipeline.steps import (
     RankFileReader,
-    SpaceWordTokenizer,
-    TemporalSplitter,
     TokenizePack,
     TokenizerInstall,
     TokenizerTrainer,
 )
+from pipeline.temporal import TemporalSplitter, UndatedGuard, check_undated
 
 MAX_DEFAULT_TASKS = 256
-
-
-def doc_text(doc) -> str:
-    """Content hashed by exact dedup (module level so worker processes can unpickle it)."""
-    return doc.text
+# stages a build may leave out (dedup off); executor.slurm.stages may still name them
+OPTIONAL_STAGES = ("exact-signatures", "exact-find", "minhash-signatures", "minhash-buckets",
+                   "minhash-cluster")  # fmt: skip
 
 
 @dataclass
@@ -72,6 +58,8 @@ class Stage:
     tasks: int
     workers: int
     key: str = ""
+    after: Callable[[], None] | None = None
+    """Run in this process once the stage has finished (local and Ray executors)."""
 
     @property
     def logging_dir(self) -> str:
@@ -113,7 +101,6 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
         "records": to_dict(cfg.records),
         "source": cfg.default_source,
         "exclude": sorted(cfg.exclude_sources),
-        "undated": cfg.split.undated,
         "tasks": tasks,
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
@@ -121,23 +108,25 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     ingest = p.add("ingest", inputs_fp, ingest_settings, tasks, lambda s: [
         RawDumpReader(files, s.data("rejects"), default_source=cfg.default_source,
                       exclude_sources=cfg.exclude_sources, max_chars=cfg.records.max_chars,
-                      strict=cfg.records.strict, drop_undated=cfg.split.undated == "drop",
-                      date_map=date_map),
+                      strict=cfg.records.strict, date_map=date_map),
         _writer(s.data()),
     ])  # fmt: skip
-    current, key = ingest.data(), ingest.key
-    if cfg.dedup.exact:
-        current, key = _plan_exact(p, current, key, tasks)
-    near_filter = []
-    if cfg.dedup.near:
-        near_filter, key = _plan_minhash(p, current, key, tasks)
+    # dedup filters run inline: MinHash signatures and the split read the same stream
+    dedup_filters, dedup_key = plan_dedup(p, ingest.data(), ingest.key, tasks)
     sc = cfg.split
-    split = p.add("split", key, to_dict(sc), tasks, lambda s: [
-        RankFileReader(current), *near_filter,
-        TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges),
+    split_settings = {**to_dict(sc), "source_dates": cfg.source_dates}
+    split = p.add("split", dedup_key, split_settings, tasks, lambda s: [
+        RankFileReader(ingest.data()), *dedup_filters(),
+        TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
+                         cfg.source_dates, sc.undated),
         _writer(s.data(), "${split}/${rank}.jsonl.zst"),
     ])  # fmt: skip
-    tok_stage = _plan_tokenizer(p, cfg, split, tasks)
+    split.after = lambda: _report_undated(cfg, split)
+    # the documents before the cutoff (train + validation) do not depend on the validation
+    # fraction, so neither does the BPE trained on a sample of them
+    pre_cutoff_key = fingerprint({"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
+                                  "source_dates": cfg.source_dates})  # fmt: skip
+    tok_stage = _plan_tokenizer(p, cfg, split, pre_cutoff_key, tasks)
     pc = cfg.pack
     tok_path = tok_stage.data("tokenizer.json")
     pack = p.add("pack", f"{split.key}+{tok_stage.key}", to_dict(pc), tasks, lambda s: [
@@ -148,46 +137,34 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     p.add("publish", pack.key, to_dict(cfg), 1, lambda s: [
         PublishCorpus(cfg.output, stage_dirs, pack.data(), tok_path, to_dict(cfg)),
     ])  # fmt: skip
+    _check_stage_resources(cfg, p.stages)
     return p.stages
 
 
-def _plan_exact(p: _Planner, current: str, key: str, tasks: int) -> tuple[str, str]:
-    xcfg = ExactDedupConfig(content_getter=doc_text)
-    sigs = p.add("exact-signatures", key, {}, tasks, lambda s: [
-        RankFileReader(current), ExactDedupSignature(s.data(), xcfg),
-    ])  # fmt: skip
-    find = p.add("exact-find", sigs.key, {}, 1, lambda s: [
-        ExactFindDedups(sigs.data(), s.data(), xcfg),
-    ])  # fmt: skip
-    filt = p.add("exact-filter", find.key, {}, tasks, lambda s: [
-        RankFileReader(current), ExactDedupFilter(find.data(), xcfg), _writer(s.data()),
-    ])  # fmt: skip
-    return filt.data(), filt.key
+def _report_undated(cfg: CorpusConfig, split: Stage) -> None:
+    """After the split: stop (split.undated=error) or warn (train) about undated documents."""
+    warning = check_undated(split.logging_dir, cfg.split.cutoff, cfg.source_dates,
+                            cfg.split.undated)  # fmt: skip
+    if warning:
+        print(f"maskscale: {warning}", flush=True)
 
 
-def _plan_minhash(p: _Planner, current: str, key: str, tasks: int) -> tuple[list, str]:
-    d = p.cfg.dedup
-    mcfg = MinhashConfig(
-        n_grams=d.n_grams, num_buckets=d.num_buckets, hashes_per_bucket=d.hashes_per_bucket,
-        seed=d.seed,
-    )  # fmt: skip
-    settings = to_dict(d)
-    sigs = p.add("minhash-signatures", key, settings, tasks, lambda s: [
-        RankFileReader(current),
-        MinhashDedupSignature(s.data(), mcfg, language=SpaceWordTokenizer()),
-    ])  # fmt: skip
-    buckets = p.add("minhash-buckets", sigs.key, {}, d.num_buckets, lambda s: [
-        MinhashDedupBuckets(sigs.data(), s.data(), config=mcfg),
-    ])  # fmt: skip
-    cluster = p.add("minhash-cluster", buckets.key, {}, 1, lambda s: [
-        MinhashDedupCluster(buckets.data(), s.data(), config=mcfg),
-    ])  # fmt: skip
-    # Stage 4 (the filter) runs inside the split stage on exactly the stream stage 1 read.
-    return [MinhashDedupFilter(cluster.data())], cluster.key
+def _check_stage_resources(cfg: CorpusConfig, stages: list[Stage]) -> None:
+    names = [s.name for s in stages]
+    unknown = sorted(set(cfg.executor.slurm.stages) - set(names) - set(OPTIONAL_STAGES))
+    if unknown:
+        valid = ", ".join(dict.fromkeys(names + list(OPTIONAL_STAGES)))
+        raise ConfigError(f"executor.slurm.stages: unknown stage(s) {', '.join(unknown)}; "
+                          f"stages are: {valid}")  # fmt: skip
 
 
-def _plan_tokenizer(p: _Planner, cfg: CorpusConfig, split: Stage, tasks: int) -> Stage:
-    tc = cfg.tokenizer
+def _plan_tokenizer(p: _Planner, cfg: CorpusConfig, split: Stage, pre_cutoff_key: str,
+                    tasks: int) -> Stage:  # fmt: skip
+    tc, sc = cfg.tokenizer, cfg.split
+
+    def guard() -> UndatedGuard:  # on Slurm the undated check runs here (see temporal.py)
+        return UndatedGuard(split.folder, sc.cutoff, cfg.source_dates, sc.undated)
+
     if tc.path:
         src = Path(tc.path)
         if src.is_dir():
@@ -197,13 +174,15 @@ def _plan_tokenizer(p: _Planner, cfg: CorpusConfig, split: Stage, tasks: int) ->
         if not src.is_file():
             raise ConfigError(f"tokenizer.path {src} does not exist")
         settings = {"sha256": file_sha256(src), "eos": tc.eos_token}
-        return p.add("tokenizer", "given", settings, 1, lambda s: [
-            TokenizerInstall(str(src.resolve()), s.data("tokenizer.json"), tc.eos_token),
+        return p.add("tokenizer", pre_cutoff_key, settings, 1, lambda s: [
+            guard(), TokenizerInstall(str(src.resolve()), s.data("tokenizer.json"), tc.eos_token),
         ])  # fmt: skip
-    settings = {"vocab": tc.vocab_size, "eos": tc.eos_token, "max_chars": tc.train_max_chars}
-    return p.add("tokenizer", split.key, settings, 1, lambda s: [
-        TokenizerTrainer(os.path.join(split.data(), "train"), tasks, s.data("tokenizer.json"),
-                         tc.vocab_size, tc.eos_token, tc.train_max_chars),
+    settings = {"vocab": tc.vocab_size, "eos": tc.eos_token, "sample_chars": tc.train_sample_chars,
+                "sample_seed": tc.sample_seed}  # fmt: skip
+    return p.add("tokenizer", pre_cutoff_key, settings, 1, lambda s: [
+        guard(),
+        TokenizerTrainer(split.folder, tasks, s.data("tokenizer.json"), tc.vocab_size,
+                         tc.eos_token, tc.train_sample_chars, tc.sample_seed),
     ])  # fmt: skip
 
 
@@ -247,6 +226,8 @@ def run_local(stages: list[Stage], progress: bool = True) -> None:
             watcher.join()
             bar.n = _completed(stage)
             bar.close()
+        if stage.after is not None:
+            stage.after()
 
 
 def run_ray(stages: list[Stage]) -> None:
@@ -257,6 +238,18 @@ def run_ray(stages: list[Stage]) -> None:
             stage.pipeline, tasks=stage.tasks, workers=stage.workers,
             logging_dir=stage.logging_dir,
         ).run()  # fmt: skip
+        if stage.after is not None:
+            stage.after()
+
+
+def stage_resources(sc, name: str) -> dict:
+    """Slurm resources of stage ``name``: its ``executor.slurm.stages`` entry over defaults."""
+    res = sc.stages.get(name)
+    out = {}
+    for key in ("time", "partition", "cpus_per_task", "mem_per_cpu_gb"):
+        override = getattr(res, key) if res is not None else None
+        out[key] = getattr(sc, key) if override is None else override
+    return out
 
 
 def submit_slurm(cfg: CorpusConfig, stages: list[Stage]) -> None:
@@ -266,10 +259,9 @@ def submit_slurm(cfg: CorpusConfig, stages: list[Stage]) -> None:
     previous = None
     for stage in stages:
         previous = SlurmPipelineExecutor(
-            stage.pipeline, tasks=stage.tasks, workers=cfg.executor.workers, time=sc.time,
-            partition=sc.partition, cpus_per_task=sc.cpus_per_task,
-            mem_per_cpu_gb=sc.mem_per_cpu_gb, sbatch_args=dict(sc.sbatch_args),
-            job_name=f"maskscale-{stage.name}", logging_dir=stage.logging_dir, depends=previous,
+            stage.pipeline, tasks=stage.tasks, workers=cfg.executor.workers,
+            sbatch_args=dict(sc.sbatch_args), job_name=f"maskscale-{stage.name}",
+            logging_dir=stage.logging_dir, depends=previous, **stage_resources(sc, stage.name),
         )  # fmt: skip
     previous.run()  # launches the whole dependency chain
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pipeline.configlib import ConfigError
 
@@ -36,6 +36,10 @@ class DedupConfig:
     """MinHash rows per band."""
     seed: int = 1
     """Seed of the MinHash permutations."""
+    exact_finder_workers: int = 1
+    """Parallel tasks that find exact duplicates, each over one slice of the hash range."""
+    workers_per_bucket: int = 1
+    """Parallel tasks per MinHash bucket, each over one slice of the bucket's hash range."""
 
 
 @dataclass
@@ -49,8 +53,12 @@ class SplitConfig:
     holdout_ranges: dict[str, list[str]] = field(default_factory=dict)
     """Optional named holdout ranges {name: [start, end]} (inclusive dates); post-cutoff documents
     outside every range go to ``holdout_YYYY`` by year."""
-    undated: Literal["train", "drop"] = "train"
-    """What to do with documents that carry no date: keep them in train, or drop them (counted)."""
+    undated: Literal["error", "drop", "train"] = "error"
+    """Undated documents that may date from on or after the cutoff (their source's bound in
+    ``source_dates`` is not before it, or their source has no bound): ``error`` stops the build
+    before tokenizing, naming sources and counts; ``drop`` drops them (counted by reason);
+    ``train`` keeps them in train/validation with a warning. Undated documents whose source
+    bound is before the cutoff always go to train/validation (counted)."""
 
 
 @dataclass
@@ -61,8 +69,13 @@ class TokenizerConfig:
     """Vocabulary size of the trained BPE (ignored when ``path`` is set)."""
     eos_token: str = "<|endoftext|>"
     """Token placed between documents; must exist in a given tokenizer."""
-    train_max_chars: int = 200_000_000
-    """Stop feeding the BPE trainer after this many characters of train text."""
+    train_sample_chars: int = 200_000_000
+    """Characters of text the BPE is trained on: a sample of all pre-cutoff documents (train and
+    validation, every file and source) drawn by a seeded hash of the text."""
+    sample_seed: int = 17
+    """Seed of the BPE training sample."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"train_max_chars": "train_sample_chars"}
 
 
 @dataclass
@@ -76,6 +89,16 @@ class PackConfig:
 
 
 @dataclass
+class StageResources:
+    """Slurm resources of one stage; unset fields take the ``executor.slurm`` defaults."""
+
+    cpus_per_task: int | None = None
+    mem_per_cpu_gb: int | None = None
+    time: str | None = None
+    partition: str | None = None
+
+
+@dataclass
 class SlurmConfig:
     partition: str = "cpu"
     """Slurm partition for every stage."""
@@ -85,6 +108,9 @@ class SlurmConfig:
     mem_per_cpu_gb: int = 4
     sbatch_args: dict[str, str] = field(default_factory=dict)
     """Extra ``#SBATCH`` options, e.g. {account: myproj}."""
+    stages: dict[str, StageResources] = field(default_factory=dict)
+    """Per-stage overrides by stage name, e.g. {minhash-buckets: {cpus_per_task: 4,
+    mem_per_cpu_gb: 8, time: "24:00:00"}}. Resources never change a stage's outputs or key."""
 
 
 @dataclass
@@ -111,6 +137,10 @@ class CorpusConfig:
     ``id,date``) for records that carry no date themselves."""
     exclude_sources: list[str] = field(default_factory=list)
     """Sources to drop (counted), e.g. [RedPajamaGithub] as TinyLlama does."""
+    source_dates: dict[str, str] = field(default_factory=dict)
+    """{source: YYYY-MM-DD}: the latest date a source's documents can have. Undated documents
+    of such a source are treated as dated at that bound by the temporal split (see
+    ``split.undated``) and by dedup, which keeps the earliest-dated copy of a duplicate."""
     records: RecordConfig = field(default_factory=RecordConfig)
     """Per-record validation of the raw input."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -131,6 +161,8 @@ class CorpusConfig:
                 raise ConfigError(f"split.holdout_ranges.{name}: expected [start, end] dates")
             for d in rng:
                 parse_day(d, f"split.holdout_ranges.{name}")
+        for source, day in self.source_dates.items():
+            parse_day(day, f"source_dates.{source}")
         if not 0.0 <= self.split.validation_fraction < 1.0:
             raise ConfigError("split.validation_fraction must be in [0, 1)")
         if self.pack.seq_len < 1 or self.pack.rows_per_shard < 1 or self.pack.batch_docs < 1:
@@ -143,6 +175,16 @@ class CorpusConfig:
             raise ConfigError("executor.workers must be >= 1 and executor.tasks >= 0")
         if self.records.max_chars < 1:
             raise ConfigError("records.max_chars must be >= 1")
+        if self.dedup.exact_finder_workers < 1 or self.dedup.workers_per_bucket < 1:
+            raise ConfigError(
+                "dedup.exact_finder_workers and dedup.workers_per_bucket must be >= 1"
+            )
+        if self.tokenizer.train_sample_chars < 1:
+            raise ConfigError("tokenizer.train_sample_chars must be >= 1")
+        for name, res in self.executor.slurm.stages.items():
+            for key in ("cpus_per_task", "mem_per_cpu_gb"):
+                if getattr(res, key) is not None and getattr(res, key) < 1:
+                    raise ConfigError(f"executor.slurm.stages.{name}.{key} must be >= 1")
 
 
 def parse_day(text: str, key: str) -> dt.date:

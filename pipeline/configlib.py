@@ -109,6 +109,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = [k for k in unknown if k in getattr(cls, "RENAMED", {})]
+    if renamed:
+        k = renamed[0]
+        raise ConfigError(f"{prefix}{k} was renamed to {prefix}{cls.RENAMED[k]}; use the new name")
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "

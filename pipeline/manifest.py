@@ -35,6 +35,10 @@ def _counter(stats: dict[str, float], prefix: str) -> dict[str, int]:
     return out
 
 
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
+
+
 def _dropped_by(stats: dict[str, float], step_marker: str) -> int:
     return int(sum(v for k, v in stats.items() if step_marker in k and k.endswith("|dropped")))
 
@@ -47,11 +51,15 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
     pack = stats["pack"]
     counts = {
         "read": sum(_counter(ingest, "read").values()),
-        "dropped": dict(sorted(_counter(ingest, "dropped/").items())),
-        "exact": _dropped_by(stats.get("exact-filter", {}), "exact-deduplication"),
+        # ingest drops bad records; the split drops undated documents (split.undated=drop)
+        "dropped": _merge(_counter(ingest, "dropped/"), _counter(split, "dropped/")),
+        # the exact and MinHash filters run inline in the split stage
+        "exact": _dropped_by(split, "exact-deduplication"),
         "near": _dropped_by(split, "MinHash"),
         "split_docs": _counter(split, "split/"),
         "undated": sum(_counter(split, "undated_kept").values()),
+        "undated_sources": _counter(split, "undated/"),
+        "undated_after_cutoff": _counter(split, "undated_after_cutoff/"),
         "tokens": _counter(pack, "tokens/"),
         "rows": _counter(pack, "rows/"),
         "docs": _counter(pack, "docs/"),
@@ -157,6 +165,11 @@ class PublishCorpus(PipelineStep):
             "format": "maskscale-corpus/1",
             "documents": {"read": counts["read"], "kept": kept, "undated_kept": counts["undated"]},
             "dropped": counts["dropped"],
+            "undated": {
+                "policy": self.config["split"]["undated"],
+                "kept": dict(sorted(counts["undated_sources"].items())),
+                "after_cutoff": dict(sorted(counts["undated_after_cutoff"].items())),
+            },
             "duplicates": {"exact": counts["exact"], "near": counts["near"]},
             "splits": {
                 s: {

@@ -9,7 +9,6 @@ missing (empty) file would otherwise shift every later task onto the wrong input
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from pipeline.readers import open_lines
 from pipeline.shards import ShardMeta, ShardWriter, file_sha256
 
 INTERMEDIATE = "{rank:05d}.jsonl.zst"
+PRE_CUTOFF_CHARS = "chars/pre_cutoff"  # counted by the split stage, sized the BPE sample
 
 
 def read_rank_file(path: str) -> Iterator[Document]:
@@ -80,73 +80,46 @@ def text_hash01(text: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-class TemporalSplitter(PipelineStep):
-    """Assigns ``metadata["split"]``: train / validation before the cutoff, holdouts after."""
-
-    type = "🔀 - SPLIT"
-    name = "maskscale temporal split"
-
-    def __init__(
-        self,
-        cutoff: str | None,
-        validation_fraction: float,
-        seed: int,
-        holdout_ranges: dict[str, list[str]] | None = None,
-    ):
-        super().__init__()
-        self.cutoff = dt.date.fromisoformat(cutoff) if cutoff else None
-        self.validation_fraction = validation_fraction
-        self.seed = seed
-        self.ranges = [
-            (name, dt.date.fromisoformat(a), dt.date.fromisoformat(b))
-            for name, (a, b) in (holdout_ranges or {}).items()
-        ]
-
-    def split_of(self, doc: Document) -> str:
-        date = doc.metadata.get("date")
-        day = dt.date.fromisoformat(date) if date else None
-        if day is not None and self.cutoff is not None and day >= self.cutoff:
-            for name, start, end in self.ranges:
-                if start <= day <= end:
-                    return name
-            return f"holdout_{day.year}"
-        if text_hash01(doc.text, self.seed) < self.validation_fraction:
-            return "validation"
-        return "train"
-
-    def run(self, data, rank: int = 0, world_size: int = 1):
-        for doc in data:
-            split = self.split_of(doc)
-            doc.metadata["split"] = split
-            self.stat_update(f"split/{split}", f"split_source/{split}/{doc.metadata['source']}")
-            if not doc.metadata.get("date"):
-                self.stat_update("undated_kept")
-            yield doc
-
-
 class TokenizerTrainer(PipelineStep):
-    """Trains a byte-level BPE on the train split (single task) and saves ``tokenizer.json``."""
+    """Trains a byte-level BPE (single task) and saves ``tokenizer.json``.
+
+    The training text is a sample of every pre-cutoff document (train and validation, all
+    tasks and sources): a document is taken when a seeded hash of its text falls below
+    ``sample_chars / pre-cutoff chars``, and the sample is fed in hash order. So the sample
+    does not depend on the file layout or on the validation fraction, and neither does the
+    tokenizer (its stage key leaves the validation fraction out).
+    """
 
     type = "🔢 - TOKENIZER"
     name = "maskscale BPE trainer"
 
-    def __init__(
-        self, train_folder: str, tasks: int, out_path: str, vocab_size: int, eos: str, max_chars
-    ):
+    def __init__(self, split_folder: str, tasks: int, out_path: str, vocab_size: int, eos: str,
+                 sample_chars: int, seed: int):  # fmt: skip
         super().__init__()
-        self.train_folder, self.tasks, self.out_path = train_folder, tasks, out_path
-        self.vocab_size, self.eos, self.max_chars = vocab_size, eos, max_chars
+        self.split_folder, self.tasks, self.out_path = split_folder, tasks, out_path
+        self.vocab_size, self.eos = vocab_size, eos
+        self.sample_chars, self.seed = sample_chars, seed
 
-    def texts(self) -> Iterator[str]:
-        budget = self.max_chars
+    def sample(self) -> list[str]:
+        stats = load_stats(os.path.join(self.split_folder, "logs"))
+        total = sum(v for k, v in stats.items() if k.endswith("|" + PRE_CUTOFF_CHARS))
+        rate = min(1.0, self.sample_chars / total) if total else 1.0
+        picked: list[tuple[float, str]] = []
         for rank in range(self.tasks):
-            path = os.path.join(self.train_folder, INTERMEDIATE.format(rank=rank))
-            for doc in read_rank_file(path):
-                if budget <= 0:
-                    return
-                budget -= len(doc.text)
-                self.stat_update("train_docs")
-                yield doc.text
+            taken = 0
+            for split in ("train", "validation"):
+                path = os.path.join(self.split_folder, split, INTERMEDIATE.format(rank=rank))
+                for doc in read_rank_file(path):
+                    h = text_hash01(doc.text, self.seed)
+                    if h < rate:
+                        picked.append((h, doc.text))
+                        taken += 1
+                        self.stat_update("sample_docs", f"sample_source/{doc.metadata['source']}")
+                        self.stat_update("sample_chars", value=len(doc.text))
+            if taken:
+                self.stat_update("sample_tasks")
+        picked.sort()
+        return [text for _, text in picked]
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -160,7 +133,7 @@ class TokenizerTrainer(PipelineStep):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(self.texts(), trainer=trainer)
+        tok.train_from_iterator(self.sample(), trainer=trainer)
         os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
         tmp = self.out_path + ".tmp"
         tok.save(tmp)

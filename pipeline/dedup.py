@@ -1,0 +1,246 @@
+"""Exact and near (MinHash) dedup that keeps the earliest-dated copy of every duplicate.
+
+In a temporal study a page re-crawled after the cutoff is not a new document: if dedup kept
+the later copy, text the model trained on would reappear in a holdout (and the train copy
+would vanish). So of every group of duplicates we keep the copy with the earliest date, where
+an undated document counts as dated at its source's bound (``source_dates``: the latest date
+it can have) and a document with neither comes last.
+
+- Exact dedup is datatrove's, with ``document_priority`` derived from the date. Priorities
+  are 16-bit (1..65535, highest kept), so the scale is by day from 1950-01-01 to 2126 and by
+  year from 1000 to 1949; dates further out share the end values, and ties keep datatrove's
+  order (lowest index in the task's stream first).
+- MinHash: datatrove's signature stage also writes each document's day (``days/``), and our
+  cluster stage keeps, of each cluster, the member with the earliest day (ties: the first in
+  stream order), independent of how the buckets stage was parallelised.
+
+Both filters run inline in the stages that read the ingest output (MinHash signatures and
+the split), which therefore see exactly the same stream, so the document indices the filters
+use stay valid and no deduplicated copy of the corpus is ever written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+
+import numpy as np
+from datatrove.data import Document
+from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+
+from pipeline.configlib import to_dict
+from pipeline.steps import RankFileReader, SpaceWordTokenizer
+from pipeline.temporal import doc_day, parse_bounds
+
+PRIORITY_SCHEME = "earliest-date/v1"  # in the stage keys: a new scheme rebuilds dedup
+DAY_EPOCH = dt.date(1950, 1, 1)
+UNDATED_DAY = np.iinfo(np.int32).max
+
+
+def doc_text(doc: Document) -> str:
+    """Content hashed by exact dedup (module level so worker processes can unpickle it)."""
+    return doc.text
+
+
+def date_priority(day: dt.date | None) -> int:
+    """Exact-dedup priority in [1, 65535]: the earlier the date, the higher; no date: 1."""
+    if day is None:
+        return 1
+    if day < DAY_EPOCH:
+        return 65535 - (max(day.year, 1000) - 1000)  # years 1000..1949 -> 65535..64586
+    return max(2, 64585 - (day.toordinal() - DAY_EPOCH.toordinal()))
+
+
+class DatePriority:
+    """``document_priority`` of datatrove's exact dedup (a picklable callable)."""
+
+    def __init__(self, source_dates: dict[str, str]):
+        self.bounds = parse_bounds(source_dates)
+
+    def __call__(self, doc: Document) -> int:
+        return date_priority(doc_day(doc, self.bounds))
+
+
+class DatedMinhashSignature(MinhashDedupSignature):
+    """MinHash stage 1 that also saves each document's day as ``days/{rank:05d}.days``.
+
+    Index i of the int32 array is the i-th document of the task's stream (the index the
+    signatures carry); ``UNDATED_DAY`` marks a document with neither date nor source bound.
+    """
+
+    name = "🎯 MinHash stage 1 (dated)"
+
+    def __init__(self, output_folder, config: MinhashConfig, source_dates: dict[str, str]):
+        super().__init__(output_folder, config, language=SpaceWordTokenizer())
+        self.source_dates = dict(source_dates)
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        bounds = parse_bounds(self.source_dates)
+        days: list[int] = []
+
+        def recorded(docs):
+            for doc in docs:
+                day = doc_day(doc, bounds)
+                days.append(day.toordinal() if day else UNDATED_DAY)
+                yield doc
+
+        super().run(recorded(data), rank, world_size)
+        with self.output_folder.open(f"days/{rank:05d}.days", "wb") as f:
+            f.write(np.asarray(days, dtype="<i4").tobytes())
+
+
+class BalancedMinhashBuckets(MinhashDedupBuckets):
+    """Buckets stage whose workers split a bucket's hash range by its largest signature file.
+
+    datatrove takes the boundaries from the first file, which fails when that one is empty
+    (a task whose input was all bad) or smaller than the number of workers per bucket.
+    """
+
+    def get_worker_hash_range(self, sig_files, rank, world_size):
+        per_bucket = world_size // self.config.num_buckets
+        if per_bucket == 1 or not sig_files:
+            return super().get_worker_hash_range(sig_files, rank, world_size)
+        largest = max(sig_files, key=self.input_folder.size)
+        fmt = f"{self.config.hashes_per_bucket}{self.config.hash_config.struct_format}I"
+        if self.input_folder.size(largest) // struct.calcsize(fmt) < per_bucket:
+            lo, hi = super().get_worker_hash_range([], rank, world_size)  # the whole range
+            return (lo, hi) if rank % per_bucket == 0 else (hi, hi)
+        return super().get_worker_hash_range([largest], rank, world_size)
+
+
+class EarliestMinhashCluster(PipelineStep):
+    """MinHash stage 3: joins duplicate pairs into clusters and keeps each one's earliest copy.
+
+    Writes ``{file:06d}.remove`` (sorted stream indices, little-endian uint32) for datatrove's
+    ``MinhashDedupFilter``.
+    """
+
+    type = "🫂 - DEDUP"
+    name = "🎯 MinHash stage 3 (earliest kept)"
+
+    def __init__(self, buckets_folder: str, signatures_folder: str, output_folder: str):
+        super().__init__()
+        self.buckets = get_datafolder(buckets_folder)
+        self.signatures = get_datafolder(signatures_folder)
+        self.output = get_datafolder(output_folder)
+        self._days: dict[int, np.ndarray] = {}
+
+    def day(self, node: int) -> int:
+        file, doc = node >> 32, node & 0xFFFFFFFF
+        if file not in self._days:
+            with self.signatures.open(f"days/{file:05d}.days", "rb") as f:
+                self._days[file] = np.frombuffer(f.read(), dtype="<i4")
+        return int(self._days[file][doc])
+
+    def clusters(self) -> dict[int, list[int]]:
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            root = x
+            while parent.setdefault(root, root) != root:
+                root = parent[root]
+            while parent[x] != root:  # path compression
+                parent[x], x = root, parent[x]
+            return root
+
+        for name in sorted(self.buckets.list_files(glob_pattern="*.dups")):
+            with self.buckets.open(name, "rb") as f:
+                pairs = np.frombuffer(f.read(), dtype="<u4").reshape(-1, 4).astype(np.int64)
+            for a, b in zip((pairs[:, 0] << 32) | pairs[:, 1], (pairs[:, 2] << 32) | pairs[:, 3]):
+                ra, rb = find(int(a)), find(int(b))
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+        groups: dict[int, list[int]] = {}
+        for node in parent:
+            groups.setdefault(find(node), []).append(node)
+        return groups
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        with self.track_time():
+            removals: dict[int, list[int]] = {}
+            for members in self.clusters().values():
+                keep = min(members, key=lambda n: (self.day(n), n))
+                self.stat_update("clusters")
+                if keep != min(members):
+                    self.stat_update("kept_by_date")  # stream order alone would keep another
+                for node in members:
+                    if node != keep:
+                        removals.setdefault(node >> 32, []).append(node & 0xFFFFFFFF)
+                        self.stat_update("to_remove")
+            for file, docs in sorted(removals.items()):
+                with self.output.open(f"{file:06d}.remove", "wb") as f:
+                    f.write(np.asarray(sorted(docs), dtype="<u4").tobytes())
+
+
+def plan_dedup(p, source: str, key: str, tasks: int):
+    """Plan the dedup stages over ``source`` (the ingest output, keyed ``key``).
+
+    Returns (a factory of the inline filter steps, the key of the deduplicated stream). The
+    key covers what decides which documents survive, not how the work is parallelised.
+    """
+    d, filters = p.cfg.dedup, []
+    if d.exact:
+        exact, key = _plan_exact(p, source, key, tasks)
+        filters.append(exact)
+    if d.near:
+        upstream = list(filters)
+        near, key = _plan_minhash(p, source, key, tasks, lambda: [f() for f in upstream])
+        filters.append(near)
+    return (lambda: [f() for f in filters]), key
+
+
+def _plan_exact(p, source: str, key: str, tasks: int):
+    cfg = p.cfg
+    workers = cfg.dedup.exact_finder_workers
+    priority = DatePriority(cfg.source_dates)
+    xcfg = ExactDedupConfig(content_getter=doc_text, document_priority=priority)
+    # finder_workers shards the signature/duplicate files; it can also change which of two
+    # equally dated identical copies is kept, so it is part of the result's key too
+    settings = {"priority": PRIORITY_SCHEME, "source_dates": cfg.source_dates,
+                "finder_workers": workers}  # fmt: skip
+    sigs = p.add("exact-signatures", key, settings, tasks, lambda s: [
+        RankFileReader(source), ExactDedupSignature(s.data(), xcfg, finder_workers=workers),
+    ])  # fmt: skip
+    find = p.add("exact-find", sigs.key, {}, workers, lambda s: [
+        ExactFindDedups(sigs.data(), s.data(), xcfg),
+    ])  # fmt: skip
+    return (lambda: ExactDedupFilter(find.data(), xcfg)), find.key
+
+
+def _plan_minhash(p, source: str, key: str, tasks: int, upstream_filters):
+    cfg, d = p.cfg, p.cfg.dedup
+    mcfg = MinhashConfig(
+        n_grams=d.n_grams, num_buckets=d.num_buckets, hashes_per_bucket=d.hashes_per_bucket,
+        seed=d.seed,
+    )  # fmt: skip
+    settings = {k: v for k, v in to_dict(d).items() if k not in ("exact_finder_workers",
+                                                                  "workers_per_bucket")}  # fmt: skip
+    settings.update(priority=PRIORITY_SCHEME, source_dates=cfg.source_dates)
+    sigs = p.add("minhash-signatures", key, settings, tasks, lambda s: [
+        RankFileReader(source), *upstream_filters(),
+        DatedMinhashSignature(s.data(), mcfg, cfg.source_dates),
+    ])  # fmt: skip
+    per_bucket = d.workers_per_bucket
+    buckets = p.add("minhash-buckets", sigs.key, {"workers_per_bucket": per_bucket},
+                    d.num_buckets * per_bucket, lambda s: [
+        BalancedMinhashBuckets(sigs.data(), s.data(), config=mcfg),
+    ])  # fmt: skip
+    # clusters depend on the signatures only (not on how the buckets stage was split)
+    cluster = p.add("minhash-cluster", sigs.key, {"cluster": "earliest"}, 1, lambda s: [
+        EarliestMinhashCluster(buckets.data(), sigs.data(), s.data()),
+    ])  # fmt: skip
+    # stage 4 (the filter) runs inside the split stage on exactly the stream stage 1 read
+    return (lambda: MinhashDedupFilter(cluster.data())), cluster.key
