@@ -95,6 +95,7 @@ class TokenizerTrainer(PipelineStep):
 
     def __init__(self, split_folder: str, tasks: int, out_path: str, vocab_size: int, eos: str,
                  sample_chars: int, seed: int):  # fmt: skip
+        """``split_folder``: the split stage's folder (``data/<split>/`` and ``logs/``)."""
         super().__init__()
         self.split_folder, self.tasks, self.out_path = split_folder, tasks, out_path
         self.vocab_size, self.eos = vocab_size, eos
@@ -108,7 +109,8 @@ class TokenizerTrainer(PipelineStep):
         for rank in range(self.tasks):
             taken = 0
             for split in ("train", "validation"):
-                path = os.path.join(self.split_folder, split, INTERMEDIATE.format(rank=rank))
+                name = os.path.join("data", split, INTERMEDIATE.format(rank=rank))
+                path = os.path.join(self.split_folder, name)
                 for doc in read_rank_file(path):
                     h = text_hash01(doc.text, self.seed)
                     if h < rate:
