@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -166,6 +167,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    if re.fullmatch(r"\d+(:\d+)+", raw.strip()):  # 24:00:00 is a time, not YAML's base 60
+        return key.split("."), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError):  # e.g. 1990-13-01 looks like a date to YAML

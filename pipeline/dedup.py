@@ -226,8 +226,8 @@ def _plan_minhash(p, source: str, key: str, tasks: int, upstream_filters):
         n_grams=d.n_grams, num_buckets=d.num_buckets, hashes_per_bucket=d.hashes_per_bucket,
         seed=d.seed,
     )  # fmt: skip
-    settings = {k: v for k, v in to_dict(d).items() if k not in ("exact_finder_workers",
-                                                                  "workers_per_bucket")}  # fmt: skip
+    parallelism = ("exact_finder_workers", "workers_per_bucket")  # never change the clusters
+    settings = {k: v for k, v in to_dict(d).items() if k not in parallelism}
     settings.update(priority=PRIORITY_SCHEME, source_dates=cfg.source_dates)
     sigs = p.add("minhash-signatures", key, settings, tasks, lambda s: [
         RankFileReader(source), *upstream_filters(),

@@ -27,6 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.inner.n == 7 and cfg.inner.rate == 1e-3 and cfg.inner.names == ["a", "b"]
     assert cfg.flag is True and cfg.label == "x"
     assert flatten(to_dict(cfg))["inner.n"] == 7
+    assert load_config(Outer, None, ["label=24:00:00"]).label == "24:00:00"  # not base-60 86400
 
 
 def test_errors_name_the_key(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 from pipeline.shards import file_sha256, read_manifest
 from pipeline.steps import load_stats, read_rank_file
 
-from .conftest import ROOT, WORDS, _text, _zst, run_build
+from .conftest import ROOT, _text, _zst, run_build
 
 SOURCES = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook",
            "RedPajamaArXiv", "RedPajamaWikipedia", "RedPajamaStackExchange"]  # fmt: skip
@@ -53,9 +53,9 @@ def make_paper_dump(root: Path) -> PaperDump:
         sp.append({"text": _text(rng, marker), "meta": {"redpajama_set_name": source}})
         dump.sources[marker] = source
     texts = {f"sp{i}": r["text"] for i, r in enumerate(sp)}
-    chunk1, chunk2 = sp[:14], sp[14:]
-    _zst(dump.slimpajama / "chunk1" / "example_train_0.jsonl.zst", [json.dumps(r).encode() for r in chunk1])  # fmt: skip
-    _zst(dump.slimpajama / "chunk2" / "example_train_1.jsonl.zst", [json.dumps(r).encode() for r in chunk2])  # fmt: skip
+    for n, chunk in enumerate((sp[:14], sp[14:])):
+        path = dump.slimpajama / f"chunk{n + 1}" / f"example_train_{n}.jsonl.zst"
+        _zst(path, [json.dumps(r).encode() for r in chunk])
     # planted copies: exact of sp0 (first in its chunk) last in 2024-10; exact of sp20 first
     # in 2024-18; near copies of sp9 first in 2024-10 and of sp14 last in 2024-18
     planted = {
@@ -201,4 +201,21 @@ def test_undated_after_cutoff_error_drop_train(paper, tmp_path):
     train = split_docs(out)["train"] + split_docs(out).get("validation", [])
     assert sum(d.metadata["source"] == "RedPajamaBook" for d in train) == 4
     assert "undated_after_cutoff" not in read_manifest(out)["dropped"]
-    assert os.path.exists(out / "manifest.json") and WORDS
+    assert os.path.exists(out / "manifest.json")
+
+
+def test_slurm_guard_fails_the_tokenizer_job(tmp_path):
+    """On Slurm the check is the tokenizer stage's first step, reading the split's stats."""
+    from pipeline.temporal import UndatedAfterCutoffError, UndatedGuard
+
+    stats = tmp_path / "split" / "logs" / "stats"
+    stats.mkdir(parents=True)
+    counters = {"undated_after_cutoff/RedPajamaBook": {"total": 3}, "undated_kept": {"total": 9}}
+    for rank in range(2):
+        step = [{"name": "🔀 - SPLIT: maskscale temporal split", "stats": counters}]
+        (stats / f"{rank:05d}.json").write_text(json.dumps(step))
+    bounds = {"RedPajamaBook": "2024-06-01"}
+    guard = UndatedGuard(str(tmp_path / "split"), "2024-01-01", bounds, "error")
+    with pytest.raises(UndatedAfterCutoffError, match=r"RedPajamaBook \(bound 2024-06-01\): 6"):
+        guard.run()
+    assert UndatedGuard(str(tmp_path / "split"), "2024-01-01", bounds, "drop").run() is None
