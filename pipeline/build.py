@@ -32,7 +32,7 @@ from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
 from pipeline.manifest import PublishCorpus
-from pipeline.readers import RawDumpReader, discover_inputs, load_date_map
+from pipeline.readers import RawDumpReader, discover_inputs, load_date_map, plan_tasks
 from pipeline.shards import file_sha256
 from pipeline.steps import (
     RankFileReader,
@@ -42,7 +42,6 @@ from pipeline.steps import (
 )
 from pipeline.temporal import TemporalSplitter, UndatedGuard, check_undated
 
-MAX_DEFAULT_TASKS = 256
 # stages a build may leave out (dedup off); executor.slurm.stages may still name them
 OPTIONAL_STAGES = ("exact-signatures", "exact-find", "minhash-signatures", "minhash-buckets",
                    "minhash-cluster")  # fmt: skip
@@ -93,22 +92,25 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> JsonlWriter:
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
     files = discover_inputs(cfg.input)
-    # path, size and mtime: an input rewritten in place invalidates every stage built from it
-    inputs_fp = fingerprint([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
-    tasks = cfg.executor.tasks or min(len(files), MAX_DEFAULT_TASKS)
+    # url, size and mtime/etag: an input rewritten in place invalidates every stage built from it
+    inputs_fp = fingerprint([(f.url, f.size, f.version) for f in files])
+    # the partition depends on the inputs and records.task_bytes only (never on the executor)
+    work = plan_tasks(files, cfg.records.task_bytes)
+    tasks = len(work)
     p = _Planner(cfg)
+    rc = cfg.records
     ingest_settings = {
-        "records": to_dict(cfg.records),
+        "records": to_dict(rc),
         "source": cfg.default_source,
         "exclude": sorted(cfg.exclude_sources),
-        "tasks": tasks,
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
     date_map = load_date_map(cfg.date_map)
     ingest = p.add("ingest", inputs_fp, ingest_settings, tasks, lambda s: [
-        RawDumpReader(files, s.data("rejects"), default_source=cfg.default_source,
-                      exclude_sources=cfg.exclude_sources, max_chars=cfg.records.max_chars,
-                      strict=cfg.records.strict, date_map=date_map),
+        RawDumpReader(work, s.data("rejects"), corrupt_folder=s.data("corrupt"),
+                      default_source=cfg.default_source, exclude_sources=cfg.exclude_sources,
+                      max_chars=rc.max_chars, too_long=rc.too_long, strict=rc.strict,
+                      date_map=date_map, min_date=rc.min_date, max_date=rc.max_date),
         _writer(s.data()),
     ])  # fmt: skip
     # dedup filters run inline: MinHash signatures and the split read the same stream
@@ -134,7 +136,9 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
                      pc.rows_per_shard, pc.batch_docs),
     ])  # fmt: skip
     stage_dirs = {st.name: st.folder for st in p.stages}
-    p.add("publish", pack.key, to_dict(cfg), 1, lambda s: [
+    # executor settings never change what is published, so they are not part of its key
+    publish_settings = {k: v for k, v in to_dict(cfg).items() if k != "executor"}
+    p.add("publish", pack.key, publish_settings, 1, lambda s: [
         PublishCorpus(cfg.output, stage_dirs, pack.data(), tok_path, to_dict(cfg)),
     ])  # fmt: skip
     _check_stage_resources(cfg, p.stages)

@@ -76,6 +76,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from pipeline.build import build_corpus
     from pipeline.manifest import summary_table
+    from pipeline.inputs import InputReadError
     from pipeline.readers import BadInputError
 
     cfg = corpus_config_from_args(args)
@@ -83,6 +84,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         manifest = build_corpus(cfg, progress=not args.quiet)
     except BadInputError as e:
         print(f"maskscale: bad input: {e}")
+        return 1
+    except InputReadError as e:
+        print(f"maskscale: cannot read input: {e}")
         return 1
     if manifest is None:
         print("submitted the build to Slurm; the manifest appears when the last job ends")

@@ -17,9 +17,22 @@ from pipeline.configlib import ConfigError
 @dataclass
 class RecordConfig:
     max_chars: int = 2_000_000
-    """Documents longer than this many characters are dropped (reason ``too_long``)."""
+    """Documents longer than this many characters are handled by ``too_long``."""
+    too_long: Literal["split", "truncate", "drop"] = "split"
+    """Over-long documents (books): ``split`` into pieces of at most ``max_chars`` at paragraph
+    boundaries (blank lines, then newlines, then whitespace), each its own document with id
+    ``<id>#<k>``; ``truncate`` keeps the first such piece; ``drop`` drops them (``too_long``)."""
     strict: bool = False
     """Stop at the first bad record with an error naming file and line, instead of counting it."""
+    task_bytes: int = 512 * 2**20
+    """Input bytes (as stored, i.e. compressed) per ingest task. Plain JSONL is split by byte
+    range at line boundaries and parquet by row groups; .zst/.gz files are read whole. The
+    number of tasks of every stage follows from the inputs and this setting alone."""
+    min_date: str = "1000-01-01"
+    """Dates before this are placeholders (e.g. 0001-01-01): ``invalid_date``."""
+    max_date: str = "2099-12-31"
+    """Dates after this are ``invalid_date`` (a fixed bound keeps builds reproducible; set it to
+    the crawl date of the newest dump to also reject future-dated records)."""
 
 
 @dataclass
@@ -118,10 +131,14 @@ class ExecutorConfig:
     kind: Literal["local", "slurm", "ray"] = "local"
     """Which datatrove executor runs the stages."""
     workers: int = 2
-    """Parallel processes (local) or concurrent tasks (slurm/ray)."""
-    tasks: int = 0
-    """Parallel tasks per stage; 0 = one per input file (capped at 256)."""
+    """Parallel processes (local) or concurrent tasks (slurm/ray). Never changes any output."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    REMOVED: ClassVar[dict[str, str]] = {
+        "tasks": "the number of tasks now follows from the inputs and records.task_bytes "
+        "(input bytes per task), so that executor settings never change what is built; set "
+        "records.task_bytes instead (smaller = more tasks)"
+    }
 
 
 @dataclass
@@ -171,10 +188,14 @@ class CorpusConfig:
             raise ConfigError(
                 "tokenizer.vocab_size must be >= 260 (256 bytes + special tokens + merges)"
             )
-        if self.executor.workers < 1 or self.executor.tasks < 0:
-            raise ConfigError("executor.workers must be >= 1 and executor.tasks >= 0")
-        if self.records.max_chars < 1:
-            raise ConfigError("records.max_chars must be >= 1")
+        if self.executor.workers < 1:
+            raise ConfigError("executor.workers must be >= 1")
+        if self.records.max_chars < 1 or self.records.task_bytes < 1:
+            raise ConfigError("records.max_chars and records.task_bytes must be >= 1")
+        if parse_day(self.records.min_date, "records.min_date") > parse_day(
+            self.records.max_date, "records.max_date"
+        ):
+            raise ConfigError("records.min_date must not be after records.max_date")
         if self.dedup.exact_finder_workers < 1 or self.dedup.workers_per_bucket < 1:
             raise ConfigError(
                 "dedup.exact_finder_workers and dedup.workers_per_bucket must be >= 1"

@@ -114,6 +114,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if renamed:
         k = renamed[0]
         raise ConfigError(f"{prefix}{k} was renamed to {prefix}{cls.RENAMED[k]}; use the new name")
+    removed = [k for k in unknown if k in getattr(cls, "REMOVED", {})]
+    if removed:
+        k = removed[0]
+        raise ConfigError(f"{prefix}{k} is no longer a setting: {cls.REMOVED[k]}")
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "

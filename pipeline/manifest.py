@@ -2,7 +2,8 @@
 
 The manifest is assembled only from the per-task stats that datatrove saved for each stage,
 so it counts what really happened, including tasks finished before a kill. It must balance:
-``read == kept + sum(dropped) + duplicates.exact + duplicates.near``, and every kept document
+``read + extra_pieces == kept + sum(dropped) + duplicates.exact + duplicates.near`` (records
+read, plus the extra documents made by splitting over-long ones), and every kept document
 must have been tokenized; a build whose numbers do not close fails loudly instead of
 publishing a corpus that silently lost data.
 """
@@ -17,6 +18,7 @@ from collections import defaultdict
 from datatrove.pipeline.base import PipelineStep
 from tokenizers import Tokenizer
 
+from pipeline.readers import read_corrupt_files
 from pipeline.shards import MANIFEST, TOKENIZER, file_sha256, open_shard
 from pipeline.steps import load_stats, tokenizer_meta
 
@@ -49,8 +51,15 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
     ingest = stats["ingest"]
     split = stats["split"]
     pack = stats["pack"]
+    long_docs = _counter(ingest, "long/")
     counts = {
         "read": sum(_counter(ingest, "read").values()),
+        # an over-long record split into k pieces continues as k documents
+        "extra_pieces": long_docs.get("pieces", 0) - long_docs.get("split", 0),
+        "long_documents": long_docs,
+        "date_from_dump": sum(_counter(ingest, "date_from_dump").values()),
+        "date_invalid_used_dump": sum(_counter(ingest, "date_invalid_used_dump").values()),
+        "corrupt_files": read_corrupt_files(os.path.join(stage_dirs["ingest"], "corrupt")),
         # ingest drops bad records; the split drops undated documents (split.undated=drop)
         "dropped": _merge(_counter(ingest, "dropped/"), _counter(split, "dropped/")),
         # the exact and MinHash filters run inline in the split stage
@@ -80,9 +89,10 @@ def _per_split(counter: dict[str, int]) -> dict[str, dict[str, int]]:
 def check_accounting(counts: dict) -> int:
     kept = sum(counts["split_docs"].values())
     balance = kept + sum(counts["dropped"].values()) + counts["exact"] + counts["near"]
-    if balance != counts["read"]:
+    if balance != counts["read"] + counts["extra_pieces"]:
         raise AccountingError(
-            f"documents do not balance: read {counts['read']} != kept {kept} + dropped "
+            f"documents do not balance: read {counts['read']} + extra pieces of split "
+            f"documents {counts['extra_pieces']} != kept {kept} + dropped "
             f"{sum(counts['dropped'].values())} + duplicates {counts['exact']}+{counts['near']}"
         )
     tokenized = sum(counts["docs"].values())
@@ -163,8 +173,22 @@ class PublishCorpus(PipelineStep):
                 sources[src]["tokens"] += tokens[split].get(src, 0)
         return {
             "format": "maskscale-corpus/1",
-            "documents": {"read": counts["read"], "kept": kept, "undated_kept": counts["undated"]},
+            "documents": {
+                "read": counts["read"],
+                "extra_pieces": counts["extra_pieces"],
+                "kept": kept,
+                "undated_kept": counts["undated"],
+            },
             "dropped": counts["dropped"],
+            "corrupt_files": counts["corrupt_files"],
+            "long_documents": {
+                "policy": self.config["records"]["too_long"],
+                **counts["long_documents"],
+            },
+            "dates": {
+                "from_dump": counts["date_from_dump"],
+                "invalid_date_used_dump": counts["date_invalid_used_dump"],
+            },
             "undated": {
                 "policy": self.config["split"]["undated"],
                 "kept": dict(sorted(counts["undated_sources"].items())),
@@ -205,6 +229,10 @@ def summary_table(manifest: dict) -> str:
                  f"exact dups {dup['exact']:,}  near dups {dup['near']:,}")  # fmt: skip
     for reason, n in manifest["dropped"].items():
         lines.append(f"  dropped {reason:<18} {n:>10,}")
+    for c in manifest.get("corrupt_files", []):
+        lost = (f"{c['lost_bytes']:,} bytes" if "lost_bytes" in c
+                else f"row groups {c['lost_row_groups']}")  # fmt: skip
+        lines.append(f"  corrupt {c['file']} ({c['reason']}): lost {lost}")
     header = f"{'split':<16}{'docs':>10}{'tokens':>14}{'rows':>10}{'tail tok':>10}{'shards':>8}"
     lines += ["", header, "-" * len(header)]
     for name, s in manifest["splits"].items():

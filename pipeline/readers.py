@@ -2,59 +2,65 @@
 
 datatrove's stock readers assume well-formed input: a truncated ``.zst`` or a malformed line
 either kills the task or disappears into a log. Web dumps are never clean, so this reader
-validates each record, logs ``file:line: reason``, writes it to a per-task rejects file, and
-counts it (``dropped/<reason>``) so the manifest's accounting closes exactly. ``strict`` turns
-the first bad record into an error that names file and line.
+validates each record, writes every rejected one to a per-task rejects file, counts it
+(``dropped/<reason>``) so the manifest's accounting closes exactly, and logs one summary line
+per file and reason. ``strict`` turns the first bad record into an error naming file and line.
+
+What is *not* bad data is not counted: an I/O error, a ``MemoryError`` or a bug fails the task
+(rerunning the build retries it). Only damage the decoders see (a bad or truncated zstd/gzip
+stream, an unreadable parquet file or row group) is ``corrupt_file``: the documents before the
+damage are kept, and what was lost (compressed bytes, or row groups) is recorded per file for
+the manifest's ``corrupt_files``.
 
 Supported layouts: SlimPajama (``chunk*/…jsonl.zst`` with ``{"text", "meta":
 {"redpajama_set_name", "date"}}``), FineWeb-style parquet (``text``, ``id``, ``date``,
-``dump``) and plain JSONL (optionally gzip/zstd compressed).
+``dump``; only the needed columns are read) and plain JSONL (optionally gzip/zstd compressed).
+Inputs are divided into tasks by :mod:`pipeline.inputs`; field rules are in
+:mod:`pipeline.records`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import glob
-import gzip
 import json
 import os
-import re
+from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
-import zstandard
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
-EXTENSIONS = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".parquet")
-DUMP_RE = re.compile(r"CC-MAIN-(\d{4})-(\d{2})")
+from pipeline.inputs import (
+    STREAM_CORRUPTION,
+    InputReadError,
+    TruncatedStream,
+    WorkUnit,
+    count_newlines,
+    discover_inputs,
+    open_input,
+    open_lines,
+    plan_tasks,
+    unit_lines,
+)
+from pipeline.records import (
+    MAX_DATE,
+    MIN_DATE,
+    InvalidMetadata,
+    check_types,
+    parse_date,
+    resolve_date,
+    split_text,
+)
+
+__all__ = ["BadInputError", "RawDumpReader", "discover_inputs", "load_date_map", "open_lines",
+           "parse_date", "plan_tasks", "read_corrupt_files"]  # fmt: skip
+PARQUET_COLUMNS = ("text", "id", "date", "dump", "source", "meta")
 
 
 class BadInputError(ValueError):
     """Raised in strict mode; the message names the file, the line and what to do."""
-
-
-def discover_inputs(patterns: list[str]) -> list[str]:
-    """Expand directories/globs/files into a sorted, de-duplicated list of input files."""
-    files: set[str] = set()
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            matches = [str(p) for p in path.rglob("*") if p.is_file()]
-        elif path.is_file():
-            matches = [str(path)]
-        else:
-            matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-            if not matches:
-                raise FileNotFoundError(f"input {pattern!r} matches no file")
-        files.update(os.path.abspath(m) for m in matches if m.endswith(EXTENSIONS))
-    if not files:
-        raise FileNotFoundError(
-            f"no input files with extensions {', '.join(EXTENSIONS)} under {patterns}"
-        )
-    return sorted(files)
 
 
 def load_date_map(path: str | None) -> dict[str, str]:
@@ -75,185 +81,260 @@ def load_date_map(path: str | None) -> dict[str, str]:
         return {row["id"]: row["date"] for row in rows}
 
 
-def parse_date(value, dump: str | None = None) -> dt.date | None:
-    """Date of a record from an ISO date/datetime/year, or a CC-MAIN-YYYY-WW dump id.
-
-    Returns None when there is no date; raises ValueError when one is present but unreadable.
-    """
-    if value not in (None, ""):
-        text = str(value).strip()
-        if re.fullmatch(r"\d{4}", text):
-            return dt.date(int(text), 1, 1)
-        try:
-            return dt.date.fromisoformat(text[:10])
-        except ValueError:
-            raise ValueError(f"unreadable date {text!r}") from None
-    if dump:
-        m = DUMP_RE.search(str(dump))
-        if not m:
-            raise ValueError(f"unreadable dump id {dump!r}")
-        year, week = int(m.group(1)), int(m.group(2))
-        return dt.date.fromisocalendar(year, max(1, min(week, 52)), 1)
-    return None
+def read_corrupt_files(folder: str) -> list[dict]:
+    """Every damaged input recorded by the ingest tasks, sorted by file and position."""
+    out = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name)) as f:
+                out += [json.loads(line) for line in f if line.strip()]
+    return sorted(out, key=lambda r: (r["file"], r.get("line", 0)))
 
 
-def _zstd_blocks(fh) -> Iterator[bytes]:
-    """Decompressed blocks of a (multi-frame) zstd file; a truncated last frame raises."""
-    dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame = dctx.decompressobj(), False
-    while chunk := fh.read(1 << 20):
-        while chunk:
-            yield dobj.decompress(chunk)
-            in_frame = not dobj.eof
-            chunk = dobj.unused_data if dobj.eof else b""
-            if dobj.eof:
-                dobj = dctx.decompressobj()
-    if in_frame:
-        raise zstandard.ZstdError("truncated zstd stream: the last frame is incomplete")
+def _is_parquet_damage(e: BaseException) -> bool:
+    """pyarrow's own errors about the bytes (not storage errors, memory or missing codecs)."""
+    import pyarrow as pa
+
+    if isinstance(e, InputReadError | MemoryError | pa.ArrowNotImplementedError):
+        return False
+    return isinstance(e, OSError | pa.ArrowException)
 
 
-def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    rest = b""
-    for block in blocks:
-        lines = (rest + block).split(b"\n")
-        rest = lines.pop()
-        yield from lines
-    if rest:
-        yield rest
+class _Lines:
+    """Line numbers within the file of a unit's lines: for a byte range that starts mid-file
+    the newlines before its first line are counted once (one sequential read of the file's
+    head; line numbers name records in rejects, errors and document origins)."""
 
+    def __init__(self, unit: WorkUnit):
+        self.unit, self._base = unit, None
 
-def open_lines(path: str) -> Iterator[bytes]:
-    """Raw lines of a (possibly compressed) JSONL file; damaged files raise part-way."""
-    if path.endswith((".zst", ".zstd")):
-        with open(path, "rb") as fh:
-            yield from _split_lines(_zstd_blocks(fh))
-    elif path.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            yield from fh
-    else:
-        with open(path, "rb") as fh:
-            yield from fh
+    def number(self, index: int, offset: int) -> int:
+        if self._base is None:
+            start = self.unit.start > 0 and self.unit.file.codec == "plain"
+            self._base = count_newlines(self.unit.file.url, offset) if start else 0
+        return self._base + index
 
 
 class RawDumpReader(PipelineStep):
-    """Reads and validates raw records; yields one Document per valid record."""
+    """Reads and validates raw records; yields one Document per valid record (or piece)."""
 
     type = "📖 - READER"
     name = "maskscale raw dump reader"
 
     def __init__(
         self,
-        files: list[str],
+        tasks: list[list[WorkUnit]],
         rejects_folder: str,
         *,
+        corrupt_folder: str | None = None,
         default_source: str = "web",
         exclude_sources: list[str] = (),
         max_chars: int = 2_000_000,
+        too_long: str = "split",
         strict: bool = False,
         drop_undated: bool = False,
         date_map: dict[str, str] | None = None,
+        min_date: str | None = None,
+        max_date: str | None = None,
     ):
         super().__init__()
-        self.files = list(files)
+        self.tasks = tasks
         self.rejects_folder = rejects_folder
+        self.corrupt_folder = corrupt_folder or os.path.join(rejects_folder, "..", "corrupt")
         self.default_source = default_source
         self.exclude_sources = set(exclude_sources)
-        self.max_chars = max_chars
+        self.max_chars, self.too_long = max_chars, too_long
         self.strict = strict
         self.drop_undated = drop_undated
         self.date_map = date_map or {}
-        self._rejects = None
+        self.bounds = (dt.date.fromisoformat(min_date) if min_date else MIN_DATE,
+                       dt.date.fromisoformat(max_date) if max_date else MAX_DATE)  # fmt: skip
+        self._rejects = self._corrupt = None
+        self._counts: Counter[str] = Counter()
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def _reject(self, path: str, line: int, reason: str, detail: str = "") -> None:
-        where = f"{path}:{line}"
+    def _reject(self, unit: WorkUnit, line: int, reason: str, detail: str = "", **extra) -> None:
+        where = f"{unit.file.url}:{line}"
         if self.strict:
             raise BadInputError(
                 f"{where}: {reason}{': ' + detail if detail else ''}. Fix or remove this record, "
                 "or rebuild without --strict to count and skip bad records."
             )
-        logger.warning(f"{where}: dropped ({reason}) {detail}")
         self.stat_update("read", f"dropped/{reason}")
-        rec = {"file": path, "line": line, "reason": reason, "detail": detail[:500]}
-        self._rejects.write(json.dumps(rec) + "\n")
+        self._counts[reason] += 1
+        rec = {"file": unit.file.url, "line": line, "reason": reason, "detail": detail[:500]}
+        self._rejects.write(json.dumps({**rec, **extra}) + "\n")
 
-    # -- record -> Document ----------------------------------------------------------------
-    def _make_doc(self, rec, path: str, line: int) -> Document | None:
+    def _damaged(self, unit: WorkUnit, line: int, kind: str, e: BaseException, **lost) -> None:
+        """Count a damaged region as one ``corrupt_file`` and record what was lost."""
+        detail = f"{type(e).__name__}: {e}"
+        self._reject(unit, line, "corrupt_file", detail, **lost)
+        rec = {"file": unit.file.url, "line": line, "reason": kind, "detail": detail[:500]}
+        self._corrupt.write(json.dumps({**rec, **lost}) + "\n")
+
+    def _summarize(self, unit: WorkUnit) -> None:
+        for reason, n in sorted(self._counts.items()):
+            logger.warning(f"{unit}: {n} record(s) dropped ({reason}); listed in "
+                           f"{self.rejects_folder}")  # fmt: skip
+        self._counts.clear()
+
+    # -- record -> Documents ---------------------------------------------------------------
+    def _text_problem(self, rec) -> tuple[str, str] | None:
         if not isinstance(rec, dict):
-            return self._reject(path, line, "malformed_json", "record is not a JSON object")
-        if "text" not in rec or rec["text"] is None:
-            return self._reject(path, line, "missing_text", "no 'text' field")
-        text = rec["text"]
+            return "malformed_json", "record is not a JSON object"
+        text = rec.get("text")
+        if text is None:
+            return "missing_text", "no 'text' field"
         if not isinstance(text, str):
-            return self._reject(path, line, "non_string_text", f"text is {type(text).__name__}")
+            return "non_string_text", f"text is {type(text).__name__}"
         if not text.strip():
-            return self._reject(path, line, "empty_text")
-        if len(text) > self.max_chars:
-            return self._reject(
-                path, line, "too_long", f"{len(text)} chars > records.max_chars={self.max_chars}"
-            )
-        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+            return "empty_text", ""
+        return None
+
+    def _date_of(self, rec: dict, meta: dict) -> dt.date | None:
+        raw = meta.get("date") or rec.get("date")
+        dump = rec.get("dump")
+        if raw in (None, "") and dump in (None, "") and rec.get("id") not in (None, ""):
+            raw = self.date_map.get(str(rec["id"]))
+        day, origin = resolve_date(raw, dump, *self.bounds)
+        if origin == "dump":
+            self.stat_update("date_from_dump")
+            if raw not in (None, ""):
+                self.stat_update("date_invalid_used_dump")
+        return day
+
+    def _pieces(self, text: str, unit: WorkUnit, line: int) -> list[str] | None:
+        if len(text) <= self.max_chars:
+            return [text]
+        if self.too_long == "drop":
+            detail = f"{len(text)} chars > records.max_chars={self.max_chars}"
+            return self._reject(unit, line, "too_long", detail)
+        pieces = split_text(text, self.max_chars)
+        if self.too_long == "truncate":
+            self.stat_update("long/truncated")
+            self.stat_update("long/truncated_chars", value=len(text) - len(pieces[0]))
+            return pieces[:1]
+        self.stat_update("long/split")
+        self.stat_update("long/pieces", value=len(pieces))
+        return pieces
+
+    def _make_docs(self, rec, unit: WorkUnit, line: int) -> list[Document]:
+        problem = self._text_problem(rec)
+        if problem:
+            return self._reject(unit, line, *problem) or []
+        meta = rec.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            detail = f"field 'meta' is a {type(meta).__name__}, expected an object"
+            return self._reject(unit, line, "invalid_metadata", detail) or []
+        meta = meta or {}
+        try:
+            check_types(rec, meta)
+        except InvalidMetadata as e:
+            return self._reject(unit, line, "invalid_metadata", str(e)) or []
         source = meta.get("redpajama_set_name") or rec.get("source") or self.default_source
         if source in self.exclude_sources:
-            return self._reject(path, line, "excluded_source", str(source))
-        raw_date = meta.get("date") or rec.get("date")
-        if raw_date is None and not rec.get("dump") and rec.get("id") is not None:
-            raw_date = self.date_map.get(str(rec["id"]))
+            return self._reject(unit, line, "excluded_source", str(source)) or []
         try:
-            date = parse_date(raw_date, rec.get("dump"))
+            date = self._date_of(rec, meta)
         except ValueError as e:
-            return self._reject(path, line, "invalid_date", str(e))
+            return self._reject(unit, line, "invalid_date", str(e)) or []
         if date is None and self.drop_undated:
-            return self._reject(path, line, "undated", "split.undated=drop")
+            return self._reject(unit, line, "undated", "split.undated=drop") or []
+        pieces = self._pieces(rec["text"], unit, line)
+        if not pieces:
+            return []
         self.stat_update("read", "kept", f"source/{source}")
-        doc_id = str(rec.get("id") or f"{os.path.basename(path)}:{line}")
-        metadata = {"source": str(source), "date": date.isoformat() if date else None}
-        metadata["origin"] = f"{path}:{line}"
-        return Document(text=text, id=doc_id, metadata=metadata)
+        doc_id = rec.get("id")
+        doc_id = str(doc_id) if doc_id not in (None, "") else f"{unit.file.name}:{line}"
+        metadata = {"source": str(source), "date": date.isoformat() if date else None,
+                    "origin": f"{unit.file.url}:{line}"}  # fmt: skip
+        if len(pieces) == 1:
+            return [Document(text=pieces[0], id=doc_id, metadata=metadata)]
+        return [Document(text=p, id=f"{doc_id}#{k}", metadata=dict(metadata))
+                for k, p in enumerate(pieces)]  # fmt: skip
 
-    def _read_jsonl(self, path: str) -> Iterator[Document]:
-        line = 0
+    # -- files -----------------------------------------------------------------------------
+    def _read_jsonl(self, unit: WorkUnit) -> Iterator[Document]:
+        lines, line, good = _Lines(unit), 0, 0
+        with open_input(unit.file.url) as fh:
+            try:
+                for index, (raw, offset, pos) in enumerate(unit_lines(fh, unit), start=1):
+                    line = lines.number(index, offset)
+                    if raw.strip():
+                        yield from self._parse_line(raw, unit, line)
+                    good = pos
+            except STREAM_CORRUPTION as e:
+                lost = {"lost_bytes": max(unit.file.size - good, 0), "offset": good}
+                kind = "truncated_stream" if isinstance(e, TruncatedStream) else "corrupt_stream"
+                self._damaged(unit, line + 1, kind, e, **lost)
+
+    def _parse_line(self, raw: bytes, unit: WorkUnit, line: int) -> list[Document]:
         try:
-            for line, raw in enumerate(open_lines(path), start=1):
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self._reject(path, line, "invalid_utf8", str(e))
-                    continue
-                if not raw.strip():
-                    continue
-                try:
-                    rec = orjson.loads(raw)
-                except orjson.JSONDecodeError as e:
-                    self._reject(path, line, "malformed_json", str(e))
-                    continue
-                doc = self._make_doc(rec, path, line)
-                if doc is not None:
-                    yield doc
-        except (zstandard.ZstdError, EOFError, OSError, gzip.BadGzipFile) as e:
-            self._reject(path, line + 1, "corrupt_file", f"{type(e).__name__}: {e}")
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return self._reject(unit, line, "invalid_utf8", str(e)) or []
+        try:
+            rec = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return self._reject(unit, line, "malformed_json", str(e)) or []
+        return self._make_docs(rec, unit, line)
 
-    def _read_parquet(self, path: str) -> Iterator[Document]:
+    def _read_parquet(self, unit: WorkUnit) -> Iterator[Document]:
         import pyarrow.parquet as pq
 
-        row = 0
+        with open_input(unit.file.url) as fh:
+            try:
+                pf = pq.ParquetFile(fh)
+            except Exception as e:
+                if not _is_parquet_damage(e):
+                    raise
+                return self._damaged(unit, 1, "unreadable_parquet", e,
+                                     lost_bytes=unit.file.size)  # fmt: skip
+            md = pf.metadata
+            columns = [c for c in PARQUET_COLUMNS if c in pf.schema_arrow.names]
+            stop = md.num_row_groups if unit.stop is None else unit.stop
+            row = sum(md.row_group(g).num_rows for g in range(unit.start))
+            for group in range(unit.start, stop):
+                yield from self._read_row_group(pf, group, columns, unit, row)
+                row += md.row_group(group).num_rows
+
+    def _read_row_group(self, pf, group: int, columns, unit: WorkUnit, row: int):
+        done = 0
         try:
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=1024):
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
                 for rec in batch.to_pylist():
-                    row += 1
-                    doc = self._make_doc(rec, path, row)
-                    if doc is not None:
-                        yield doc
-        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for damaged files
-            self._reject(path, row + 1, "corrupt_file", f"{type(e).__name__}: {e}")
+                    done += 1
+                    yield from self._make_docs(rec, unit, row + done)
+        except Exception as e:
+            if not _is_parquet_damage(e):
+                raise
+            lost_rows = pf.metadata.row_group(group).num_rows - done
+            self._damaged(unit, row + done + 1, "corrupt_row_group", e,
+                          lost_row_groups=[group], lost_rows=lost_rows)  # fmt: skip
+
+    def _read_unit(self, unit: WorkUnit) -> Iterator[Document]:
+        reader = self._read_parquet if unit.file.codec == "parquet" else self._read_jsonl
+        try:
+            yield from reader(unit)
+        except (BadInputError, InputReadError):
+            raise
+        except Exception as e:  # a bug or MemoryError: fail the task, saying where
+            e.add_note(f"while reading {unit}")
+            raise
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if world_size != len(self.tasks):
+            raise ValueError(f"the ingest was planned for {len(self.tasks)} tasks, "
+                             f"run with {world_size}")  # fmt: skip
         os.makedirs(self.rejects_folder, exist_ok=True)
-        rejects_path = os.path.join(self.rejects_folder, f"{rank:05d}.jsonl")
-        with open(rejects_path, "w") as self._rejects:
-            for path in self.files[rank::world_size]:
-                reader = self._read_parquet if path.endswith(".parquet") else self._read_jsonl
+        os.makedirs(self.corrupt_folder, exist_ok=True)
+        name = f"{rank:05d}.jsonl"
+        with (
+            open(os.path.join(self.rejects_folder, name), "w") as self._rejects,
+            open(os.path.join(self.corrupt_folder, name), "w") as self._corrupt,
+        ):
+            for unit in self.tasks[rank]:
                 with self.track_time():
-                    yield from reader(path)
-                self.stat_update("files")
+                    yield from self._read_unit(unit)
+                self._summarize(unit)
+                self.stat_update("input_units")

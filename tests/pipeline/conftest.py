@@ -40,6 +40,7 @@ class Dump:
     exact_dups: int = 0
     near_dups: int = 0
     read: int = 0
+    extra_pieces: int = 0  # documents added by splitting over-long records
     truncated: list[str] = field(default_factory=list)
 
 
@@ -80,15 +81,18 @@ def make_dump(root: Path, n_docs: int = 90, seed: int = 0) -> Dump:
     lines = [json.dumps(r).encode() for r in records]
     rng.shuffle(lines)
     half = len(lines) // 2
-    _zst(root / "chunk1" / "example_train_0.jsonl.zst", lines[:half])
+    book = json.dumps(_book(random.Random(seed + 1), dump)).encode()
+    _zst(root / "chunk1" / "example_train_0.jsonl.zst", lines[:half] + [book])
     bad_lines = [
         (b'{"text": "unterminated', "malformed_json"),
         (b'{"meta": {"redpajama_set_name": "X"}}', "missing_text"),
         (b'{"text": 12345}', "non_string_text"),
         (b'{"text": "   \\n\\t "}', "empty_text"),
         (b'{"text": "bad \xff\xfe bytes"}', "invalid_utf8"),
-        (json.dumps({"text": "y " * MAX_CHARS}).encode(), "too_long"),
         (json.dumps({"text": "dated badly", "date": "someday"}).encode(), "invalid_date"),
+        (json.dumps({"text": "x", "meta": {"redpajama_set_name": ["A", "B"]}}).encode(),
+         "invalid_metadata"),
+        (json.dumps({"text": "y", "date": {"year": 2001}}).encode(), "invalid_metadata"),
     ]
     for _line, reason in bad_lines:
         dump.bad[reason] = dump.bad.get(reason, 0) + 1
@@ -96,10 +100,23 @@ def make_dump(root: Path, n_docs: int = 90, seed: int = 0) -> Dump:
     for k, (line, _reason) in enumerate(bad_lines):
         mixed.insert(3 * k, line)
     _zst(root / "chunk2" / "example_train_1.jsonl.zst", mixed)
-    dump.read = len(lines) + len(bad_lines)
+    dump.read = len(lines) + 1 + len(bad_lines)
     _add_fineweb_and_jsonl(root, rng, dump)
     _add_broken_files(root, rng, dump)
     return dump
+
+
+def _book(rng: random.Random, dump: Dump) -> dict:
+    """An over-long record: split (records.too_long=split) into one piece per paragraph."""
+    paragraphs = [_text(rng, f"bk{k}", n_words=MAX_CHARS // 10) for k in range(3)]
+    for k, paragraph in enumerate(paragraphs):
+        piece = paragraph + ("\n\n" if k < len(paragraphs) - 1 else "")
+        marker = f"bk{k}"
+        dump.texts[marker], dump.dates[marker], dump.sources[marker] = (
+            piece, "2012-03-04", "RedPajamaBook")
+    dump.extra_pieces += len(paragraphs) - 1
+    meta = {"redpajama_set_name": "RedPajamaBook", "date": "2012-03-04"}
+    return {"text": "\n\n".join(paragraphs), "meta": meta}
 
 
 def _add_fineweb_and_jsonl(root: Path, rng: random.Random, dump: Dump) -> None:
@@ -151,7 +168,9 @@ def build_cmd(inputs: Path, output: Path, *extra: str) -> list[str]:
         sys.executable, "-m", "pipeline.cli", "corpus", "build", "--input", str(inputs),
         "--output", str(output), "--cutoff", CUTOFF, "--seq-len", "64", "--vocab-size", "600",
         "--workers", "2", "--quiet", f"records.max_chars={MAX_CHARS}",
-        "split.validation_fraction=0.1", "pack.rows_per_shard=20", *extra,
+        "split.validation_fraction=0.1", "pack.rows_per_shard=20",
+        # ~4 KB of input per task: six tasks, and docs.jsonl split into two byte ranges
+        "records.task_bytes=4000", *extra,
     ]  # fmt: skip
 
 

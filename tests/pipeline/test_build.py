@@ -19,7 +19,7 @@ from pipeline.shards import ShardMeta, file_sha256, open_shard, read_manifest, s
 
 from .conftest import CUTOFF, ROOT, build_cmd, run_build
 
-MARKER = re.compile(r"^((?:doc|fw|pl|tr)\d+) ")
+MARKER = re.compile(r"^((?:doc|fw|pl|tr|bk)\d+) ")
 
 
 def decode_split(corpus: Path, split: str) -> tuple[list[str], list[str]]:
@@ -62,8 +62,19 @@ def test_accounting_closes_and_bad_input_is_counted(built, dump):
     m = read_manifest(built)
     dropped = sum(m["dropped"].values())
     dups = m["duplicates"]["exact"] + m["duplicates"]["near"]
-    assert m["documents"]["read"] == m["documents"]["kept"] + dropped + dups
+    d = m["documents"]
+    assert d["read"] + d["extra_pieces"] == d["kept"] + dropped + dups
+    # each damaged region counts as one record read and dropped (corrupt_file)
+    assert d["read"] == dump.read + dump.bad["corrupt_file"]
+    assert d["extra_pieces"] == dump.extra_pieces
+    assert m["long_documents"] == {"policy": "split", "split": 1, "pieces": 3}
     assert m["dropped"] == dump.bad  # every planted bad record, by reason
+    assert m["dates"]["from_dump"] == 12  # the FineWeb rows carry only a dump id
+    corrupt = {Path(c["file"]).name: c for c in m["corrupt_files"]}
+    assert corrupt["truncated.jsonl.zst"]["reason"] == "truncated_stream"
+    size = (dump.root / "chunk3" / "truncated.jsonl.zst").stat().st_size
+    assert 0 < corrupt["truncated.jsonl.zst"]["lost_bytes"] <= size
+    assert corrupt["001.parquet"]["reason"] == "unreadable_parquet"
     assert m["documents"]["kept"] == sum(s["documents"] for s in m["splits"].values())
     rejects = list((built / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
     lines = [json.loads(x) for f in rejects for x in f.read_text().splitlines()]

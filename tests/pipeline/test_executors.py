@@ -13,7 +13,7 @@ from .conftest import run_build
 from .test_build import shard_digests
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
-SMALL = ("executor.tasks=2", "dedup.num_buckets=2", "dedup.hashes_per_bucket=4")
+SMALL = ("records.task_bytes=40000", "dedup.num_buckets=2", "dedup.hashes_per_bucket=4")
 
 
 @pytest.fixture(scope="module")
