@@ -75,8 +75,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     # warnings and the summary (full logs stay in each stage's logs/ folder).
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from pipeline.build import build_corpus
-    from pipeline.manifest import summary_table
     from pipeline.inputs import InputReadError
+    from pipeline.manifest import summary_table
     from pipeline.readers import BadInputError
 
     cfg = corpus_config_from_args(args)

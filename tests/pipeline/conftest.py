@@ -90,8 +90,10 @@ def make_dump(root: Path, n_docs: int = 90, seed: int = 0) -> Dump:
         (b'{"text": "   \\n\\t "}', "empty_text"),
         (b'{"text": "bad \xff\xfe bytes"}', "invalid_utf8"),
         (json.dumps({"text": "dated badly", "date": "someday"}).encode(), "invalid_date"),
-        (json.dumps({"text": "x", "meta": {"redpajama_set_name": ["A", "B"]}}).encode(),
-         "invalid_metadata"),
+        (
+            json.dumps({"text": "x", "meta": {"redpajama_set_name": ["A", "B"]}}).encode(),
+            "invalid_metadata",
+        ),
         (json.dumps({"text": "y", "date": {"year": 2001}}).encode(), "invalid_metadata"),
     ]
     for _line, reason in bad_lines:
@@ -113,7 +115,10 @@ def _book(rng: random.Random, dump: Dump) -> dict:
         piece = paragraph + ("\n\n" if k < len(paragraphs) - 1 else "")
         marker = f"bk{k}"
         dump.texts[marker], dump.dates[marker], dump.sources[marker] = (
-            piece, "2012-03-04", "RedPajamaBook")
+            piece,
+            "2012-03-04",
+            "RedPajamaBook",
+        )
     dump.extra_pieces += len(paragraphs) - 1
     meta = {"redpajama_set_name": "RedPajamaBook", "date": "2012-03-04"}
     return {"text": "\n\n".join(paragraphs), "meta": meta}
