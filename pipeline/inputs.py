@@ -255,18 +255,19 @@ def open_input(url: str) -> _Guarded:
     return _Guarded(url)
 
 
-def _feed(fh, decode) -> Iterator[tuple[bytes, int]]:
-    """(decoded bytes, source bytes consumed so far), feeding ``decode`` small pieces."""
+def _feed(fh, decode) -> Iterator[tuple[bytes, int, int]]:
+    """(decoded bytes, source position before and after the piece that gave them), feeding
+    ``decode`` small pieces."""
     pos = 0
     while chunk := fh.read(READ_BYTES):
         for i in range(0, len(chunk), FEED_BYTES):
             piece = chunk[i : i + FEED_BYTES]
             for out in decode(piece):
-                yield out, pos + i + len(piece)
+                yield out, pos + i, pos + i + len(piece)
         pos += len(chunk)
 
 
-def _zstd_blocks(fh) -> Iterator[tuple[bytes, int]]:
+def _zstd_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
     """Decoded blocks of a (multi-frame) zstd stream; damage or truncation raises."""
     dctx = zstandard.ZstdDecompressor()
     state = {"obj": dctx.decompressobj(), "open": False}
@@ -287,7 +288,7 @@ def _zstd_blocks(fh) -> Iterator[tuple[bytes, int]]:
         raise TruncatedStream("truncated zstd stream: the last frame is incomplete")
 
 
-def _gzip_blocks(fh) -> Iterator[tuple[bytes, int]]:
+def _gzip_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
     """Decoded blocks of a (multi-member) gzip stream; damage or truncation raises."""
     state = {"obj": zlib.decompressobj(wbits=31), "open": False}
 
@@ -309,33 +310,40 @@ def _gzip_blocks(fh) -> Iterator[tuple[bytes, int]]:
         raise TruncatedStream("truncated gzip stream: the last member is incomplete")
 
 
-def _plain_blocks(fh, start: int) -> Iterator[tuple[bytes, int]]:
+def _plain_blocks(fh, start: int) -> Iterator[tuple[bytes, int, int]]:
     if start:
         fh.seek(start)
     pos = start
     while chunk := fh.read(READ_BYTES):
+        yield chunk, pos, pos + len(chunk)
         pos += len(chunk)
-        yield chunk, pos
 
 
 def split_lines(blocks, base: int = 0) -> Iterator[tuple[bytes, int, int]]:
-    """(line without its newline, offset of its first byte, source position when it ended)."""
+    """(line without its newline, offset of its first byte, source position of its end).
+
+    For compressed input the source position is interpolated within the piece of compressed
+    bytes that produced the line's end: exact for plain files, to within a decoder block else.
+    """
     pending: list[bytes] = []
-    offset, pos = base, 0
-    for block, pos in blocks:
+    offset, end_pos = base, 0
+    for block, p0, p1 in blocks:
         if b"\n" not in block:
             pending.append(block)
             continue
-        if pending:
-            block = b"".join([*pending, block])
-        lines = block.split(b"\n")
+        head = sum(map(len, pending))
+        data = b"".join([*pending, block]) if pending else block
+        lines = data.split(b"\n")
         tail = lines.pop()
+        end = 0
         for line in lines:
-            yield line, offset, pos
+            end += len(line) + 1
+            end_pos = p0 + (p1 - p0) * (end - head) // len(block) if end > head else p0
+            yield line, offset, end_pos
             offset += len(line) + 1
         pending = [tail] if tail else []
     if pending:
-        yield b"".join(pending), offset, pos
+        yield b"".join(pending), offset, end_pos
 
 
 def unit_lines(fh, unit: WorkUnit) -> Iterator[tuple[bytes, int, int]]:

@@ -125,7 +125,7 @@ def parse_date(value, dump=None, lo: dt.date = MIN_DATE, hi: dt.date = MAX_DATE)
 
 
 # -- over-long texts -------------------------------------------------------------------------
-_BREAKS = (re.compile(r"\n[ \t\r]*\n\s*"), re.compile(r"\n"), re.compile(r"\s+"))
+_BREAKS = (re.compile(r"\n[ \t\r]*\n\s*"), re.compile(r"\n\s*"), re.compile(r"\s+"))
 
 
 def _pieces(text: str, limit: int, level: int) -> Iterator[str]:

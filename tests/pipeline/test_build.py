@@ -230,3 +230,46 @@ def test_large_vocab_gives_uint32_shards(tmp_path):
     table, meta = open_shard(out / m["splits"]["train"]["shards"][0]["path"])
     assert table.schema.field("input_ids").type == pa.list_(pa.uint32(), 65)
     assert shard_tokens(table).max() > 65_535
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if p.is_file()}  # fmt: skip
+
+
+def test_other_worker_counts_recompute_nothing(built, dump):
+    """The partition follows the data and records.task_bytes: no stage key sees the executor."""
+    before = _snapshot(built)
+    for workers in ("1", "3"):
+        run_build(dump.root, built, "--workers", workers)
+        assert _snapshot(built) == before
+
+
+def test_stage_keys_ignore_the_executor_and_tasks_is_gone(dump, tmp_path):
+    from pipeline.build import plan_stages
+    from pipeline.config import CorpusConfig
+    from pipeline.configlib import ConfigError, load_config
+
+    base = [f"input=[{dump.root}]", f"output={tmp_path}", "records.task_bytes=4000"]
+    folders = [[s.folder for s in plan_stages(load_config(CorpusConfig, None, base + extra))]
+               for extra in ([], ["executor.workers=9", "executor.kind=ray"])]  # fmt: skip
+    assert folders[0] == folders[1]  # publish included
+    ingest = plan_stages(load_config(CorpusConfig, None, base))[0]
+    assert ingest.tasks == 6  # 4 compressed/parquet files, docs.jsonl in two ranges + 001.parquet
+    with pytest.raises(ConfigError, match="executor.tasks is no longer a setting: .*task_bytes"):
+        load_config(CorpusConfig, None, base + ["executor.tasks=8"])
+
+
+def test_unreadable_input_fails_the_build_naming_the_file(tmp_path):
+    """A storage error (here a real one from the kernel) is not bad data: the build stops."""
+    if not os.path.exists("/proc/self/mem"):
+        pytest.skip("needs Linux /proc/self/mem to produce a read error")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ok.jsonl").write_text(json.dumps({"text": "fine", "date": "2001-01-01"}) + "\n")
+    (raw / "bad.jsonl").symlink_to("/proc/self/mem")  # a regular file whose reads fail
+    out = tmp_path / "c"
+    proc = run_build(f"file://{raw}", out, check=False)  # inputs may be fsspec URLs
+    assert proc.returncode == 1
+    assert re.search(r"cannot read input: .*bad\.jsonl: reading failed", proc.stdout), proc.stdout
+    assert not (out / "manifest.json").exists()
