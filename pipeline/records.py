@@ -28,28 +28,33 @@ _DATETIME_RE = re.compile(
 MIN_DATE = dt.date(1000, 1, 1)
 MAX_DATE = dt.date(2099, 12, 31)
 # fields that must be strings when present (ids may also be integers, dates date objects)
-STRING_FIELDS = ("meta.redpajama_set_name", "source", "dump", "id", "meta.date", "date")
+RECORD_STRING_FIELDS = ("source", "dump", "id", "date")
+META_STRING_FIELDS = ("redpajama_set_name", "date")
 
 
 class InvalidMetadata(ValueError):
     """A metadata field has the wrong type; the message names the field."""
 
 
-def field_value(rec: dict, meta: dict, name: str):
-    return meta.get(name[5:]) if name.startswith("meta.") else rec.get(name)
+def _check_type(name: str, value) -> None:
+    if name == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if name.endswith("date") and isinstance(value, dt.date):  # parquet date/timestamp
+        return
+    if not isinstance(value, str):
+        raise InvalidMetadata(f"field {name!r} is a {type(value).__name__}, expected a string")
 
 
 def check_types(rec: dict, meta: dict) -> None:
     """Raise :class:`InvalidMetadata` for the first string field that holds something else."""
-    for name in STRING_FIELDS:
-        value = field_value(rec, meta, name)
-        if value is None or isinstance(value, str):
-            continue
-        if name == "id" and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if name.endswith("date") and isinstance(value, dt.date):  # parquet date/timestamp
-            continue
-        raise InvalidMetadata(f"field {name!r} is a {type(value).__name__}, expected a string")
+    for key in META_STRING_FIELDS:
+        value = meta.get(key)
+        if value is not None and value.__class__ is not str:
+            _check_type(f"meta.{key}", value)
+    for key in RECORD_STRING_FIELDS:
+        value = rec.get(key)
+        if value is not None and value.__class__ is not str:
+            _check_type(key, value)
 
 
 def _in_bounds(day: dt.date, lo: dt.date, hi: dt.date, what: str) -> dt.date:
