@@ -157,11 +157,34 @@ def test_changed_settings_rebuild_instead_of_reusing(built, dump, tmp_path):
     assert meta.seq_len == 32
     assert second["stages"]["pack"] != first["stages"]["pack"]
     assert second["stages"]["split"] == first["stages"]["split"]  # upstream reused
-    # a different cutoff re-splits and removes splits that no longer exist
-    run_build(dump.root, out, "split.cutoff=2030-01-01")
+    # back to A: its stages (publish included) are all complete, yet OUTPUT must be A again
+    run_build(dump.root, out)
+    again = read_manifest(out)
+    assert again["seq_len"] == 64 and again["build_key"] == first["build_key"]
+    assert again["splits"] == first["splits"]  # shard paths, rows and sha256s
+    assert shard_digests(out) == shard_digests(built)
+    # a different cutoff re-splits and removes splits that no longer exist; --clean-work then
+    # drops the stage folders of A and B and the bulk data of this build's stages
+    run_build(dump.root, out, "split.cutoff=2030-01-01", "--clean-work")
     third = read_manifest(out)
     assert set(third["splits"]) == {"train", "validation"}
     assert not any(p.name.startswith("holdout_") for p in out.iterdir())
+    assert_cleaned(out, third)
+
+
+def assert_cleaned(out: Path, m: dict) -> None:
+    """Only this build's stage folders are left, holding logs (and rejects) only."""
+    work = out / ".work"
+    expected = {Path(v).name for v in m["stages"].values()}
+    expected |= {p.name for p in work.glob(f"*-publish-{m['build_key']}")}
+    assert {p.name for p in work.iterdir()} == expected and len(expected) == len(m["stages"]) + 1
+    for folder in work.iterdir():
+        assert {p.name for p in folder.iterdir()} <= {"logs", "rejects"}, folder
+        assert not (folder / "logs" / "completions").exists()
+    assert list((out / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
+    for info in m["splits"].values():
+        for shard in info["shards"]:
+            assert file_sha256(out / shard["path"]) == shard["sha256"]
 
 
 def test_given_tokenizer_is_used_and_checked(built, dump, tmp_path):
