@@ -238,7 +238,8 @@ class PublishCorpus(PipelineStep):
 
     def manifest(self, counts, kept, splits, shards, tok_dst) -> dict:
         seq_len = self.config["pack"]["seq_len"]
-        meta = tokenizer_meta(Tokenizer.from_file(tok_dst), tok_dst, self.config["tokenizer"]["eos_token"], seq_len)  # fmt: skip
+        eos = self.config["tokenizer"]["eos_token"]
+        meta = tokenizer_meta(Tokenizer.from_file(tok_dst), tok_dst, eos, seq_len)
         tokens, rows, docs, pad = (_per_split(counts[k]) for k in ("tokens", "rows", "docs", "pad"))
         sources: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "tokens": 0})
         for split in splits:
