@@ -85,7 +85,8 @@ def run_executor(pipeline, tasks: int, workers: int, logdir: Path) -> float:
 
 
 def bench_maskscale(split_dir: Path, tok_path: Path, work: Path, tasks: int, workers: int):
-    from pipeline.steps import TokenizePack, load_stats
+    from pipeline.packing import TokenizePack
+    from pipeline.steps import load_stats
 
     out = work / "pack"
     step = TokenizePack(str(split_dir), str(out / "data"), str(tok_path), "<|endoftext|>",

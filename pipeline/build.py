@@ -8,7 +8,13 @@ of the stages it reads, so:
   markers) and redoes only the unfinished ones, whose outputs are overwritten whole;
 - changing a setting gives the affected stage and everything downstream a new folder, so a
   stale stage is never reused (datatrove alone would skip it even with new parameters);
-- identical inputs and settings produce identical bytes (no timestamps, no unordered sets).
+- identical inputs and settings produce identical bytes (no timestamps, no unordered sets);
+- keys include the maskscale and datatrove versions, so an upgrade never reuses old stages.
+
+Publishing is the exception to "skip what is complete": OUTPUT holds one build at a time, so
+when the published manifest's ``build_key`` is not this build's, the publish stage is redone
+(config A, then B, then A again leaves A published, not B). ``clean_work`` then optionally
+removes the work files the published corpus no longer needs.
 
 Local runs stages one after the other in this process; Ray runs them the same way on a Ray
 cluster; Slurm submits them as a chain of dependent array jobs and returns at once.
@@ -17,6 +23,8 @@ cluster; Slurm submits them as a chain of dependent array jobs and returns at on
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import os
 import threading
 import time
@@ -31,16 +39,13 @@ from tqdm import tqdm
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
-from pipeline.manifest import PublishCorpus
+from pipeline.manifest import HashShards, PublishCorpus
+from pipeline.packing import PackTails, TokenizePack
 from pipeline.readers import RawDumpReader, discover_inputs, load_date_map, plan_tasks
 from pipeline.shards import file_sha256
-from pipeline.steps import (
-    RankFileReader,
-    TokenizePack,
-    TokenizerInstall,
-    TokenizerTrainer,
-)
+from pipeline.steps import RankFileReader, TokenizerInstall, TokenizerTrainer
 from pipeline.temporal import TemporalSplitter, UndatedGuard, check_undated
+from pipeline.workdir import clean_work, redo_stale_publish
 
 # stages a build may leave out (dedup off); executor.slurm.stages may still name them
 OPTIONAL_STAGES = ("exact-signatures", "exact-find", "minhash-signatures", "minhash-buckets",
@@ -68,6 +73,12 @@ class Stage:
         return os.path.join(self.folder, sub)
 
 
+@functools.cache
+def stage_versions() -> dict[str, str]:
+    """Versions that enter every stage key: new code may write different bytes."""
+    return {pkg: importlib.metadata.version(pkg) for pkg in ("maskscale", "datatrove")}
+
+
 class _Planner:
     """Builds the chain of stages; each stage's key extends the key of what it reads."""
 
@@ -77,7 +88,8 @@ class _Planner:
         self.stages: list[Stage] = []
 
     def add(self, name: str, parent_key: str, settings, tasks: int, make_pipeline) -> Stage:
-        key = fingerprint({"parent": parent_key, "settings": settings, "stage": name})
+        key = fingerprint({"parent": parent_key, "settings": settings, "stage": name,
+                           "versions": stage_versions()})  # fmt: skip
         folder = os.path.join(self.work, f"{len(self.stages):02d}-{name}-{key}")
         stage = Stage(name, folder, [], tasks, min(self.cfg.executor.workers, tasks), key)
         stage.pipeline = make_pipeline(stage)
@@ -133,16 +145,31 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     tok_path = tok_stage.data("tokenizer.json")
     pack = p.add("pack", f"{split.key}+{tok_stage.key}", to_dict(pc), tasks, lambda s: [
         TokenizePack(split.data(), s.data(), tok_path, cfg.tokenizer.eos_token, pc.seq_len,
-                     pc.rows_per_shard, pc.batch_docs),
+                     pc.rows_per_shard, pc.batch_docs, tails_folder=s.data("tails")),
+    ])  # fmt: skip
+    _plan_publish(p, pack, tok_path, tasks)
+    _check_stage_resources(cfg, p.stages)
+    return p.stages
+
+
+def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
+    cfg, pc = p.cfg, p.cfg.pack
+    tails = p.add("pack-tails", pack.key, {}, 1, lambda s: [
+        PackTails(pack.data("tails"), s.data(), tasks, tok_path, cfg.tokenizer.eos_token,
+                  pc.seq_len, pc.rows_per_shard),
+    ])  # fmt: skip
+    shard_dirs = [pack.data(), tails.data()]
+    # tasks in the key: datatrove's per-rank completions only hold for one task count
+    hashes = p.add("hash", tails.key, {"tasks": tasks}, tasks, lambda s: [
+        HashShards(shard_dirs),
     ])  # fmt: skip
     stage_dirs = {st.name: st.folder for st in p.stages}
     # executor settings never change what is published, so they are not part of its key
     publish_settings = {k: v for k, v in to_dict(cfg).items() if k != "executor"}
-    p.add("publish", pack.key, publish_settings, 1, lambda s: [
-        PublishCorpus(cfg.output, stage_dirs, pack.data(), tok_path, to_dict(cfg)),
+    p.add("publish", hashes.key, publish_settings, 1, lambda s: [
+        PublishCorpus(cfg.output, stage_dirs, shard_dirs, tails.data(), tok_path, to_dict(cfg),
+                      build_key=s.key, versions=stage_versions()),
     ])  # fmt: skip
-    _check_stage_resources(cfg, p.stages)
-    return p.stages
 
 
 def _report_undated(cfg: CorpusConfig, split: Stage) -> None:
@@ -270,13 +297,19 @@ def submit_slurm(cfg: CorpusConfig, stages: list[Stage]) -> None:
     previous.run()  # launches the whole dependency chain
 
 
-def build_corpus(cfg: CorpusConfig, progress: bool = True) -> dict | None:
-    """Run (or, on Slurm, submit) every stage; returns the manifest when finished here."""
+def build_corpus(cfg: CorpusConfig, progress: bool = True, clean: bool = False) -> dict | None:
+    """Run (or, on Slurm, submit) every stage; returns the manifest when finished here.
+
+    ``clean`` (``--clean-work``): after a successful publish, remove the work files the
+    published corpus no longer needs (see :func:`pipeline.workdir.clean_work`); ignored when
+    the build is only submitted (Slurm): rerun the command with it once the jobs are done.
+    """
     from pipeline.shards import read_manifest
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stages = plan_stages(cfg)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    redo_stale_publish(cfg.output, stages[-1])
     start = time.time()
     if cfg.executor.kind == "local":
         run_local(stages, progress)
@@ -286,5 +319,7 @@ def build_corpus(cfg: CorpusConfig, progress: bool = True) -> dict | None:
         submit_slurm(cfg, stages)
         return None
     manifest = read_manifest(cfg.output)
+    if clean:
+        manifest["cleaned"] = clean_work(cfg.output, stages)
     manifest["elapsed_s"] = round(time.time() - start, 2)
     return manifest

@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--executor", choices=["local", "slurm", "ray"], help="datatrove executor")
     b.add_argument("--strict", action="store_true", help="stop at the first bad record")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument(
+        "--clean-work",
+        action="store_true",
+        dest="clean_work",
+        help="after publishing, delete the work files (OUTPUT/.work) the corpus no longer needs "
+        "(keeps logs and rejects; a later build then recomputes every stage)",
+    )
     b.add_argument("overrides", nargs="*", metavar="key=value")
     b.set_defaults(func=cmd_build)
 
@@ -81,7 +88,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     cfg = corpus_config_from_args(args)
     try:
-        manifest = build_corpus(cfg, progress=not args.quiet)
+        manifest = build_corpus(cfg, progress=not args.quiet, clean=args.clean_work)
     except BadInputError as e:
         print(f"maskscale: bad input: {e}")
         return 1
@@ -90,9 +97,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 1
     if manifest is None:
         print("submitted the build to Slurm; the manifest appears when the last job ends")
+        if args.clean_work:
+            print("--clean-work: rerun this command with --clean-work once the jobs have ended")
         return 0
     print()
     print(summary_table(manifest))
+    if "cleaned" in manifest:
+        c = manifest["cleaned"]
+        print(f"\n--clean-work: removed {c['removed_stages']} old stage folders, freed "
+              f"{c['freed_bytes'] / 2**20:,.1f} MiB of work files")  # fmt: skip
     print(f"\ncorpus written to {cfg.output} ({manifest['elapsed_s']} s)")
     return 0
 

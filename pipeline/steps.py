@@ -8,20 +8,18 @@ missing (empty) file would otherwise shift every later task onto the wrong input
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import orjson
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipeline.readers import open_lines
-from pipeline.shards import ShardMeta, ShardWriter, file_sha256
+from pipeline.shards import ShardMeta, file_sha256
 
 INTERMEDIATE = "{rank:05d}.jsonl.zst"
 PRE_CUTOFF_CHARS = "chars/pre_cutoff"  # counted by the split stage, sized the BPE sample
@@ -162,81 +160,6 @@ class TokenizerInstall(PipelineStep):
         os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
         shutil.copyfile(self.src, self.out_path + ".tmp")
         os.replace(self.out_path + ".tmp", self.out_path)
-        return iter(())
-
-
-class TokenizePack(PipelineStep):
-    """Tokenizes each split of one task, joins documents with EOS and packs fixed rows.
-
-    Rows never mix sources (so the trainer can weight sources). The tokens left over at the end
-    of each (task, split, source) stream are fewer than one row; they are counted as
-    ``tail_tokens`` in the stats and the manifest, not silently dropped.
-    """
-
-    type = "🔢 - TOKENIZER"
-    name = "maskscale tokenize+pack"
-
-    def __init__(self, split_folder: str, out_folder: str, tokenizer_path: str, eos: str,
-                 seq_len: int, rows_per_shard: int, batch_docs: int):  # fmt: skip
-        super().__init__()
-        self.split_folder, self.out_folder = split_folder, out_folder
-        self.tokenizer_path, self.eos, self.seq_len = tokenizer_path, eos, seq_len
-        self.rows_per_shard, self.batch_docs = rows_per_shard, batch_docs
-
-    def _batches(self, split: str, rank: int) -> Iterator[tuple[str, list[str]]]:
-        """(source, texts) batches, grouped by source in arrival order."""
-        path = os.path.join(self.split_folder, split, INTERMEDIATE.format(rank=rank))
-        pending: dict[str, list[str]] = {}
-        for doc in read_rank_file(path):
-            bucket = pending.setdefault(doc.metadata["source"], [])
-            bucket.append(doc.text)
-            if len(bucket) >= self.batch_docs:
-                yield doc.metadata["source"], pending.pop(doc.metadata["source"])
-        yield from pending.items()
-
-    def pack_split(self, tok, split: str, rank: int) -> None:
-        width = self.meta.seq_len + 1
-        meta = dataclasses.replace(self.meta, split=split)
-        buffers: dict[str, np.ndarray] = {}
-        writer, chunk = None, 0
-        eos = np.array([self.meta.eos_id], dtype=np.int64)
-        for source, texts in self._batches(split, rank):
-            with self.track_time():
-                encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-                parts = [buffers.get(source, np.empty(0, np.int64))]
-                for enc in encs:
-                    parts.append(np.asarray(enc.ids, dtype=np.int64))
-                    parts.append(eos)
-                stream = np.concatenate(parts)
-                n_rows = len(stream) // width
-                buffers[source] = stream[n_rows * width :]
-                rows = stream[: n_rows * width].reshape(n_rows, width)
-                self.stat_update(f"tokens/{split}/{source}", value=len(stream) - len(parts[0]))
-                self.stat_update(f"docs/{split}/{source}", value=len(texts))
-                while len(rows):
-                    if writer is None:
-                        name = f"{rank:05d}_{chunk:05d}.arrow"
-                        writer = ShardWriter(os.path.join(self.out_folder, split, name), meta)
-                    take = min(len(rows), self.rows_per_shard - writer.rows)
-                    writer.write(rows[:take], source)
-                    self.stat_update(f"rows/{split}/{source}", value=take)
-                    rows = rows[take:]
-                    if writer.rows >= self.rows_per_shard:
-                        writer.close()
-                        writer, chunk = None, chunk + 1
-        if writer is not None:
-            writer.close()
-        for source, tail in buffers.items():
-            self.stat_update(f"tail_tokens/{split}/{source}", value=len(tail))
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(self.tokenizer_path)
-        self.meta = tokenizer_meta(tok, self.tokenizer_path, self.eos, self.seq_len)
-        splits = sorted(os.listdir(self.split_folder)) if os.path.isdir(self.split_folder) else []
-        for split in splits:
-            self.pack_split(tok, split, rank)
         return iter(())
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer
 
+from pipeline.packing import stream_tokens
 from pipeline.shards import ShardMeta, file_sha256, open_shard, read_manifest, shard_tokens
 
 from .conftest import CUTOFF, ROOT, build_cmd, run_build
@@ -22,31 +23,26 @@ from .conftest import CUTOFF, ROOT, build_cmd, run_build
 MARKER = re.compile(r"^((?:doc|fw|pl|tr|bk)\d+) ")
 
 
-def decode_split(corpus: Path, split: str) -> tuple[list[str], list[str]]:
-    """(complete documents, truncated last documents) of a split.
+def decode_split(corpus: Path, split: str) -> list[str]:
+    """Every document of a split, reassembled from the manifest (task rows + tail segments).
 
-    Per task (shard name prefix) and source, rows are one continuous token stream; it ends
-    with the start of a document whose rest is the counted tail.
+    Asserts what makes the corpus trustworthy: each stream ends with a whole document (EOS),
+    the segments and padding fill the tails shards exactly, and padding is EOS only.
     """
     manifest = read_manifest(corpus)
+    info = manifest["splits"][split]
     tok = Tokenizer.from_file(str(corpus / "tokenizer.json"))
-    eos = manifest["tokenizer"]["eos_id"]
-    streams: dict[tuple[str, str], list[np.ndarray]] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        table, _ = open_shard(corpus / shard["path"])
-        tokens, sources = shard_tokens(table), table.column("source").to_pylist()
-        task = Path(shard["path"]).name.split("_")[0]
-        for source in sorted(set(sources)):
-            rows = tokens[np.array([s == source for s in sources])]
-            streams.setdefault((task, source), []).append(rows.reshape(-1))
-    complete, partial = [], []
-    for parts in streams.values():
-        pieces = np.split(np.concatenate(parts), np.flatnonzero(np.concatenate(parts) == eos))
-        docs = [tok.decode(p[p != eos].tolist()) for p in pieces]
-        complete += docs[:-1]
-        if docs[-1]:
-            partial.append(docs[-1])
-    return complete, partial
+    eos, width = manifest["tokenizer"]["eos_id"], manifest["seq_len"] + 1
+    docs = []
+    for key, stream in stream_tokens(str(corpus), manifest, split).items():
+        assert len(stream) and stream[-1] == eos, f"{split} stream {key} ends inside a document"
+        cuts = np.flatnonzero(stream == eos)
+        docs += [tok.decode(p[:-1].tolist()) for p in np.split(stream, cuts + 1)[:-1]]
+    tails_rows = sum(s["rows"] for s in info["shards"] if "/tails_" in s["path"])
+    covered = sum(seg["length"] for seg in info["tail_segments"])
+    assert covered + info["pad_tokens"] == tails_rows * width
+    assert info["tokens"] + info["pad_tokens"] == info["rows"] * width
+    return docs
 
 
 def shard_digests(corpus: Path) -> dict[str, str]:
@@ -82,16 +78,14 @@ def test_accounting_closes_and_bad_input_is_counted(built, dump):
     assert all(r["file"] and r["line"] >= 1 for r in lines)
 
 
-def test_every_valid_document_is_kept_once(built, dump):
+def test_every_valid_document_is_kept_whole_once(built, dump):
     m = read_manifest(built)
     seen: dict[str, int] = {}
     for split in m["splits"]:
-        complete, partial = decode_split(built, split)
-        for text in complete + partial:
+        for text in decode_split(built, split):
             marker = MARKER.match(text).group(1)
             seen[marker] = seen.get(marker, 0) + 1
-            expected = dump.texts[marker]
-            assert text == expected if text in complete else expected.startswith(text)
+            assert text == dump.texts[marker], marker  # whole: no document is cut by packing
     expected = {k for k in dump.texts if k not in dump.truncated}
     # the exact copy and the near copy are gone, the originals stay: one of each marker
     assert expected == set(seen), sorted(expected ^ set(seen))
@@ -102,7 +96,7 @@ def test_every_valid_document_is_kept_once(built, dump):
 def test_dates_respected(built, dump):
     m = read_manifest(built)
     for split in m["splits"]:
-        for text in sum(decode_split(built, split), []):
+        for text in decode_split(built, split):
             date = dump.dates[MARKER.match(text).group(1)]
             if split in ("train", "validation"):
                 assert date < CUTOFF, (split, date)
@@ -132,7 +126,7 @@ def test_shards_schema_pyarrow_and_datasets(built):
     )
     assert len(ds) == rows and len(ds[0]["input_ids"]) == 65
     per_split = m["splits"]["train"]
-    assert per_split["tokens"] == per_split["rows"] * 65 + per_split["tail_tokens"]
+    assert per_split["tokens"] + per_split["pad_tokens"] == per_split["rows"] * 65
 
 
 def test_strict_mode_names_file_and_line(dump, tmp_path):
@@ -174,11 +168,34 @@ def test_changed_settings_rebuild_instead_of_reusing(built, dump, tmp_path):
     assert meta.seq_len == 32
     assert second["stages"]["pack"] != first["stages"]["pack"]
     assert second["stages"]["split"] == first["stages"]["split"]  # upstream reused
-    # a different cutoff re-splits and removes splits that no longer exist
-    run_build(dump.root, out, "split.cutoff=2030-01-01")
+    # back to A: its stages (publish included) are all complete, yet OUTPUT must be A again
+    run_build(dump.root, out)
+    again = read_manifest(out)
+    assert again["seq_len"] == 64 and again["build_key"] == first["build_key"]
+    assert again["splits"] == first["splits"]  # shard paths, rows and sha256s
+    assert shard_digests(out) == shard_digests(built)
+    # a different cutoff re-splits and removes splits that no longer exist; --clean-work then
+    # drops the stage folders of A and B and the bulk data of this build's stages
+    run_build(dump.root, out, "split.cutoff=2030-01-01", "--clean-work")
     third = read_manifest(out)
     assert set(third["splits"]) == {"train", "validation"}
     assert not any(p.name.startswith("holdout_") for p in out.iterdir())
+    assert_cleaned(out, third)
+
+
+def assert_cleaned(out: Path, m: dict) -> None:
+    """Only this build's stage folders are left, holding logs (and rejects) only."""
+    work = out / ".work"
+    expected = {Path(v).name for v in m["stages"].values()}
+    expected |= {p.name for p in work.glob(f"*-publish-{m['build_key']}")}
+    assert {p.name for p in work.iterdir()} == expected and len(expected) == len(m["stages"]) + 1
+    for folder in work.iterdir():
+        assert {p.name for p in folder.iterdir()} <= {"logs", "rejects"}, folder
+        assert not (folder / "logs" / "completions").exists()
+    assert list((out / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
+    for info in m["splits"].values():
+        for shard in info["shards"]:
+            assert file_sha256(out / shard["path"]) == shard["sha256"]
 
 
 def test_given_tokenizer_is_used_and_checked(built, dump, tmp_path):
