@@ -7,9 +7,14 @@
 2. Builds it with maskscale into a fresh output folder, running whatever stages
    ``pipeline.build.plan_stages`` returns one at a time through ``run_local`` and timing each;
    prints per-stage wall time, MB/s and docs/s (of the raw input), CPU time, the largest single
-   task and peak memory of the process tree.
+   task and peak memory of the process tree. Tasks follow from ``records.task_bytes``; its
+   default (512 MiB) would make a small dump a single task, so the build gets stored bytes /
+   (2 x workers) unless ``--set records.task_bytes=...`` says otherwise: every worker stays busy.
 3. Projects core-, wall- and node-hours for SlimPajama-627B on ``--nodes`` x ``--cores`` from the
-   measured CPU time per stage and each stage's parallelism at full scale.
+   measured CPU time per stage and each stage's parallelism at full scale, which follows from
+   the stage's role (``STAGE_ROLES``), never from the task count measured here: data-parallel
+   stages run one task per ``--task-bytes`` of stored input, MinHash buckets num_buckets x
+   workers_per_bucket, exact-find ``dedup.exact_finder_workers``, the rest one task.
 4. Runs a datatrove-only reference of the same stages on the same dump with the same tasks and
    workers: JsonlReader (zstd, SlimPajama adapter) -> exact dedup (signature, find, filter) ->
    MinHash (signature, buckets, cluster, filter; whitespace words) -> DocumentTokenizer +
@@ -50,38 +55,83 @@ from synth_dump import DumpParams, ensure_dump  # noqa: E402
 
 # SlimPajama-627B (train split), from its dataset card and the SlimPajama-6B card (a 1% sample
 # of train: chunk1 of 10 chunks, then 10% of it = 5,489,000 docs, 23.92 GB of text).
+# SlimPajama's zstd chunks are ~15 MB each and read whole (one work unit per file).
 FULL_FILES = 59_166
 FULL_COMPRESSED = 895e9
 FULL_DOCS = 5_489_000 * 100
 FULL_BYTES = 23.918e9 * 100
 FULL_TOKENS = 627e9
 
-# Stage correspondence maskscale -> reference, by name (first matching rule wins). Stages added
-# later (e.g. pack-tails) fall into the output group; BPE training is excluded from the ratio.
+# What each maskscale stage is: (parallelism at scale, what its work grows with).
+#   data: one task per records.task_bytes of stored input; finder: dedup.exact_finder_workers
+#   tasks; buckets: num_buckets x workers_per_bucket; serial: one task.
+#   bytes: the text read; docs: signatures only; tasks: one partial row per (task, split,
+#   source) stream (pack-tails); bpe: the tokenizer's training sample.
+STAGE_ROLES = {
+    "ingest": ("data", "bytes"),
+    "exact-signatures": ("data", "bytes"),
+    "exact-find": ("finder", "docs"),
+    "minhash-signatures": ("data", "bytes"),  # the exact-dedup filter runs inline here
+    "minhash-buckets": ("buckets", "docs"),
+    "minhash-cluster": ("serial", "docs"),
+    "split": ("data", "bytes"),  # the MinHash filter runs inline here
+    "tokenizer": ("serial", "bpe"),
+    "pack": ("data", "bytes"),
+    "pack-tails": ("serial", "tasks"),
+    "hash": ("data", "bytes"),
+    "publish": ("serial", "bytes"),  # hard-links shards and reads their hashes: per shard
+}
+
+# Stage correspondence maskscale -> reference, by exact name; BPE training is excluded from the
+# ratio. Both sides run their dedup filters inline in the next stage that reads the documents.
 GROUPS = [
-    ("read + exact signatures", ("ingest", "exact-sig"), ("exact-signatures",)),
+    ("read + exact signatures", ("ingest", "exact-signatures"), ("exact-signatures",)),
     ("exact find", ("exact-find",), ("exact-find",)),
-    ("exact filter + minhash signatures", ("exact-filter", "minhash-sig"), ("minhash-signatures",)),
-    ("minhash buckets", ("minhash-bucket",), ("minhash-buckets",)),
+    ("exact filter + minhash signatures", ("minhash-signatures",), ("minhash-signatures",)),
+    ("minhash buckets", ("minhash-buckets",), ("minhash-buckets",)),
     ("minhash cluster", ("minhash-cluster",), ("minhash-cluster",)),
-    ("filter + tokenize + write", ("",), ("tokenize", "merge")),
-]
+    ("filter + split + tokenize + write", ("split", "pack", "pack-tails", "hash", "publish"),
+     ("tokenize", "merge")),
+]  # fmt: skip
 EXCLUDED = ("tokenizer",)  # BPE training: the reference gets maskscale's trained tokenizer
 
 
 def group_of(name: str, ref: bool = False) -> str | None:
     if not ref and name in EXCLUDED:
         return None
-    for group, ms_prefixes, ref_names in GROUPS:
-        if ref and name in ref_names:
-            return group
-        if not ref and any(name.startswith(p) for p in ms_prefixes):
+    for group, ms_names, ref_names in GROUPS:
+        if name in (ref_names if ref else ms_names):
             return group
     return None
 
 
+def check_known(names: list[str]) -> None:
+    """Fail before building when the pipeline has stages this benchmark does not know."""
+    unknown = [n for n in names if n not in STAGE_ROLES]
+    grouped = {n for _, ms_names, _ in GROUPS for n in ms_names} | set(EXCLUDED)
+    ungrouped = [n for n in names if n in STAGE_ROLES and n not in grouped]
+    if unknown or ungrouped:
+        raise SystemExit(
+            f"pipeline_scale.py: stage(s) {', '.join(unknown + ungrouped)} have no role in "
+            "STAGE_ROLES or no group in GROUPS; add them there so the projection and the "
+            "comparison stay right"
+        )
+
+
+def full_data_tasks(task_bytes: int, stored: float, files: int) -> int:
+    """Tasks of a data-parallel stage at full scale: ``plan_tasks`` packs whole .zst files,
+    in order, into tasks of at most ``task_bytes`` (a bigger file is a task of its own)."""
+    per_task = max(1, math.floor(task_bytes / (stored / files)))
+    return math.ceil(files / per_task)
+
+
+def build_task_bytes(stored: int, workers: int) -> int:
+    """records.task_bytes for the measured build: about two tasks per worker."""
+    return max(1, math.ceil(stored / (2 * workers)))
+
+
 # -- maskscale -----------------------------------------------------------------------------------
-def run_maskscale(dump: Path, out: Path, workers: int, overrides: list[str]):
+def run_maskscale(dump: Path, out: Path, workers: int, overrides: list[str], verbose: bool):
     from pipeline.build import plan_stages, run_local
     from pipeline.config import CorpusConfig
     from pipeline.configlib import load_config
@@ -89,6 +139,10 @@ def run_maskscale(dump: Path, out: Path, workers: int, overrides: list[str]):
     cfg = load_config(CorpusConfig, None, [f'input=["{dump}"]', f"output={out}",
                                            f"executor.workers={workers}", *overrides])  # fmt: skip
     stages = plan_stages(cfg)
+    check_known([s.name for s in stages])
+    if verbose:
+        print(f"  maskscale build: records.task_bytes={cfg.records.task_bytes:,} -> "
+              f"{stages[0].tasks} tasks per data-parallel stage, {workers} workers")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for stage in stages:
@@ -213,60 +267,83 @@ def _bpe_cap(cfg) -> int | None:
     return next((v for k, v in items if "chars" in k and isinstance(v, int) and v > 0), None)
 
 
-def _full_scale(r: StageResult, data_tasks: int, args, cfg, meta) -> tuple[str, int, float]:
-    """(kind, parallel tasks at full scale, scale factor of its work) for one stage."""
-    bytes_x = args.full_bytes / meta["bytes_uncompressed"]
-    docs_x = args.full_docs / meta["docs"]
-    if r.name.startswith("tokenizer"):
-        if cap := _bpe_cap(cfg):
-            return "capped", 1, min(args.full_bytes, cap) / min(meta["bytes_uncompressed"], cap)
-        return "serial", 1, bytes_x
-    # signature-only stages scale with documents, text-reading ones with bytes
-    x = docs_x if any(s in r.name for s in ("find", "bucket", "cluster")) else bytes_x
-    if "bucket" in r.name or (r.tasks not in (1, data_tasks)):
-        return "fixed", r.tasks, x
-    if r.tasks == 1:
-        return "serial", 1, x
-    return "data", args.full_tasks, x
+def _full_scale(r: StageResult, tasks: tuple[int, int], args, cfg, meta) -> tuple:
+    """(kind, parallel tasks at full scale, what the work grows with, scale factor) of a stage,
+    from its role (``STAGE_ROLES``), never from the task count measured here. ``tasks``: data
+    tasks (measured build, full scale)."""
+    role, basis = STAGE_ROLES[r.name]
+    d = cfg.dedup
+    finder = d.exact_finder_workers
+    kind, par = {
+        "data": ("data", tasks[1]),
+        "finder": ("serial", 1) if finder == 1 else ("fixed", finder),
+        "buckets": ("fixed", d.num_buckets * d.workers_per_bucket),
+        "serial": ("serial", 1),
+    }[role]
+    if basis == "bpe":
+        cap = _bpe_cap(cfg)
+        if cap:
+            x = min(args.full_bytes, cap) / min(meta["bytes_uncompressed"], cap)
+            return "capped", 1, "cap", x
+        basis = "bytes"
+    x = {
+        "bytes": args.full_bytes / meta["bytes_uncompressed"],
+        "docs": args.full_docs / meta["docs"],
+        "tasks": tasks[1] / tasks[0],
+    }[basis]
+    return kind, par, basis, x
 
 
 def print_projection(results: list[StageResult], overhead: StageResult, args, cfg, meta) -> None:
     cores_total = args.nodes * args.cores
+    file_mb = args.full_stored / args.full_files / 1e6
+    full_tasks = full_data_tasks(args.task_bytes, args.full_stored, args.full_files)
+    build_tasks = next(r.tasks for r in results if STAGE_ROLES[r.name][0] == "data")
+    d = cfg.dedup
     print(f"\nProjection: SlimPajama-627B on {args.nodes} nodes x {args.cores} cores. Assumptions:")
     cap = _bpe_cap(cfg)
     for line in (
         f"corpus: {args.full_docs / 1e6:,.0f}M docs, {args.full_bytes / 1e12:.2f} TB uncompressed "
-        f"text, {FULL_COMPRESSED / 1e9:.0f} GB zstd in {FULL_FILES:,} files, "
-        f"{FULL_TOKENS / 1e9:.0f}B Llama tokens (SlimPajama-627B card; docs and bytes = 100 x the "
-        "1% sample SlimPajama-6B)",
+        f"text, {args.full_stored / 1e9:.0f} GB zstd in {args.full_files:,} files of "
+        f"~{file_mb:.1f} MB, {FULL_TOKENS / 1e9:.0f}B Llama tokens (SlimPajama-627B card; docs "
+        "and bytes = 100 x the 1% sample SlimPajama-6B)",
         f"work = CPU s measured here, net of executor start-up ({overhead.cpu_s:.1f} CPU s per "
-        "pooled stage, from an empty stage), x full/synthetic bytes (docs for exact-find, "
-        "minhash buckets and cluster, which see only signatures)",
+        "pooled stage, from an empty stage), x full/synthetic: bytes for stages that read text, "
+        "docs for exact-find and MinHash buckets/cluster (signatures only), data tasks for "
+        "pack-tails (one partial row per task, split and source); publish's fixed cost is scaled "
+        "with bytes too (an upper bound)",
         f"BPE training reads at most {cap or 'all'} chars (tokenizer cap); the synthetic text's "
         f"{meta['bytes_uncompressed'] / meta['docs']:,.0f} B/doc stands in for SlimPajama's "
         f"{args.full_bytes / args.full_docs:,.0f}",
-        f"'data' stages run {args.full_tasks:,} tasks (set executor.tasks: the default caps "
-        "them at 256); 'fixed' stages keep their measured task count (MinHash buckets); "
-        "'serial' stages run one task",
+        f"kind by stage role, not by the tasks measured here (the build ran {build_tasks} data "
+        f"tasks): 'data' stages (ingest, signatures, split, pack, hash) run one task per "
+        f"records.task_bytes = {args.task_bytes / 2**20:,.0f} MiB (--task-bytes) of zstd; .zst "
+        f"files are read whole, so {full_tasks:,} tasks (ceil({args.full_files:,} files / "
+        f"floor(task_bytes / file size)); ceil(stored / task_bytes) = "
+        f"{math.ceil(args.full_stored / args.task_bytes):,}; one per file below ~{file_mb:.0f} MB)",
+        f"'fixed': minhash-buckets = num_buckets x workers_per_bucket = {d.num_buckets} x "
+        f"{d.workers_per_bucket}, exact-find = dedup.exact_finder_workers when > 1; 'serial' "
+        f"(one task): exact-find (exact_finder_workers = {d.exact_finder_workers}), "
+        "minhash-cluster, tokenizer, pack-tails, publish",
         "one core per task, perfect packing, no I/O, network or scheduler limits; node-h = "
         "wall-h x the nodes a stage occupies",
     ):
         print(f"  - {line}")
-    print(f"{'stage':<22}{'kind':>7}{'tasks':>8}{'core-h':>10}{'wall-h':>9}{'nodes':>7}"
+    print(f"{'stage':<22}{'kind':>7}{'tasks':>8}{'x by':>6}{'core-h':>10}{'wall-h':>9}{'nodes':>7}"
           f"{'node-h':>10}")  # fmt: skip
-    data_tasks = results[0].tasks
     tot = [0.0, 0.0, 0.0]
     for r in results:
-        kind, par, x = _full_scale(r, data_tasks, args, cfg, meta)
+        kind, par, basis, x = _full_scale(r, (build_tasks, full_tasks), args, cfg, meta)
         core_h = r.work_s(overhead) * x / 3600
         slots = max(1, min(par, cores_total))
         wall_h = core_h / slots
         nodes = math.ceil(slots / args.cores)
         node_h = wall_h * nodes
         tot = [tot[0] + core_h, tot[1] + wall_h, tot[2] + node_h]
-        print(f"{r.name:<22}{kind:>7}{par:>8,}{core_h:>10,.1f}{wall_h:>9.2f}{nodes:>7}"
+        print(f"{r.name:<22}{kind:>7}{par:>8,}{basis:>6}{core_h:>10,.1f}{wall_h:>9.2f}{nodes:>7}"
               f"{node_h:>10,.1f}")  # fmt: skip
-    print(f"{'total':<22}{'':>7}{'':>8}{tot[0]:>10,.1f}{tot[1]:>9.2f}{'':>7}{tot[2]:>10,.1f}")
+    print(f"{'total':<22}{'':>7}{'':>8}{'':>6}{tot[0]:>10,.1f}{tot[1]:>9.2f}{'':>7}"
+          f"{tot[2]:>10,.1f}")  # fmt: skip
     print(
         f"  (node-h counts the nodes each stage occupies; holding all {args.nodes} nodes "
         f"for the whole build: {tot[1] * args.nodes:,.0f} node-h)"
@@ -345,6 +422,8 @@ def print_dedup_check(out: Path, ref_results: list[StageResult], ref_work: Path,
 
 
 def parse_args() -> argparse.Namespace:
+    from pipeline.config import RecordConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=float, default=50, help="uncompressed JSONL MB to generate")
     ap.add_argument("--files", type=int, default=40, help="number of .jsonl.zst input files")
@@ -363,11 +442,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-reference", action="store_true", help="skip the datatrove reference")
     ap.add_argument("--full-docs", type=float, default=FULL_DOCS)
     ap.add_argument("--full-bytes", type=float, default=FULL_BYTES)
+    ap.add_argument("--full-files", type=int, default=FULL_FILES, help="zstd files at full scale")
+    ap.add_argument("--full-stored", type=float, default=FULL_COMPRESSED,
+                    help="stored (zstd) bytes at full scale")  # fmt: skip
     ap.add_argument(
-        "--full-tasks",
+        "--task-bytes",
         type=int,
-        default=FULL_FILES,
-        help="tasks of file-parallel stages at full scale (default: one per file)",
+        default=RecordConfig.task_bytes,
+        help="projection: records.task_bytes at full scale (default: the config's, 512 MiB)",
     )
     ap.add_argument(
         "--set",
@@ -383,10 +465,17 @@ def run_all(args, dump: Path, meta: dict, work: Path) -> None:
     mb, docs = meta["bytes_uncompressed"] / 1e6, meta["docs"]
     overhead = executor_overhead(args.workers, str(work / "empty"))
     ms_runs, ref_runs = [], []
+    overrides = list(args.set)
+    if not any(o.startswith("records.task_bytes=") for o in overrides):
+        tb = build_task_bytes(meta["bytes_compressed"], args.workers)
+        overrides.append(f"records.task_bytes={tb}")
+        print(f"records.task_bytes={tb:,} for the measured build (stored bytes / (2 x "
+              f"{args.workers} workers), so every worker stays busy; the default 512 MiB would "
+              "make this dump one task)")  # fmt: skip
     for i in range(args.repeats):
         print(f"repeat {i + 1}/{args.repeats}")
         out = work / f"maskscale-{i}"
-        cfg, ms = run_maskscale(dump, out, args.workers, args.set)
+        cfg, ms = run_maskscale(dump, out, args.workers, overrides, verbose=i == 0)
         ms_runs.append(ms)
         if not args.no_reference:
             tok_path = find_tokenizer(out, ms)
