@@ -8,8 +8,9 @@
    ``pipeline.build.plan_stages`` returns one at a time through ``run_local`` and timing each;
    prints per-stage wall time, MB/s and docs/s (of the raw input), CPU time, the largest single
    task and peak memory of the process tree. Tasks follow from ``records.task_bytes``; its
-   default (512 MiB) would make a small dump a single task, so the build gets stored bytes /
-   (2 x workers) unless ``--set records.task_bytes=...`` says otherwise: every worker stays busy.
+   default (512 MiB) would make a small dump a single task, so the build gets about stored
+   bytes / (2 x workers), rounded up to whole files (about 2 x workers tasks, every worker
+   busy), unless ``--set records.task_bytes=...`` says otherwise.
 3. Projects core-, wall- and node-hours for SlimPajama-627B on ``--nodes`` x ``--cores`` from the
    measured CPU time per stage and each stage's parallelism at full scale, which follows from
    the stage's role (``STAGE_ROLES``), never from the task count measured here: data-parallel
@@ -125,9 +126,11 @@ def full_data_tasks(task_bytes: int, stored: float, files: int) -> int:
     return math.ceil(files / per_task)
 
 
-def build_task_bytes(stored: int, workers: int) -> int:
-    """records.task_bytes for the measured build: about two tasks per worker."""
-    return max(1, math.ceil(stored / (2 * workers)))
+def build_task_bytes(dump: Path, workers: int) -> int:
+    """records.task_bytes for the measured build: about 2 x workers tasks, so every worker stays
+    busy. .zst files are read whole, so a task is ceil(files / (2 x workers)) of the largest."""
+    sizes = [p.stat().st_size for p in dump.rglob("*.jsonl.zst")]
+    return math.ceil(len(sizes) / (2 * workers)) * max(sizes)
 
 
 # -- maskscale -----------------------------------------------------------------------------------
@@ -467,11 +470,11 @@ def run_all(args, dump: Path, meta: dict, work: Path) -> None:
     ms_runs, ref_runs = [], []
     overrides = list(args.set)
     if not any(o.startswith("records.task_bytes=") for o in overrides):
-        tb = build_task_bytes(meta["bytes_compressed"], args.workers)
+        tb = build_task_bytes(dump, args.workers)
         overrides.append(f"records.task_bytes={tb}")
-        print(f"records.task_bytes={tb:,} for the measured build (stored bytes / (2 x "
-              f"{args.workers} workers), so every worker stays busy; the default 512 MiB would "
-              "make this dump one task)")  # fmt: skip
+        print(f"records.task_bytes={tb:,} for the measured build: whole .zst files, about stored "
+              f"bytes / (2 x {args.workers} workers), so every worker stays busy (the default "
+              "512 MiB would make this dump one task)")  # fmt: skip
     for i in range(args.repeats):
         print(f"repeat {i + 1}/{args.repeats}")
         out = work / f"maskscale-{i}"
