@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="auto: process CPU time on a CPU device with one thread (stable on a shared "
+        "machine), wall time otherwise",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -61,23 +68,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def median_times(fns: dict[str, Callable[[], object]], repeats: int, device) -> dict[str, float]:
-    """Median wall time of each function over ``repeats`` rounds, after one warm-up round.
+def median_times(
+    fns: dict[str, Callable[[], object]], repeats: int, device, clock: str = "wall"
+) -> dict[str, float]:
+    """Median time of each function over ``repeats`` rounds, after one warm-up round.
 
     The functions run round-robin within each round, so a load change on a shared machine hits
-    all of them alike and the ratios stay meaningful even when absolute times drift.
+    all of them alike. ``clock="cpu"`` measures this process's CPU time instead of wall time:
+    with one thread it is what the work costs, whatever else the machine runs.
     """
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = now()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -104,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.context + args.continuation > args.seq_len:
         sys.exit("--context + --continuation must fit in --seq-len")
     device = torch.device(args.device)
+    clock = args.clock
+    if clock == "auto":
+        clock = "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
     cfg = load_preset(args.model, seq_len=args.seq_len, vocab_size=args.vocab)
     torch.manual_seed(0)
     model = Transformer(cfg, causal=False).to(device=device, dtype=DTYPES[args.dtype]).eval()
@@ -146,13 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         },
         args.repeats,
         device,
+        clock,
     )
     t_mc, t_bare, t_trunk, t_cfg = t["mc"], t["bare"], t["trunk"], t["cfg"]
     t_chain, t_chain_bare, t_greedy = t["chain"], t["chain_bare"], t["greedy"]
 
     print(
         f"model {args.model} (vocab {args.vocab}, seq {args.seq_len}) on {device} {args.dtype}, "
-        f"{torch.get_num_threads()} threads; {args.requests} requests of {args.context} + "
+        f"{torch.get_num_threads()} threads, {clock} clock; {args.requests} requests of {args.context} + "
         f"{l_cont} tokens; token budget {args.token_budget}; medians of {args.repeats}"
     )
     print(f"1. MC ELBO, n={n}: {args.requests / t_mc:.3f} continuations/s ({t_mc:.3f} s)")
