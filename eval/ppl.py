@@ -345,8 +345,8 @@ def run_ppl(args: argparse.Namespace, reuse: bool = False) -> tuple[list[dict], 
     for path, corpus_dir, manifest, splits in plans:
         loaded = load_model(path, args.checkpoint, args.device, args.dtype)
         result = evaluate_run(loaded, corpus_dir, manifest, splits, cfg, reuse, rank, world)
-        if rank == 0:
-            save_results(loaded, result)
+        if rank == 0 and len(result["reused"]) < len(result["splits"]):
+            save_results(loaded, result)  # something new: write and log it
         results.append(result)
         del loaded
     return results, rank
