@@ -257,10 +257,12 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def default_out(results: list[dict]) -> Path:
-    dirs = [Path(r["run_dir"] or Path(r["export_dir"]).parent).resolve() for r in results]
-    if len(dirs) == 1:
-        return dirs[0] / "eval" / "temporal"
-    return Path(os.path.commonpath(dirs)) / "eval-temporal"
+    """One run: its eval folder; several: ``eval-temporal/`` in their common parent folder."""
+    if len(results) == 1:
+        return Path(results[0]["out_dir"]) / "temporal"
+    dirs = [Path(r["run_dir"] or r["export_dir"]).resolve() for r in results]
+    common = Path(os.path.commonpath(dirs))
+    return (common if common != Path(common.anchor) else Path.cwd()) / "eval-temporal"
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:

@@ -131,3 +131,14 @@ def test_match_among_three_runs(eval_runs, tmp_path, capsys):
     assert (report["match"]["arm"], report["match"]["mdm"]) == (best, "mdm")
     assert [r["run"] for r in report["runs"]] == [best, "mdm"]
     assert f"Matched at validation loss: ARM `{best}`" in out
+
+
+def test_demo_runs_the_temporal_report_on_its_two_runs(pair, tmp_path, capsys):
+    from pipeline.demo import temporal_report
+
+    arm, mdm = pair
+    results = {"arm": {"run_dir": str(arm)}, "mdm": {"run_dir": str(mdm)}}
+    out = temporal_report(tmp_path, results)
+    assert out == tmp_path / "temporal"
+    assert {p.name for p in out.iterdir()} == {"temporal.md", "temporal.png", "temporal.json"}
+    assert "| recent |" in capsys.readouterr().out
