@@ -100,7 +100,9 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
     return out
 
 
-def temporal_report(work: Path, results: dict[str, dict]) -> Path | None:
+def temporal_report(
+    work: Path, results: dict[str, dict], rows: int = 128, mc_samples: int = 16
+) -> Path | None:
     """``maskscale eval temporal`` on the demo's runs (through the CLI, so pipeline/ does not
     import eval/); returns the report folder, or None when the corpus cannot support one."""
     from pipeline.cli import main as maskscale
@@ -108,7 +110,8 @@ def temporal_report(work: Path, results: dict[str, dict]) -> Path | None:
     out = work / "temporal"
     runs = [summary["run_dir"] for summary in results.values()]
     print("\n[demo] temporal degradation: each later decade against validation")
-    argv = ["eval", "temporal", *runs, "--rows", "256", "--mc-samples", "32", "--out", str(out)]
+    argv = ["eval", "temporal", *runs, "--rows", str(rows), "--mc-samples", str(mc_samples)]
+    argv += ["--out", str(out)]
     return out if maskscale(argv) == 0 else None
 
 

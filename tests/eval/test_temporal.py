@@ -138,7 +138,7 @@ def test_demo_runs_the_temporal_report_on_its_two_runs(pair, tmp_path, capsys):
 
     arm, mdm = pair
     results = {"arm": {"run_dir": str(arm)}, "mdm": {"run_dir": str(mdm)}}
-    out = temporal_report(tmp_path, results)
+    out = temporal_report(tmp_path, results, rows=16, mc_samples=2)
     assert out == tmp_path / "temporal"
     assert {p.name for p in out.iterdir()} == {"temporal.md", "temporal.png", "temporal.json"}
     assert "| recent |" in capsys.readouterr().out
