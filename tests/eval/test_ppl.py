@@ -139,6 +139,7 @@ def test_outputs_csv_json_and_mlflow_metrics(eval_runs, tmp_path, capsys):
         data["splits"]["holdout_2023"]["loss"]
     )
     assert not list((run / "eval").glob(".*tmp*"))
+    assert (run / "mlflow_tracking_uri").read_text().strip() == eval_runs.mlflow_uri
     client = MlflowClient(eval_runs.mlflow_uri)
     run_id = (run / "mlflow_run_id").read_text().strip()
     history = client.get_metric_history(run_id, "eval/holdout_2023/loss")
