@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 import shutil
@@ -256,3 +257,37 @@ def evaluate_cloze(docs: dict[str, list[dict]], score: ScoreFn) -> dict[str, dic
             "perplexity": float(np.exp(-np.mean(lls))) if lls else float("nan"),
         }
     return out
+
+
+def plot_cloze(
+    results: dict[str, dict], png: str | Path, title: str, ppl: dict[str, float] | None = None
+) -> Path:
+    """Accuracy per period (error bars = 1 stderr); perplexity on a second axis if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(results)
+    x = np.arange(len(splits))
+    acc = [results[s]["acc"] for s in splits]
+    err = [
+        0.0 if math.isnan(results[s]["acc_stderr"]) else results[s]["acc_stderr"] for s in splits
+    ]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(splits)), 3.6))
+    ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, color="tab:blue", label="cloze accuracy")
+    ax.set_ylabel("last-word accuracy", color="tab:blue")
+    ax.set_xticks(x, splits, rotation=20)
+    ax.set_ylim(0, max(1e-3, min(1.0, max(a + e for a, e in zip(acc, err)) * 1.15)))
+    if ppl:
+        twin = ax.twinx()
+        ys = [ppl.get(s, float("nan")) for s in splits]
+        twin.plot(x, ys, marker="s", linestyle="--", color="tab:red", label="perplexity")
+        twin.set_ylabel("perplexity", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
