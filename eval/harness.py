@@ -35,9 +35,15 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from eval.likelihood import LikelihoodConfig, Scorer
-from eval.loading import EvalError, load_model
 from eval.tasks import encode_pair
+
+try:
+    from eval.likelihood import LikelihoodConfig, Scorer
+    from eval.loading import EvalError, load_model
+except ModuleNotFoundError as e:  # TEMPORARY until eval-core and eval-ppl are merged
+    if e.name not in ("eval.likelihood", "eval.loading"):
+        raise
+    from eval._interim_core import EvalError, LikelihoodConfig, Scorer, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TASKS = ROOT / "configs" / "eval" / "paper-tasks.yaml"
@@ -286,24 +292,28 @@ def group_tasks(
 # ----------------------------------------------------------------------------- running
 
 
-def task_manager(include_path: str | Path | None = None):
-    """A harness TaskManager over its own tasks plus the YAMLs under ``include_path``."""
+def task_manager(include_path: str | Path | None, tasks: list[str]):
+    """A harness TaskManager that knows ``tasks``, refusing unknown names before any model loads.
+
+    Indexing the harness's own task library takes seconds, so when every requested task is
+    defined under ``include_path`` only that folder is indexed.
+    """
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise EvalError(f"--include-path {include_path}: no such directory of task YAMLs")
-    return TaskManager(include_path=str(include_path) if include_path else None)
-
-
-def check_tasks(manager, tasks: list[str]) -> None:
-    """Refuse unknown task names before any model is loaded."""
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise EvalError(f"--include-path {include_path}: no such directory of task YAMLs")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
     if unknown:
         raise EvalError(
             f"unknown task(s) {unknown}: not a harness task, group or tag, nor defined by a "
             "YAML under --include-path (see `lm_eval ls tasks` for the harness's names)"
         )
+    return manager
 
 
 def evaluate(lm: MaskscaleLM, tasks: list[str], manager, **kw) -> dict:

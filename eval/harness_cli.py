@@ -50,7 +50,7 @@ def _model_args(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    from eval.loading import load_model
+    from eval.harness import load_model
 
     return load_model(args.run, args.checkpoint, args.device, args.dtype)
 
@@ -80,8 +80,8 @@ def _limit(text: str) -> int | float:
 
 def cmd_harness(args: argparse.Namespace) -> int:
     from eval.harness import (
+        EvalError,
         ModelArgs,
-        check_tasks,
         flat_metrics,
         group_tasks,
         load_paper_tasks,
@@ -92,7 +92,6 @@ def cmd_harness(args: argparse.Namespace) -> int:
         task_manager,
         write_results,
     )
-    from eval.loading import EvalError
 
     try:
         base = parse_model_args(args.model_args)
@@ -101,8 +100,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
         ModelArgs(**base).validate()
         paper = load_paper_tasks(args.paper_tasks) if args.paper_tasks else None
         tasks = [c.task for c in paper.tasks] if paper else _task_list(args.tasks)
-        manager = task_manager(args.include_path)
-        check_tasks(manager, tasks)
+        manager = task_manager(args.include_path, tasks)
         loaded = _load(args)
         if paper:
             groups = group_tasks(paper.tasks, loaded.family, base, paper.mc_samples)
@@ -129,7 +127,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
 def _task_list(text: str | None) -> list[str]:
     tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not tasks:
-        from eval.loading import EvalError
+        from eval.harness import EvalError
 
         raise EvalError("no tasks: pass --tasks NAME[,NAME...] or --paper-tasks")
     return tasks
@@ -139,8 +137,7 @@ def _task_list(text: str | None) -> list[str]:
 
 
 def cmd_mc(args: argparse.Namespace) -> int:
-    from eval.harness import ModelArgs, TextScorer, log_to_run, write_results
-    from eval.loading import EvalError
+    from eval.harness import EvalError, ModelArgs, TextScorer, log_to_run, write_results
     from eval.tasks import TaskError, read_mc_jsonl, score_mc
 
     try:
@@ -180,7 +177,7 @@ def _run_corpus(loaded, given: str | None) -> Path:
     """--corpus, else the corpus the run was trained on (its config.yaml)."""
     import yaml
 
-    from eval.loading import EvalError
+    from eval.harness import EvalError
 
     if given:
         return Path(given)
@@ -230,8 +227,7 @@ def _temporal_ppl(eval_dir: Path) -> dict[str, float] | None:
 
 def cmd_cloze(args: argparse.Namespace) -> int:
     from eval.cloze import evaluate_cloze, plot_cloze, read_cloze
-    from eval.harness import ModelArgs, TextScorer, log_to_run, write_results
-    from eval.loading import EvalError
+    from eval.harness import EvalError, ModelArgs, TextScorer, log_to_run, write_results
     from eval.tasks import TaskError
 
     try:
