@@ -278,7 +278,7 @@ def plot_cloze(
     ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, color="tab:blue", label="cloze accuracy")
     ax.set_ylabel("last-word accuracy", color="tab:blue")
     ax.set_xticks(x, splits, rotation=20)
-    ax.set_ylim(0, max(1e-3, min(1.0, max(a + e for a, e in zip(acc, err)) * 1.15)))
+    ax.set_ylim(0, min(1.05, max(0.05, max(a + e for a, e in zip(acc, err)) * 1.15)))
     if ppl:
         twin = ax.twinx()
         ys = [ppl.get(s, float("nan")) for s in splits]
