@@ -165,6 +165,32 @@ def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
 # ----------------------------------------------------------------------------- harness model
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size): joins torchrun's process group (gloo on CPU, NCCL on GPU) if launched
+    by it; (0, 1) otherwise."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_device(device: str) -> str:
+    """``auto`` under torchrun on GPUs -> this process's GPU (cuda:LOCAL_RANK)."""
+    import os
+
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and distributed()[1] > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 @register_model("maskscale")
 class MaskscaleLM(LM):
     """lm-evaluation-harness model for maskscale ARM and MDM runs (see the module docstring)."""
@@ -189,6 +215,35 @@ class MaskscaleLM(LM):
             )
         self.text = TextScorer(loaded, self.args)
         self._device = loaded.device
+        self._rank, self._world_size = distributed()
+
+    # data parallel under torchrun: the harness shards requests by rank and gathers on rank 0
+    # through these four methods (single process: the base class's no-ops)
+
+    def all_gather(self, tensor):
+        if self._world_size == 1:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        if self._world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     @property
     def loaded(self):
@@ -343,6 +398,8 @@ def run_groups(loaded, groups: list[tuple[list[str], dict]], manager, **kw) -> d
         lm = MaskscaleLM(loaded=loaded, **args)
         print(f"[harness] {', '.join(tasks)} with {describe(loaded, lm.args)}", file=sys.stderr)
         res = evaluate(lm, tasks, manager, **kw)
+        if res is None:  # not rank 0 of a data-parallel run: rank 0 holds the results
+            continue
         for key, value in res.items():
             if isinstance(value, dict) and key != "config":
                 merged.setdefault(key, {}).update(value)
@@ -351,7 +408,8 @@ def run_groups(loaded, groups: list[tuple[list[str], dict]], manager, **kw) -> d
         merged.setdefault("maskscale", {"groups": []})["groups"].append(
             {"tasks": tasks, "model_args": dataclasses.asdict(lm.args)}
         )
-    merged["maskscale"].update(model_info(loaded))
+    if merged:
+        merged["maskscale"].update(model_info(loaded))
     return merged
 
 

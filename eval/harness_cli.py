@@ -50,9 +50,9 @@ def _model_args(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    from eval.harness import load_model
+    from eval.harness import load_model, rank_device
 
-    return load_model(args.run, args.checkpoint, args.device, args.dtype)
+    return load_model(args.run, args.checkpoint, rank_device(args.device), args.dtype)
 
 
 def _eval_dir(loaded) -> Path:
@@ -82,6 +82,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
     from eval.harness import (
         EvalError,
         ModelArgs,
+        distributed,
         flat_metrics,
         group_tasks,
         load_paper_tasks,
@@ -111,6 +112,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
         results = run_groups(loaded, groups, manager, **kw)
     except (EvalError, NotImplementedError) as e:
         return _fails("harness", e)
+    if distributed()[0] != 0:
+        return 0  # rank 0 reports for every rank
     from lm_eval.utils import make_table
 
     print(make_table(results))

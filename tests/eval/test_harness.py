@@ -289,3 +289,41 @@ def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys)
     harness = json.loads((arm / "eval" / "harness-temporal_cloze.json").read_text())["results"]
     for split, r in splits.items():
         assert harness[f"temporal_cloze_{split}"]["acc,none"] == pytest.approx(r["acc"])
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+LAUNCHER = """
+import argparse, sys
+from eval.harness_cli import register
+parser = argparse.ArgumentParser()
+register(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+@pytest.mark.slow
+def test_harness_under_torchrun_matches_one_process(world, tmp_path):
+    """2 CPU processes (gloo): requests sharded by rank, gathered on rank 0, same results."""
+    import os
+    import subprocess
+    import sys
+
+    arm = world["arm"]
+    tasks = ["--include-path", ASSETS, "--tasks", "ramp_mc,ramp_next,ramp_rolling", "--no-mlflow"]
+    assert cli("harness", arm, *tasks, "--out", tmp_path / "one.json") == 0
+    (tmp_path / "launch.py").write_text(LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(tmp_path / "launch.py"), "harness", str(arm), *tasks, "--out", str(tmp_path / "two.json")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1  # only rank 0 reports
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    for task, metrics in one.items():
+        assert two[task]["sample_len"] == metrics["sample_len"] == 8
+        for key, value in metrics.items():
+            if isinstance(value, float) and "_stderr" not in key:  # bootstrap stderrs resample
+                assert two[task][key] == pytest.approx(value, rel=1e-6), (task, key)
