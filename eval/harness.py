@@ -13,11 +13,13 @@ generation issue.
 It is registered as ``maskscale`` (family from the run), ``maskscale-arm`` and ``maskscale-mdm``
 (the same, but refusing a run of the other family), so ``lm_eval.simple_evaluate(model=
 "maskscale", model_args="path=RUN,estimator=chain_rule,cfg=1.1")`` works once this module is
-imported. ``run_tasks`` is what ``maskscale eval harness`` calls: it checks task names before
-loading anything, evaluates, and returns the harness's results dict. The paper's eight tasks
-need different estimators and CFG scales (``configs/eval/paper-tasks.yaml``): ``run_groups``
-evaluates each group of tasks that share model args with one ``simple_evaluate`` call on one
-loaded model and merges the results into a single dict the harness's table printer accepts.
+imported. ``maskscale eval harness`` (eval/harness_cli.py) checks the task names
+(``task_manager``) before loading anything, then ``run_groups`` evaluates: the paper's eight
+tasks need different estimators and CFG scales (``configs/eval/paper-tasks.yaml``), so each
+group of tasks sharing model args gets one ``simple_evaluate`` call on the one loaded model, and
+the results merge into a single dict the harness's table printer accepts. Under ``torchrun``
+the harness shards requests by rank and gathers metrics on rank 0 through the model's
+``all_gather`` / ``gather_object`` / ``barrier`` (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def parse_model_args(text: str | dict | None) -> dict:
     unknown = sorted(set(args) - known)
     if unknown:
         raise EvalError(f"unknown model arg(s) {unknown}; known: {sorted(known)}")
+    if isinstance(args.get("batch_size"), str):  # the harness's "auto": the token budget rules
+        args.pop("batch_size")
     if isinstance(args.get("cfg"), int):
         args["cfg"] = float(args["cfg"])
     return args
