@@ -52,6 +52,9 @@ class ClozeConfig:
     """Passages per split (fewer if a split runs out of usable rows; the report says so)."""
     words: int = 40
     """Words per passage, the target included (LAMBADA passages average about 75)."""
+    min_target_chars: int = 4
+    """Shortest target word; 4 skips most function words ("the", "of", "and"), which would make
+    the task a test of grammar rather than of content."""
     seed: int = 0
     """Seed of the row order (the same seed and corpus give the same passages)."""
     splits: list[str] | None = None
@@ -60,6 +63,8 @@ class ClozeConfig:
     def validate(self) -> None:
         if self.n < 1:
             raise TaskError(f"n: passages per split must be >= 1, got {self.n}")
+        if self.min_target_chars < 1:
+            raise TaskError(f"min_target_chars: must be >= 1, got {self.min_target_chars}")
         if self.words < 2:
             raise TaskError(
                 f"words: a passage needs >= 2 words (context + target), got {self.words}"
@@ -99,7 +104,9 @@ def _pieces(ids: np.ndarray, eos_id: int) -> list[tuple[np.ndarray, bool, bool]]
     return out
 
 
-def passage_from_row(ids: np.ndarray, eos_id: int, tokenizer, words: int) -> dict | str:
+def passage_from_row(
+    ids: np.ndarray, eos_id: int, tokenizer, words: int, min_chars: int = 1
+) -> dict | str:
     """{context, target} from one packed row, or the reason there is none."""
     best: tuple[int, list[str]] | None = None
     for piece, starts, ends in _pieces(ids, eos_id):
@@ -111,9 +118,9 @@ def passage_from_row(ids: np.ndarray, eos_id: int, tokenizer, words: int) -> dic
         return "too_short"
     ws = best[1]
     for k in range(len(ws) - 1, words - 2, -1):
-        if _WORD.fullmatch(ws[k]):
+        if len(ws[k]) >= min_chars and _WORD.fullmatch(ws[k]):
             return {"context": " ".join(ws[k - words + 1 : k]), "target": ws[k]}
-    return "no_plain_word"
+    return "no_target_word"
 
 
 class _Rows:
@@ -143,7 +150,8 @@ def draw_split(corpus: Path, manifest: dict, split: str, tokenizer, cfg: ClozeCo
     eos_id = int(manifest["tokenizer"]["eos_id"])
     docs, skipped = [], {}
     for i in rng.permutation(len(rows)):
-        got = passage_from_row(np.asarray(rows[int(i)]), eos_id, tokenizer, cfg.words)
+        row = np.asarray(rows[int(i)])
+        got = passage_from_row(row, eos_id, tokenizer, cfg.words, cfg.min_target_chars)
         if isinstance(got, str):
             skipped[got] = skipped.get(got, 0) + 1
             continue

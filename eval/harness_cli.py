@@ -198,6 +198,7 @@ def _cloze_tasks(args, loaded):
     from eval.cloze import INFO, ClozeConfig, build_cloze
 
     cfg = ClozeConfig(n=args.n, words=args.words, seed=args.draw_seed, splits=args.splits)
+    cfg.min_target_chars = args.min_target_chars
     corpus = _run_corpus(loaded, args.corpus)
     task_dir = Path(args.task_dir) if args.task_dir else _eval_dir(loaded) / "cloze"
     info_file = task_dir / INFO
@@ -324,6 +325,7 @@ def register(eval_subparsers) -> None:
     c.add_argument("--corpus", help="corpus to draw passages from (default: the run's)")
     c.add_argument("--n", type=int, default=200, help="passages per split (200)")
     c.add_argument("--words", type=int, default=40, help="words per passage incl. target (40)")
+    c.add_argument("--min-target-chars", type=int, default=4, help="shortest target word (4)")
     c.add_argument("--draw-seed", type=int, default=0, help="seed of the passage draw (0)")
     c.add_argument("--splits", nargs="+", help="splits (default validation + every holdout)")
     c.add_argument("--task-dir", help="where the task files go (default RUN_DIR/eval/cloze)")

@@ -272,7 +272,7 @@ def test_paper_tasks_file_and_grouping_by_model_args():
 
 def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys):
     arm, uri = world["arm"], world["uri"]
-    assert cli("cloze", arm, "--n", 8, "--words", 5) == 0
+    assert cli("cloze", arm, "--n", 8, "--words", 5, "--min-target-chars", 2) == 0
     report = json.loads((arm / "eval" / "cloze-results.json").read_text())
     splits = report["splits"]
     assert list(splits) == ["validation", "holdout_1999", "holdout_2001"]

@@ -171,7 +171,13 @@ def test_passage_drops_words_cut_by_row_edges_and_ends_in_a_plain_word(tmp_path)
     assert got == {"context": "w11 w12 w13", "target": "w14"}
     assert passage_from_row(row, 0, tok, words=8) == "too_short"
     only_unk = np.array([0, 1, 1, 1, 0])
-    assert passage_from_row(only_unk, 0, tok, words=2) == "no_plain_word"
+    assert passage_from_row(only_unk, 0, tok, words=2) == "no_target_word"
+    # targets shorter than min_chars are passed over: w5 (2 chars) is skipped for w12
+    short_last = np.array([0, 10, 11, 12, 5, 0])
+    assert passage_from_row(short_last, 0, tok, 3, min_chars=3) == {
+        "context": "w10 w11", "target": "w12"
+    }  # fmt: skip
+    assert passage_from_row(np.array([0, 5, 6, 7, 8, 9, 0]), 0, tok, 3, 3) == "no_target_word"
 
 
 def test_period_order_by_range_start_and_year():
@@ -190,7 +196,9 @@ def cloze_corpus(tmp_path: Path) -> Path:
 
 def test_build_cloze_writes_seeded_passages_per_period(tmp_path):
     corpus = cloze_corpus(tmp_path)
-    info = build_cloze(corpus, tmp_path / "out", ClozeConfig(n=10, words=5, seed=3))
+    info = build_cloze(
+        corpus, tmp_path / "out", ClozeConfig(n=10, words=5, seed=3, min_target_chars=2)
+    )
     assert list(info["splits"]) == ["validation", "holdout_1999", "holdout_2001"]
     meta, docs = read_cloze(tmp_path / "out")
     assert meta == info
@@ -204,9 +212,11 @@ def test_build_cloze_writes_seeded_passages_per_period(tmp_path):
         assert len(set(rows)) == len(rows)
     # rows come from every shard of a split, not a prefix (validation: 30 rows in 5 shards)
     assert max(d["row"] for d in docs["validation"]) >= 14
-    again = build_cloze(corpus, tmp_path / "again", ClozeConfig(n=10, words=5, seed=3))
+    again = build_cloze(
+        corpus, tmp_path / "again", ClozeConfig(n=10, words=5, seed=3, min_target_chars=2)
+    )
     assert read_cloze(tmp_path / "again")[1] == docs and again["splits"] == info["splits"]
-    build_cloze(corpus, tmp_path / "other", ClozeConfig(n=10, words=5, seed=4))
+    build_cloze(corpus, tmp_path / "other", ClozeConfig(n=10, words=5, seed=4, min_target_chars=2))
     assert read_cloze(tmp_path / "other")[1] != docs
     yaml_text = (tmp_path / "out" / "temporal_cloze_holdout_1999.yaml").read_text()
     assert "tag: temporal_cloze" in yaml_text and "output_type: loglikelihood" in yaml_text
