@@ -208,6 +208,10 @@ def _cloze_tasks(args, loaded):
         if same:
             return task_dir, info
     info = build_cloze(corpus, task_dir, cfg)
+    for split, entry in info["splits"].items():
+        if entry["passages"] < cfg.n:
+            print(f"note: {split} gave {entry['passages']} passages (< --n {cfg.n}): "
+                  f"{entry['rows']} rows, skipped {entry['skipped'] or 'none'}")  # fmt: skip
     print(
         f"built the temporal cloze task in {task_dir} (harness: --include-path {task_dir} "
         f"--tasks temporal_cloze)"
