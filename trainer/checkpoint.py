@@ -317,6 +317,7 @@ def export_checkpoint(ref: CheckpointRef, out_dir: str | Path, tokenizer: Path |
     tmp.mkdir(parents=True)
     save_file(consolidated_state_dict(ref), str(tmp / "model.safetensors"))
     keys = ("model", "objective", "causal", "mask_id", "step", "tokens", "n_params", "corpus")
+    keys += ("preset", "eos_id", "tokenizer_sha256")
     info = {k: ref.meta.get(k) for k in keys}
     info["format"] = "maskscale-export-v1"
     info["checkpoint"] = str(ref.path)

@@ -212,6 +212,7 @@ def checkpoint_meta(s: Setup, step: int) -> dict:
         "n_params": s.budget.n_params,
         "corpus": str(Path(s.cfg.corpus).resolve()),
         "tokenizer_sha256": s.identity["tokenizer_sha256"],
+        "eos_id": s.manifest["tokenizer"].get("eos_id"),
     }
 
 

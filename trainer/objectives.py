@@ -82,6 +82,14 @@ class Objective(ABC):
     ) -> torch.Tensor:
         """Scalar mean per-token validation loss (nats), computed without gradients."""
 
+    @abstractmethod
+    def eval_row_losses(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
+    ) -> torch.Tensor:
+        """float64[B] (CPU): each row's mean per-token validation loss, the same estimate as
+        ``eval_loss`` row by row (their mean is ``eval_loss`` up to float rounding); used by
+        ``maskscale eval ppl`` for intervals over rows."""
+
 
 class ARMObjective(Objective):
     """Next-token cross-entropy on ``tokens[:, :-1] -> tokens[:, 1:]``, mean over tokens."""
@@ -102,6 +110,15 @@ class ARMObjective(Objective):
     ) -> torch.Tensor:
         """Exact: the same next-token loss (``keys`` and ``n_samples`` are not needed)."""
         return self.train_loss(model, tokens, keys)
+
+    @torch.no_grad()
+    def eval_row_losses(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 1
+    ) -> torch.Tensor:
+        _check_batch(model, tokens, keys, self.causal)
+        logits = model(tokens[:, :-1])
+        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        return ce.double().mean(dim=1).cpu()
 
 
 @dataclass(frozen=True)
@@ -226,6 +243,28 @@ class MDMObjective(Objective):
             weight = weights[i].to(x.device, non_blocking=True)
             total += self._weighted_loss_sum(model, x, weight).double()
         return (total / (batch * n_samples)).float()
+
+    @torch.no_grad()
+    def eval_row_losses(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
+    ) -> torch.Tensor:
+        """The Monte Carlo ELBO of ``eval_loss`` (same draws from the same keys), per row."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        _check_batch(model, tokens, keys, self.causal)
+        x = tokens[:, :-1]
+        batch, seq_len = x.shape
+        times, masks = self.eval_draws(keys, n_samples, seq_len)
+        p = (1 - self.eps) * times + self.eps
+        weights = (masks / (p[:, :, None] * seq_len)).float().transpose(0, 1).contiguous()
+        totals = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        for i in range(n_samples):
+            weight = weights[i].to(x.device, non_blocking=True)
+            noisy = torch.where(weight > 0, self.mask_id, x)
+            logits = model(noisy)
+            ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
+            totals += (ce * weight).double().sum(dim=1)
+        return (totals / n_samples).cpu()
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}

@@ -11,7 +11,8 @@ milliseconds, not minutes of exponential backoff per step.
 
 Only rank 0 talks to MLflow (two ranks creating one sqlite DB race and crash); every other rank
 gets a tracker whose methods do nothing. The MLflow run id is stored in ``run_dir/mlflow_run_id``
-so a resumed training run continues the same MLflow run. Params are the flattened resolved
+(and the resolved tracking URI in ``run_dir/mlflow_tracking_uri``) so a resumed training run
+continues the same MLflow run and ``maskscale eval`` can add its metrics to it. Params are the flattened resolved
 config, logged in batches of 100 with values cut to MLflow's 6000-character limit. For a
 sqlite store, new experiments keep their artifacts in ``mlartifacts/`` next to the DB file
 (instead of MLflow's default of the current directory).
@@ -44,6 +45,7 @@ MAX_BACKLOG = 200_000
 """Unsent metric values kept in memory while MLflow is down (the jsonl keeps all of them)."""
 
 RUN_ID_FILE = "mlflow_run_id"
+URI_FILE = "mlflow_tracking_uri"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -237,6 +239,7 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.uri)
         if self.run_id is None:
             self.run_id = self._resume_run() or self._create_run()
+            (self.run_dir / URI_FILE).write_text(self.uri + "\n")
         if self._params:
             self._log_params()
         if self._tags:

@@ -299,3 +299,18 @@ def test_losses_under_bf16_autocast_are_fp32_and_close(objective):
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
     loss.backward()
     assert torch.isfinite(model.head.weight.grad).all()
+
+
+@pytest.mark.parametrize("objective", [ARMObjective(), MDMObjective(V)])
+def test_eval_row_losses_average_to_eval_loss(objective):
+    """Per-row validation losses (eval ppl's bootstrap) are the rows of eval_loss's estimate."""
+    model = _model(causal=objective.causal)
+    tokens, keys = _batch(b=3, t=12)
+    rows = objective.eval_row_losses(model, tokens, keys, n_samples=4)
+    assert rows.shape == (3,) and rows.dtype == torch.float64
+    mean = objective.eval_loss(model, tokens, keys, n_samples=4)
+    assert rows.mean().item() == pytest.approx(mean.item(), rel=1e-6)
+    alone = [
+        objective.eval_row_losses(model, tokens[i : i + 1], keys[i : i + 1], 4) for i in range(3)
+    ]
+    assert torch.allclose(torch.cat(alone), rows, rtol=1e-5)

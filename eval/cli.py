@@ -1,0 +1,101 @@
+"""``maskscale eval ...``: measure trained runs (perplexity per split, temporal degradation).
+
+    maskscale eval ppl RUN... [--corpus DIR] [--splits ...] [--rows N] [--mc-samples n]
+    maskscale eval temporal RUN... [--match] [--max-degradation NATS]
+    torchrun --nproc_per_node 8 -m pipeline.cli eval ppl RUN ...   # data-parallel
+
+The parsers live here and import nothing heavy, so ``maskscale --help`` stays fast; each
+command's module (``eval.ppl``, ``eval.temporal``) is imported when it runs. The harness
+commands (``eval.harness_cli``) join when that module is present. User errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+ROWS, MC_SAMPLES, SEED, BATCH_SIZE, BOOTSTRAP = 512, 128, 0, 8, 1000
+"""Defaults (also those of eval.ppl.PplConfig)."""
+
+
+def _lazy(module: str, func: str):
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``eval ppl`` and ``eval temporal``."""
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories or export folders")
+    p.add_argument("--corpus", help="corpus directory (default: the one each run trained on)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="export checkpoint STEP first")
+    p.add_argument("--rows", type=int, default=ROWS, help=f"rows per split, 0 = all ({ROWS})")
+    p.add_argument(
+        "--mc-samples", type=int, default=MC_SAMPLES, help=f"MDM ELBO draws per row ({MC_SAMPLES})"
+    )
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the row sample and bootstrap")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per forward pass")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+
+
+def _add_ppl(sub) -> None:
+    p = sub.add_parser(
+        "ppl",
+        help="per-token loss and perplexity on every split, with bootstrap intervals",
+        description="Per split (validation + every holdout_* by default): mean per-token loss "
+        "and perplexity (ARM exact, MDM ELBO bound) on a seeded random sample of rows drawn "
+        "across all shards, with a bootstrap 95%% interval over rows. Writes "
+        "RUN_DIR/eval/ppl.json and ppl.csv and logs eval/<split>/... to the run's MLflow run.",
+    )
+    add_common_args(p)
+    p.add_argument("--splits", nargs="+", help="splits (default: validation + holdout_*)")
+    p.set_defaults(func=_lazy("eval.ppl", "cmd_ppl"))
+
+
+def _add_temporal(sub) -> None:
+    p = sub.add_parser(
+        "temporal",
+        help="temporal degradation report: holdout - validation loss per period, with a gate",
+        description="For each holdout period in date order: loss, degradation = holdout loss "
+        "- validation loss (nats) and perplexity ratio, with bootstrap intervals; a PNG plot, "
+        "a markdown report and JSON; logged to each run's MLflow run. Reuses "
+        "RUN_DIR/eval/ppl.json when its settings match.",
+    )
+    add_common_args(p)
+    p.add_argument("--out", help="report folder (default: RUN_DIR/eval/temporal for one run, "
+                   "else eval-temporal/ next to the runs)")  # fmt: skip
+    p.add_argument(
+        "--match",
+        action="store_true",
+        help="report only the ARM/MDM pair with the closest validation loss (and say which)",
+    )
+    p.add_argument(
+        "--max-degradation",
+        type=float,
+        metavar="NATS",
+        help="gate: exit 1 if a period's degradation lower bound exceeds NATS",
+    )
+    p.set_defaults(func=_lazy("eval.temporal", "cmd_temporal"))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate runs: perplexity per split, temporal degradation, zero-shot tasks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    _add_ppl(sub)
+    _add_temporal(sub)
+    try:
+        harness = importlib.import_module("eval.harness_cli")
+    except ModuleNotFoundError as e:
+        if e.name != "eval.harness_cli":
+            raise
+    else:
+        harness.register(sub)
+    parser.set_defaults(func=lambda _args: parser.print_help() or 2)

@@ -1,0 +1,143 @@
+"""A seeded random sample of a split's rows, read shard by shard from memory-mapped Arrow.
+
+Why: a split's first rows come from the first documents the packer saw (often one source, one
+date range), so evaluating a prefix measures a biased slice. The sample here is drawn uniformly
+without replacement from *all* rows of the split (row ``i`` is the ``i``-th row in manifest
+shard order, the same numbering as the trainer's evaluation reader), sorted, and then read
+batch by batch: only the shard that holds the next rows is memory-mapped, and only the sampled
+rows are copied out, so a split of any size costs the memory of one batch.
+
+Each row's MDM noise comes from its key ``mix_keys(row, EVAL_KEY_SEED)``, exactly as in the
+trainer's validation, so a row scores the same here as in training-time validation.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.shards import ShardMeta
+
+
+def split_seed(seed: int, *names: str) -> list[int]:
+    """A numpy seed sequence for ``seed`` and names (stable across processes and runs)."""
+    return [int(seed), *(zlib.crc32(n.encode()) for n in names)]
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where each row of one split lives: shard paths and their first global row."""
+
+    split: str
+    shards: tuple[Path, ...]
+    starts: np.ndarray
+    """int64[len(shards) + 1]: cumulative row counts (``starts[-1]`` = rows of the split)."""
+
+    @classmethod
+    def from_manifest(cls, corpus_dir: Path, manifest: dict, split: str) -> SplitLayout:
+        entries = manifest["splits"][split].get("shards", [])
+        paths = tuple(
+            Path(e["path"]) if Path(e["path"]).is_absolute() else corpus_dir / e["path"]
+            for e in entries
+        )
+        counts = [int(e["rows"]) for e in entries]
+        return cls(split, paths, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+
+def sample_rows(total: int, n: int | None, seed: int, split: str) -> np.ndarray:
+    """Sorted int64 row indices: ``n`` drawn without replacement (all rows if n is None/>=)."""
+    if n is None or n >= total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(split_seed(seed, split, "rows"))
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+
+
+class RowReader:
+    """Copies given rows out of a split, keeping only one shard memory-mapped at a time."""
+
+    def __init__(self, layout: SplitLayout, tokenizer_sha256: str):
+        self.layout, self.sha = layout, tokenizer_sha256
+        self._index = -1
+        self._views: list[np.ndarray] = []
+        self._batch_starts = np.zeros(1, dtype=np.int64)
+        self._source = None
+
+    def _open(self, index: int) -> None:
+        self.close()
+        path = self.layout.shards[index]
+        self._source = pa.memory_map(str(path), "r")
+        reader = pa.ipc.open_file(self._source)
+        meta = ShardMeta.from_arrow(reader.schema.metadata, path)
+        if meta.tokenizer_sha256 != self.sha:
+            raise ValueError(f"shard {path} was tokenized with {meta.tokenizer_sha256}")
+        views = []
+        for i in range(reader.num_record_batches):
+            ids = reader.get_batch(i).column(0)
+            flat = ids.flatten().to_numpy(zero_copy_only=True)
+            views.append(flat.reshape(-1, ids.type.list_size))
+        expected = int(self.layout.starts[index + 1] - self.layout.starts[index])
+        if sum(len(v) for v in views) != expected:
+            raise ValueError(f"shard {path} does not hold the {expected} rows manifest.json says")
+        self._views, self._index = views, index
+        self._batch_starts = np.concatenate([[0], np.cumsum([len(v) for v in views])])
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """int64[len(rows), seq_len + 1] for sorted global row indices."""
+        shard = self.layout.shard_of(rows)
+        out: list[np.ndarray] = []
+        for s in np.unique(shard):
+            if s != self._index:
+                self._open(int(s))
+            local = rows[shard == s] - self.layout.starts[s]
+            batch = np.searchsorted(self._batch_starts, local, side="right") - 1
+            for b in np.unique(batch):
+                sel = local[batch == b] - self._batch_starts[b]
+                out.append(self._views[b][sel].astype(np.int64))
+        return np.concatenate(out)
+
+    def close(self) -> None:
+        self._views, self._index = [], -1
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+
+def iter_row_batches(
+    layout: SplitLayout,
+    rows: np.ndarray,
+    batch_size: int,
+    tokenizer_sha256: str,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, tokens) of batches ``rank, rank + world, ...`` of the sorted sample.
+
+    Batches are cut from the whole sample before they are dealt to ranks, so every row is
+    scored in the same batch (same forward pass) whatever the number of processes.
+    """
+    reader = RowReader(layout, tokenizer_sha256)
+    try:
+        starts = range(rank * batch_size, len(rows), world * batch_size)
+        for start in starts:
+            chunk = rows[start : start + batch_size]
+            yield chunk, reader.gather(chunk)
+    finally:
+        reader.close()
+
+
+def batches_for_rank(n_rows: int, batch_size: int, rank: int, world: int) -> int:
+    """How many batches ``iter_row_batches`` yields on ``rank``."""
+    n_batches = -(-n_rows // batch_size)
+    return len(range(rank, n_batches, world))
