@@ -1,76 +1,19 @@
-"""TEMPORARY stand-in for eval/loading.py and eval/likelihood.py (owned by other engineers).
+"""TEMPORARY stand-in for eval/likelihood.py (owned by the eval-core engineer).
 
-TEMPORARY: delete this file once the ``eval-core`` (likelihood.py) and ``eval-ppl`` (loading.py)
-branches are merged; ``eval/harness.py`` imports the real modules first and falls back to this one
-only while they do not exist. It implements the agreed interfaces (notes/eval-interfaces.md) in
+TEMPORARY: delete this file once the ``eval-core`` branch (likelihood.py) is merged;
+``eval/harness.py`` imports the real module first and falls back to this one only while it does
+not exist. It implements the agreed interfaces (notes/eval-interfaces.md) in
 the plainest way - one request at a time, no packing, no token budget - so the harness, mc and
 cloze commands can be built and tested meanwhile. Nothing here is meant to be kept.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-class EvalError(Exception):
-    """TEMPORARY (eval.loading.EvalError): a user error; CLIs exit with code 2."""
-
-
-@dataclass
-class LoadedModel:
-    """TEMPORARY (eval.loading.LoadedModel)."""
-
-    model: torch.nn.Module
-    info: dict
-    family: str
-    causal: bool
-    tokenizer: object
-    tokenizer_sha256: str
-    eos_id: int
-    mask_id: int
-    seq_len: int
-    device: torch.device
-    dtype: torch.dtype
-    run_dir: Path | None
-    export_dir: Path
-
-
-def load_model(path, checkpoint=None, device="auto", dtype="auto") -> LoadedModel:
-    """TEMPORARY (eval.loading.load_model): run dir with export/, or an export dir."""
-    from tokenizers import Tokenizer
-
-    from trainer.checkpoint import load_export
-
-    path = Path(path)
-    if checkpoint is not None:
-        raise EvalError("--checkpoint needs eval/loading.py (not merged yet)")
-    if (path / "export" / "config.json").is_file():
-        run_dir, export = path, path / "export"
-    elif (path / "config.json").is_file():
-        run_dir, export = None, path
-    else:
-        raise EvalError(
-            f"{path}: neither a run with export/ nor an export dir; run maskscale export"
-        )
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))  # fmt: skip
-    dt = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-    model, info = load_export(export, dev)
-    model = model.to(dt)
-    tok_file = export / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tok_file))
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    return LoadedModel(
-        model, info, "arm" if info["causal"] else "mdm", bool(info["causal"]), tokenizer,
-        hashlib.sha256(tok_file.read_bytes()).hexdigest(), 0 if eos is None else eos,
-        int(info["mask_id"]), int(info["model"]["seq_len"]), dev, dt, run_dir, export,
-    )  # fmt: skip
 
 
 @dataclass

@@ -25,7 +25,6 @@ scores the JSONL directly.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import os
@@ -74,20 +73,18 @@ class ClozeConfig:
 # ----------------------------------------------------------------------------- periods
 
 
-def period_start(manifest: dict, split: str) -> dt.date | None:
-    """First day of a split's period: its holdout range start, or Jan 1 of holdout_YYYY."""
-    ranges = ((manifest.get("config") or {}).get("split") or {}).get("holdout_ranges") or {}
-    if split in ranges:
-        return dt.date.fromisoformat(ranges[split][0])
-    m = re.fullmatch(r"holdout_(\d{4})", split)
-    return dt.date(int(m.group(1)), 1, 1) if m else None
+def _ranges(manifest: dict) -> dict[str, list[str]]:
+    return ((manifest.get("config") or {}).get("split") or {}).get("holdout_ranges") or {}
 
 
 def period_order(manifest: dict) -> list[str]:
-    """``validation`` first, then the other non-train splits by period start (undated last)."""
+    """``validation`` first, then the other non-train splits in date order (eval/temporal.py's
+    order: named holdout ranges, years or decades in the names; undated last)."""
+    from eval.temporal import order_periods
+
     others = [s for s in manifest["splits"] if s not in ("train", "validation")]
-    others.sort(key=lambda s: (period_start(manifest, s) or dt.date.max, s))
-    return (["validation"] if "validation" in manifest["splits"] else []) + others
+    dated = [p["split"] for p in order_periods(others, _ranges(manifest))]
+    return (["validation"] if "validation" in manifest["splits"] else []) + dated
 
 
 # ----------------------------------------------------------------------------- passages
@@ -187,6 +184,7 @@ def build_cloze(corpus_dir: str | Path, out_dir: str | Path, cfg: ClozeConfig) -
     """Draw passages for every split and write JSONL + task YAMLs + cloze.json to ``out_dir``."""
     from tokenizers import Tokenizer
 
+    from eval.temporal import period_dates
     from pipeline.shards import read_manifest
 
     cfg.validate()
@@ -215,14 +213,14 @@ def build_cloze(corpus_dir: str | Path, out_dir: str | Path, cfg: ClozeConfig) -
             for doc in drawn["docs"]:
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
         (tmp / f"{name}.yaml").write_text(task_yaml(name, out / f"{name}.jsonl"))
-        start = period_start(manifest, split)
+        start = period_dates(split, _ranges(manifest))[0]
         info["splits"][split] = {
             "task": name,
             "file": f"{name}.jsonl",
             "passages": len(drawn["docs"]),
             "rows": drawn["rows"],
             "skipped": drawn["skipped"],
-            "period_start": start.isoformat() if start else None,
+            "period_start": start,
         }
     (tmp / INFO).write_text(json.dumps(info, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -294,8 +292,9 @@ def plot_cloze(
         twin.set_ylabel("perplexity", color="tab:red")
     ax.set_title(title)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    from eval.outputs import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, Path(png))
+    finally:
+        plt.close(fig)

@@ -25,11 +25,9 @@ the harness shards requests by rank and gathers metrics on rank 0 through the mo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +35,16 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from eval.loading import EvalError, load_model
+from eval.ppl import init_distributed
 from eval.tasks import encode_pair
 
 try:
     from eval.likelihood import LikelihoodConfig, Scorer
-    from eval.loading import EvalError, load_model
-except ModuleNotFoundError as e:  # TEMPORARY until eval-core and eval-ppl are merged
-    if e.name not in ("eval.likelihood", "eval.loading"):
+except ModuleNotFoundError as e:  # TEMPORARY until eval-core is merged
+    if e.name != "eval.likelihood":
         raise
-    from eval._interim_core import EvalError, LikelihoodConfig, Scorer, load_model
+    from eval._interim_core import LikelihoodConfig, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TASKS = ROOT / "configs" / "eval" / "paper-tasks.yaml"
@@ -169,32 +168,6 @@ def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
 # ----------------------------------------------------------------------------- harness model
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size): joins torchrun's process group (gloo on CPU, NCCL on GPU) if launched
-    by it; (0, 1) otherwise."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_device(device: str) -> str:
-    """``auto`` under torchrun on GPUs -> this process's GPU (cuda:LOCAL_RANK)."""
-    import os
-
-    import torch
-
-    if device == "auto" and torch.cuda.is_available() and distributed()[1] > 1:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
-
-
 @register_model("maskscale")
 class MaskscaleLM(LM):
     """lm-evaluation-harness model for maskscale ARM and MDM runs (see the module docstring)."""
@@ -219,7 +192,7 @@ class MaskscaleLM(LM):
             )
         self.text = TextScorer(loaded, self.args)
         self._device = loaded.device
-        self._rank, self._world_size = distributed()
+        self._rank, self._world_size = init_distributed(loaded.device)
 
     # data parallel under torchrun: the harness shards requests by rank and gathers on rank 0
     # through these four methods (single process: the base class's no-ops)
@@ -425,13 +398,13 @@ def describe(loaded, args: ModelArgs) -> str:
 
 
 def model_info(loaded) -> dict:
-    info = loaded.info or {}
     return {
+        "run": loaded.name,
         "family": loaded.family,
         "export_dir": str(loaded.export_dir),
         "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
-        "step": info.get("step"),
-        "tokens": info.get("tokens"),
+        "step": loaded.step,
+        "tokens": loaded.info.get("tokens"),
         "tokenizer_sha256": loaded.tokenizer_sha256,
     }
 
@@ -450,15 +423,6 @@ def results_name(tasks: list[str]) -> str:
     return f"harness-{safe}.json"
 
 
-def write_results(results: dict, path: Path) -> Path:
-    """The results JSON, written atomically (non-JSON values as strings)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(path)
-    return path
-
-
 def flat_metrics(results: dict, prefix: str = "eval/harness") -> dict[str, float]:
     """{"eval/harness/<task>/<metric>": value} for every finite number in results["results"]."""
     out = {}
@@ -471,47 +435,3 @@ def flat_metrics(results: dict, prefix: str = "eval/harness") -> dict[str, float
             if math.isfinite(value):
                 out[f"{prefix}/{task}/{name}"] = float(value)
     return {re.sub(r"[^\w\-./ ]", "_", k): v for k, v in out.items()}
-
-
-def log_to_run(
-    run_dir: Path | None, metrics: dict[str, float], artifacts: list[Path], step: int = 0
-) -> str:
-    """Log metrics (at ``step``, the exported training step) and artifacts to the run's MLflow run.
-
-    The run id comes from ``RUN_DIR/mlflow_run_id`` and the tracking URI from the run's
-    ``config.yaml`` (both written by trainer/tracking.py). Tracking problems never lose the
-    results (they are on disk already): they are reported and skipped. Returns what happened.
-    """
-    if run_dir is None:
-        return "not logged to MLflow (an export dir has no run)"
-    from trainer.tracking import RUN_ID_FILE, TrackingConfig, resolve_uri
-
-    id_file = run_dir / RUN_ID_FILE
-    if not id_file.is_file():
-        return f"not logged to MLflow ({id_file} does not exist)"
-    conf = (
-        yaml.safe_load((run_dir / "config.yaml").read_text())
-        if (run_dir / "config.yaml").is_file()
-        else {}
-    )
-    tracking = TrackingConfig(**((conf or {}).get("tracking") or {}))
-    if not tracking.enabled:
-        return "not logged to MLflow (tracking disabled in the run's config)"
-    try:
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=resolve_uri(tracking))
-        run_id = id_file.read_text().strip()
-        stamp = int(time.time() * 1000)
-        batch = [Metric(k, v, stamp, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            client.log_batch(run_id, metrics=batch[i : i + 1000])
-        for path in artifacts:
-            client.log_artifact(run_id, str(path), artifact_path="eval")
-    except Exception as e:  # the results are on disk; tracking must not fail the command
-        warnings.warn(f"MLflow logging failed: {e}", RuntimeWarning, stacklevel=2)
-        return f"MLflow logging FAILED ({e}); results are on disk"
-    return f"logged {len(metrics)} metrics to MLflow run {run_id}"

@@ -50,17 +50,22 @@ def _model_args(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    from eval.harness import load_model, rank_device
+    """The run's model, after joining torchrun's process group if launched by it (a
+    --checkpoint export is then made once, by rank 0)."""
+    from eval.loading import load_model, resolve_device
+    from eval.ppl import init_distributed
 
-    return load_model(args.run, args.checkpoint, rank_device(args.device), args.dtype)
+    init_distributed(resolve_device(args.device))
+    return load_model(args.run, args.checkpoint, args.device, args.dtype)
 
 
-def _eval_dir(loaded) -> Path:
-    return Path(loaded.run_dir or loaded.export_dir) / "eval"
+def _to_mlflow(loaded, metrics: dict[str, float], files: list[Path]) -> str:
+    from eval.outputs import log_to_mlflow
 
-
-def _step(loaded) -> int:
-    return int((loaded.info or {}).get("step") or 0)
+    run_id = log_to_mlflow(loaded.run_dir, metrics, loaded.step or 0, files)
+    if run_id is None:
+        return "not logged to MLflow (no MLflow run recorded in the run dir, or MLflow failed)"
+    return f"logged {len(metrics)} metrics to MLflow run {run_id}"
 
 
 def _fails(command: str, error: Exception) -> int:
@@ -80,19 +85,17 @@ def _limit(text: str) -> int | float:
 
 def cmd_harness(args: argparse.Namespace) -> int:
     from eval.harness import (
-        EvalError,
         ModelArgs,
-        distributed,
         flat_metrics,
         group_tasks,
         load_paper_tasks,
-        log_to_run,
         parse_model_args,
         results_name,
         run_groups,
         task_manager,
-        write_results,
     )
+    from eval.loading import EvalError
+    from eval.outputs import write_json_atomic
 
     try:
         base = parse_model_args(args.model_args)
@@ -112,25 +115,25 @@ def cmd_harness(args: argparse.Namespace) -> int:
         results = run_groups(loaded, groups, manager, **kw)
     except (EvalError, NotImplementedError) as e:
         return _fails("harness", e)
-    if distributed()[0] != 0:
-        return 0  # rank 0 reports for every rank
+    if not results:
+        return 0  # a data-parallel rank other than 0: rank 0 reports for every rank
     from lm_eval.utils import make_table
 
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
     name = "harness-paper-tasks.json" if paper else results_name(tasks)
-    out = write_results(results, Path(args.out) if args.out else _eval_dir(loaded) / name)
+    out = write_json_atomic(Path(args.out) if args.out else loaded.out_dir / name, results)
     print(f"results: {out}")
     if not args.no_mlflow:
-        print(log_to_run(loaded.run_dir, flat_metrics(results), [out], _step(loaded)))
+        print(_to_mlflow(loaded, flat_metrics(results), [out]))
     return 0
 
 
 def _task_list(text: str | None) -> list[str]:
     tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not tasks:
-        from eval.harness import EvalError
+        from eval.loading import EvalError
 
         raise EvalError("no tasks: pass --tasks NAME[,NAME...] or --paper-tasks")
     return tasks
@@ -140,7 +143,9 @@ def _task_list(text: str | None) -> list[str]:
 
 
 def cmd_mc(args: argparse.Namespace) -> int:
-    from eval.harness import EvalError, ModelArgs, TextScorer, log_to_run, write_results
+    from eval.harness import ModelArgs, TextScorer
+    from eval.loading import EvalError
+    from eval.outputs import write_json_atomic
     from eval.tasks import TaskError, read_mc_jsonl, score_mc
 
     try:
@@ -162,14 +167,14 @@ def cmd_mc(args: argparse.Namespace) -> int:
         f"{stem:<24}{result['n']:>6}{result['acc']:>10.4f}{result['acc_stderr']:>8.4f}"
         f"{result['acc_norm']:>10.4f}{result['acc_norm_stderr']:>8.4f}"
     )
-    out = write_results(
-        result, Path(args.out) if args.out else _eval_dir(loaded) / f"mc-{stem}.json"
+    out = write_json_atomic(
+        Path(args.out) if args.out else loaded.out_dir / f"mc-{stem}.json", result
     )
     print(f"results: {out}")
     if not args.no_mlflow:
         keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
         metrics = {f"eval/mc/{stem}/{k}": float(result[k]) for k in keys}
-        print(log_to_run(loaded.run_dir, metrics, [out], _step(loaded)))
+        print(_to_mlflow(loaded, metrics, [out]))
     return 0
 
 
@@ -177,18 +182,14 @@ def cmd_mc(args: argparse.Namespace) -> int:
 
 
 def _run_corpus(loaded, given: str | None) -> Path:
-    """--corpus, else the corpus the run was trained on (its config.yaml)."""
-    import yaml
+    """--corpus, else the corpus the run was trained on. Passages are text, re-encoded with the
+    run's tokenizer, so any corpus will do (its tokenizer only decodes)."""
+    from eval.loading import EvalError
 
-    from eval.harness import EvalError
-
-    if given:
-        return Path(given)
-    conf = Path(loaded.run_dir or "") / "config.yaml"
-    corpus = (yaml.safe_load(conf.read_text()) or {}).get("corpus") if conf.is_file() else None
-    if not corpus:
-        raise EvalError("cannot tell which corpus the model was trained on; pass --corpus DIR")
-    return Path(corpus)
+    corpus = Path(given) if given else loaded.corpus
+    if corpus is None:
+        raise EvalError(f"run {loaded.name} records no corpus; pass --corpus DIR")
+    return corpus
 
 
 def _cloze_tasks(args, loaded):
@@ -200,7 +201,7 @@ def _cloze_tasks(args, loaded):
     cfg = ClozeConfig(n=args.n, words=args.words, seed=args.draw_seed, splits=args.splits)
     cfg.min_target_chars = args.min_target_chars
     corpus = _run_corpus(loaded, args.corpus)
-    task_dir = Path(args.task_dir) if args.task_dir else _eval_dir(loaded) / "cloze"
+    task_dir = Path(args.task_dir) if args.task_dir else loaded.out_dir / "cloze"
     info_file = task_dir / INFO
     if info_file.is_file() and not args.rebuild:
         info = json.loads(info_file.read_text())
@@ -223,19 +224,23 @@ def _temporal_ppl(eval_dir: Path) -> dict[str, float] | None:
     """{split: perplexity} from `maskscale eval ppl` results in the same folder, if any."""
     import json
 
-    path = eval_dir / "ppl.json"
+    from eval.ppl import RESULT_JSON
+
+    path = eval_dir / RESULT_JSON
     if not path.is_file():
         return None
     try:
         splits = json.loads(path.read_text())["splits"]
-        return {s: float(v["perplexity"]) for s, v in splits.items()}
+        return {s: float(v["ppl"]) for s, v in splits.items()}
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def cmd_cloze(args: argparse.Namespace) -> int:
     from eval.cloze import evaluate_cloze, plot_cloze, read_cloze
-    from eval.harness import EvalError, ModelArgs, TextScorer, log_to_run, write_results
+    from eval.harness import ModelArgs, TextScorer
+    from eval.loading import EvalError
+    from eval.outputs import write_json_atomic
     from eval.tasks import TaskError
 
     try:
@@ -252,15 +257,15 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         print(
             f"{split:<20}{r['n']:>6}{r['acc']:>10.4f}{r['acc_stderr']:>8.4f}{r['perplexity']:>14.2f}"
         )
-    eval_dir = _eval_dir(loaded)
+    eval_dir = loaded.out_dir
     report = {
         "tasks": str(task_dir),
         "build": info,
         "model_args": dataclasses.asdict(margs),
         "splits": results,
     }
-    out = write_results(report, eval_dir / "cloze-results.json")
-    title = f"temporal cloze: {loaded.family.upper()} step {_step(loaded)}"
+    out = write_json_atomic(eval_dir / "cloze-results.json", report)
+    title = f"temporal cloze: {loaded.name} ({loaded.family.upper()}, step {loaded.step})"
     png = plot_cloze(results, eval_dir / "cloze.png", title, _temporal_ppl(eval_dir))
     print(f"results: {out}\nplot: {png}")
     if not args.no_mlflow:
@@ -269,7 +274,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
             for split, r in results.items()
             for k in ("acc", "acc_stderr", "mean_logprob")
         }
-        print(log_to_run(loaded.run_dir, metrics, [out, png], _step(loaded)))
+        print(_to_mlflow(loaded, metrics, [out, png]))
     return 0
 
 

@@ -10,7 +10,6 @@ tracking) and an MLflow run in a real sqlite store. No mocks, no network.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -21,8 +20,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from eval.harness import (  # TEMPORARY: EvalError, Scorer, load_model from eval.harness
-    EvalError,
+from eval.harness import (  # TEMPORARY: Scorer from eval.harness until eval-core merges
     MaskscaleLM,
     ModelArgs,
     PaperTasks,
@@ -30,10 +28,9 @@ from eval.harness import (  # TEMPORARY: EvalError, Scorer, load_model from eval
     TextScorer,
     group_tasks,
     likelihood_config,
-    load_model,
     load_paper_tasks,
 )
-from eval.harness_cli import register
+from eval.loading import EvalError, load_model
 from tests.trainer.conftest import make_corpus, write_tokenizer
 from trainer.model import ModelConfig, Transformer
 from trainer.objectives import build_objective
@@ -127,11 +124,11 @@ def world(tmp_path_factory):
     }
 
 
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+def cli(*argv) -> int:
+    """``maskscale eval ...`` in this process."""
+    from pipeline.cli import main
+
+    return main(["eval", *map(str, argv)])
 
 
 def mlflow_metrics(run_dir: Path, uri: str) -> dict[str, float]:
@@ -293,15 +290,6 @@ def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys)
 
 # ----------------------------------------------------------------------------- data parallel
 
-LAUNCHER = """
-import argparse, sys
-from eval.harness_cli import register
-parser = argparse.ArgumentParser()
-register(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
 
 @pytest.mark.slow
 def test_harness_under_torchrun_matches_one_process(world, tmp_path):
@@ -313,10 +301,9 @@ def test_harness_under_torchrun_matches_one_process(world, tmp_path):
     arm = world["arm"]
     tasks = ["--include-path", ASSETS, "--tasks", "ramp_mc,ramp_next,ramp_rolling", "--no-mlflow"]
     assert cli("harness", arm, *tasks, "--out", tmp_path / "one.json") == 0
-    (tmp_path / "launch.py").write_text(LAUNCHER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           str(tmp_path / "launch.py"), "harness", str(arm), *tasks, "--out", str(tmp_path / "two.json")]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "pipeline.cli", "eval", "harness", str(arm), *tasks, "--out", str(tmp_path / "two.json")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("results: ") == 1  # only rank 0 reports
