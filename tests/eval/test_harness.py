@@ -64,11 +64,16 @@ def tiny_model(objective: str, train_steps: int) -> tuple[Transformer, ModelConf
     model = Transformer(cfg, causal=obj.causal)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(train_steps):
-        loss = obj.train_loss(model, ramp_batch(g), torch.arange(32))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy CPU: more threads only contend (10x slower)
+    try:
+        for _ in range(train_steps):
+            loss = obj.train_loss(model, ramp_batch(g), torch.arange(32))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval(), cfg
 
 
