@@ -90,3 +90,17 @@ def copy_run(run_dir: Path, dest: Path, checkpoints: bool = False) -> Path:
     ignore = None if checkpoints else shutil.ignore_patterns("checkpoints", "eval")
     shutil.copytree(run_dir, dest, ignore=ignore)
     return dest
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``maskscale ARGV`` in this process: (exit code, stdout, stderr)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
