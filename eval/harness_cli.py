@@ -258,7 +258,9 @@ def cmd_cloze(args: argparse.Namespace) -> int:
             f"{split:<20}{r['n']:>6}{r['acc']:>10.4f}{r['acc_stderr']:>8.4f}{r['perplexity']:>14.2f}"
         )
     eval_dir = loaded.out_dir
+    ppl = _temporal_ppl(eval_dir)
     report = {
+        "ppl": ppl,
         "tasks": str(task_dir),
         "build": info,
         "model_args": dataclasses.asdict(margs),
@@ -266,7 +268,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     }
     out = write_json_atomic(eval_dir / "cloze-results.json", report)
     title = f"temporal cloze: {loaded.name} ({loaded.family.upper()}, step {loaded.step})"
-    png = plot_cloze(results, eval_dir / "cloze.png", title, _temporal_ppl(eval_dir))
+    png = plot_cloze(results, eval_dir / "cloze.png", title, ppl)
     print(f"results: {out}\nplot: {png}")
     if not args.no_mlflow:
         metrics = {

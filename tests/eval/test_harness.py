@@ -274,9 +274,16 @@ def test_paper_tasks_file_and_grouping_by_model_args():
 
 def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys):
     arm, uri = world["arm"], world["uri"]
+    # perplexities of `maskscale eval ppl` in the same folder go next to accuracy in the plot
+    ppl = {"validation": 1.5, "holdout_1999": 1.6, "holdout_2001": 1.7}
+    (arm / "eval").mkdir(exist_ok=True)
+    (arm / "eval" / "ppl.json").write_text(
+        json.dumps({"splits": {s: {"ppl": v} for s, v in ppl.items()}})
+    )
     assert cli("cloze", arm, "--n", 8, "--words", 5, "--min-target-chars", 2) == 0
     report = json.loads((arm / "eval" / "cloze-results.json").read_text())
     splits = report["splits"]
+    assert report["ppl"] == ppl
     assert list(splits) == ["validation", "holdout_1999", "holdout_2001"]
     for r in splits.values():
         assert r["n"] == 8 and r["acc"] >= 0.75  # the model learned the ramps

@@ -63,7 +63,9 @@ def test_checkpoint_is_exported_once_and_differs_from_final(eval_runs, tmp_path)
     stamp = (loaded.export_dir / "model.safetensors").stat().st_mtime_ns
     assert load_model(run, checkpoint=10).step == 10
     assert (loaded.export_dir / "model.safetensors").stat().st_mtime_ns == stamp  # reused
-    with pytest.raises(EvalError, match=r"no complete checkpoint at step 7; available steps: \[10, 20\]"):
+    with pytest.raises(
+        EvalError, match=r"no complete checkpoint at step 7; available steps: \[10, 20\]"
+    ):
         load_model(run, checkpoint=7)
 
 
