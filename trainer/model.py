@@ -273,12 +273,20 @@ class Transformer(nn.Module):
         return mask
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size] for ``input_ids`` [B, T].
+        """Logits [B, T, vocab_size] for ``input_ids`` [B, T]: ``head(features(...))``."""
+        return self.head(self.features(input_ids, lengths))
+
+    def features(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final normed hidden states [B, T, d_model] for ``input_ids`` [B, T] (the output head's
+        input). Evaluation applies the head only at the positions it scores, which saves most
+        of the head's cost (the largest matmul of small models with a 32k vocabulary).
 
         ``lengths`` (int[B], optional) cuts row b to its first ``lengths[b]`` positions inside
-        the one forward pass: attention keys at or beyond the cut are masked out, so logits at
+        the one forward pass: attention keys at or beyond the cut are masked out, so outputs at
         positions ``< lengths[b]`` equal (up to float rounding) those of running the truncated
-        row alone; logits at later positions are meaningless and must be ignored. Every row
+        row alone; outputs at later positions are meaningless and must be ignored. Every row
         still costs the full T positions, so all ranks run the same computation (what ZeRO-3's
         collective weight gathers need). When ``lengths`` is None or every row is full length,
         attention runs unmasked (fused causal/bidirectional kernels). Pass a CPU tensor to keep
@@ -302,4 +310,4 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, attn_mask)
-        return self.head(self.norm(x))
+        return self.norm(x)
