@@ -35,16 +35,10 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from eval.likelihood import LikelihoodConfig, LikelihoodError, Scorer
 from eval.loading import EvalError, load_model
 from eval.ppl import init_distributed
 from eval.tasks import encode_pair
-
-try:
-    from eval.likelihood import LikelihoodConfig, Scorer
-except ModuleNotFoundError as e:  # TEMPORARY until eval-core is merged
-    if e.name != "eval.likelihood":
-        raise
-    from eval._interim_core import LikelihoodConfig, Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TASKS = ROOT / "configs" / "eval" / "paper-tasks.yaml"
@@ -68,6 +62,10 @@ class ModelArgs:
     """Monte Carlo samples per continuation (the reference used 1024)."""
     cfg: float = 0.0
     """Unsupervised classifier-free guidance scale w (MDM only; 0 = off)."""
+    greedy: bool = True
+    """MDM ``is_greedy`` by greedy unmasking (LAMBADA-style accuracy; up to l extra forwards
+    per request). False reads it off the estimator's rows for free: enough for
+    multiple-choice tasks, whose metrics never use it."""
     token_budget: int | None = None
     """Tokens per forward batch; None = the Scorer's default (or batch_size * seq_len)."""
     batch_size: int | None = None
@@ -82,6 +80,8 @@ class ModelArgs:
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise EvalError(f"model arg estimator={self.estimator!r}: use one of {ESTIMATORS}")
+        if not isinstance(self.greedy, bool):
+            raise EvalError(f"model arg greedy={self.greedy!r}: must be true or false")
         if not (isinstance(self.mc_samples, int) and self.mc_samples >= 1):
             raise EvalError(f"model arg mc_samples={self.mc_samples!r}: must be an integer >= 1")
         if not (isinstance(self.cfg, int | float) and math.isfinite(self.cfg) and self.cfg >= 0):
@@ -137,7 +137,10 @@ class TextScorer:
 
     def loglikelihood(self, pairs: list[tuple[str, str]], progress: bool = False) -> list:
         """One ``eval.likelihood.LLResult`` per (context, continuation) text pair."""
-        return self.scorer.loglikelihood(self.encode(pairs), progress=progress)
+        try:
+            return self.scorer.loglikelihood(self.encode(pairs), progress=progress)
+        except LikelihoodError as e:
+            raise EvalError(str(e)) from None
 
     def score(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) per pair: the ``eval.tasks.ScoreFn`` shape."""
@@ -146,7 +149,10 @@ class TextScorer:
     def loglikelihood_rolling(self, text: str) -> float:
         """Log-likelihood of a whole text, conditioned on the EOS that precedes every document."""
         ids = list(self.loaded.tokenizer.encode(text, add_special_tokens=False).ids)
-        return self.scorer.loglikelihood_rolling(ids).logprob
+        try:
+            return self.scorer.loglikelihood_rolling(ids).logprob
+        except LikelihoodError as e:
+            raise EvalError(str(e)) from None
 
 
 def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
@@ -158,6 +164,7 @@ def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
         "estimator": args.estimator,
         "mc_samples": args.mc_samples,
         "cfg_scale": args.cfg if loaded.family == "mdm" else 0.0,
+        "greedy": args.greedy,
         "seed": args.seed,
     }
     if budget is not None:
@@ -271,6 +278,8 @@ class TaskChoice:
     """Unsupervised CFG scale for this task."""
     mc_samples: int | None = None
     """Overrides the file's ``mc_samples`` for this task."""
+    greedy: bool = False
+    """MDM ``is_greedy`` by greedy unmasking: only tasks whose metric uses it (LAMBADA's acc)."""
 
 
 @dataclass
@@ -297,7 +306,9 @@ def load_paper_tasks(path: str | Path = PAPER_TASKS) -> PaperTasks:
             choice = TaskChoice(**entry)
         except TypeError as e:
             raise EvalError(f"{path}: tasks[{i}]: {e}") from None
-        ModelArgs(estimator=choice.estimator, cfg=float(choice.cfg)).validate()
+        ModelArgs(
+            estimator=choice.estimator, cfg=float(choice.cfg), greedy=choice.greedy
+        ).validate()
         choices.append(choice)
     if not choices:
         raise EvalError(f"{path}: no tasks")
@@ -314,7 +325,7 @@ def group_tasks(
         if family == "arm":
             args = {**base}
         else:
-            per_task = {"estimator": c.estimator, "cfg": float(c.cfg)}
+            per_task = {"estimator": c.estimator, "cfg": float(c.cfg), "greedy": bool(c.greedy)}
             per_task["mc_samples"] = c.mc_samples or default_mc
             args = {**per_task, **base}
         groups.setdefault(tuple(sorted(args.items())), []).append(c.task)

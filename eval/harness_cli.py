@@ -41,8 +41,10 @@ def _model_options(p: argparse.ArgumentParser, estimator: str = "mc") -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the MC draws")
 
 
-def _model_args(args: argparse.Namespace) -> dict:
+def _model_args(args: argparse.Namespace, greedy: bool) -> dict:
+    """ModelArgs fields from the options; ``greedy``: whether the metric needs is_greedy."""
     out = {"estimator": args.estimator, "cfg": args.cfg, "mc_samples": args.mc_samples}
+    out["greedy"] = greedy
     out["seed"] = args.seed
     if args.token_budget is not None:
         out["token_budget"] = args.token_budget
@@ -152,7 +154,7 @@ def cmd_mc(args: argparse.Namespace) -> int:
         docs = read_mc_jsonl(args.file)
         if args.limit:
             docs = docs[: args.limit]
-        margs = ModelArgs(**_model_args(args))
+        margs = ModelArgs(**_model_args(args, greedy=False))  # acc never reads is_greedy
         margs.validate()
         loaded = _load(args)
         scorer = TextScorer(loaded, margs)
@@ -244,7 +246,7 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     from eval.tasks import TaskError
 
     try:
-        margs = ModelArgs(**_model_args(args))
+        margs = ModelArgs(**_model_args(args, greedy=True))  # accuracy = greedy unmasking
         margs.validate()
         loaded = _load(args)
         task_dir, info = _cloze_tasks(args, loaded)

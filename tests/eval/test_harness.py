@@ -20,16 +20,16 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from eval.harness import (  # TEMPORARY: Scorer from eval.harness until eval-core merges
+from eval.harness import (
     MaskscaleLM,
     ModelArgs,
     PaperTasks,
-    Scorer,
     TextScorer,
     group_tasks,
     likelihood_config,
     load_paper_tasks,
 )
+from eval.likelihood import Scorer
 from eval.loading import EvalError, load_model
 from tests.trainer.conftest import make_corpus, write_tokenizer
 from trainer.model import ModelConfig, Transformer
@@ -261,10 +261,11 @@ def test_paper_tasks_file_and_grouping_by_model_args():
         ["lambada_standard"], ["piqa"],
     ]  # fmt: skip
     lambada = next(args for tasks, args in groups if tasks == ["lambada_standard"])
-    assert lambada == {"estimator": "chain_rule", "cfg": 1.1, "mc_samples": 1024}
+    assert lambada == {"estimator": "chain_rule", "cfg": 1.1, "mc_samples": 1024, "greedy": True}
+    assert all(not a["greedy"] for tasks, a in groups if tasks != ["lambada_standard"])
     # --model-args win over the file; an ARM is exact, so one group
     quick = group_tasks(paper.tasks, "mdm", {"mc_samples": 128, "cfg": 0.0}, 1024)
-    assert len(quick) == 2 and all(a["mc_samples"] == 128 and a["cfg"] == 0.0 for _, a in quick)
+    assert len(quick) == 3 and all(a["mc_samples"] == 128 and a["cfg"] == 0.0 for _, a in quick)
     assert group_tasks(paper.tasks, "arm", {}, 1024) == [([c.task for c in paper.tasks], {})]
     assert isinstance(paper, PaperTasks)
 
