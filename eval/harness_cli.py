@@ -308,8 +308,9 @@ def register(eval_subparsers) -> None:
     h.add_argument("--model-args", default="", help="k=v,... e.g. estimator=chain_rule,cfg=1.1")
     h.add_argument("--num-fewshot", type=int, help="shots (default: the task's, usually 0)")
     h.add_argument("--bootstrap-iters", type=int, default=1000, help="for bootstrapped stderrs")
-    for flag, kw in (("--checkpoint", {"type": int}), ("--device", {}), ("--dtype", {})):
-        h.add_argument(flag, **kw, default=None if flag == "--checkpoint" else "auto")
+    h.add_argument("--checkpoint", type=int, metavar="STEP", help="export this step first")
+    h.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+    h.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
     h.add_argument("--out", help="results JSON (default RUN_DIR/eval/harness-<tasks>.json)")
     h.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow run")
     h.set_defaults(func=cmd_harness)
