@@ -12,8 +12,8 @@ Building: packed rows hold token ids, so passages are decoded text. For each spl
 drawn in a seeded random order over *all* of its shards (never a prefix); a row is cut at its EOS
 tokens into document pieces; a piece that starts (or ends) at the row boundary may begin (or
 end) inside a word, so its first (last) word is dropped. A passage is ``words`` consecutive
-words whose last one is a plain word (letters/digits only) - the target - and whose earlier
-words are the context, whitespace-normalised. One passage per row, from the last such window of
+words whose last one is a plain word (letters/digits only, at least ``min_target_chars`` long)
+- the target - and whose earlier words are the context, whitespace-normalised. One passage per row, from the last such window of
 its longest usable piece. Rows without one are counted by reason, never silently dropped.
 
 Output (written to a temporary folder, then renamed: nothing half-written): per split
