@@ -161,7 +161,7 @@ def _score_hidden(
         logits = head(cond[lo : lo + chunk]).float()
         if uncond is not None:
             base = head(uncond[lo : lo + chunk]).float()
-            logits = base + (cfg_scale + 1.0) * (logits - base)
+            logits = torch.lerp(base, logits, cfg_scale + 1.0)  # base + (w+1)(logits - base)
         logp = F.log_softmax(logits, dim=-1)
         tgt = target[lo : lo + chunk].to(logp.device)
         logp_out.append(logp.gather(1, tgt[:, None])[:, 0])

@@ -80,6 +80,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
     dist = torch.distributed
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL collectives use the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -232,6 +234,7 @@ def evaluate_run(
         "run": loaded.name,
         "run_dir": str(loaded.run_dir) if loaded.run_dir else None,
         "export_dir": str(loaded.export_dir),
+        "out_dir": str(loaded.out_dir),
         "family": loaded.family,
         "step": loaded.step,
         "tokens_trained": loaded.info.get("tokens"),
@@ -345,8 +348,8 @@ def run_ppl(args: argparse.Namespace, reuse: bool = False) -> tuple[list[dict], 
     for path, corpus_dir, manifest, splits in plans:
         loaded = load_model(path, args.checkpoint, args.device, args.dtype)
         result = evaluate_run(loaded, corpus_dir, manifest, splits, cfg, reuse, rank, world)
-        if rank == 0:
-            save_results(loaded, result)
+        if rank == 0 and len(result["reused"]) < len(result["splits"]):
+            save_results(loaded, result)  # something new: write and log it
         results.append(result)
         del loaded
     return results, rank
@@ -361,6 +364,5 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     if rank == 0:
         print(format_table(results))
         for res in results:
-            where = Path(res["run_dir"] or res["export_dir"])
-            print(f"results: {where / 'eval' / RESULT_JSON} (+ .csv)")
+            print(f"results: {Path(res['out_dir']) / RESULT_JSON} (+ .csv)")
     return 0

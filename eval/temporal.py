@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.loading import EvalError
+from eval.loading import EvalError, load_model, open_corpus, resolve_splits
 from eval.outputs import log_to_mlflow, save_figure_atomic, write_json_atomic, write_text_atomic
 from eval.ppl import bootstrap_means, interval, run_ppl
 from eval.rows import split_seed
@@ -257,10 +257,12 @@ def plot(report: dict, path: Path) -> Path:
 
 
 def default_out(results: list[dict]) -> Path:
-    dirs = [Path(r["run_dir"] or Path(r["export_dir"]).parent).resolve() for r in results]
-    if len(dirs) == 1:
-        return dirs[0] / "eval" / "temporal"
-    return Path(os.path.commonpath(dirs)) / "eval-temporal"
+    """One run: its eval folder; several: ``eval-temporal/`` in their common parent folder."""
+    if len(results) == 1:
+        return Path(results[0]["out_dir"]) / "temporal"
+    dirs = [Path(r["run_dir"] or r["export_dir"]).resolve() for r in results]
+    common = Path(os.path.commonpath(dirs))
+    return (common if common != Path(common.anchor) else Path.cwd()) / "eval-temporal"
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:
@@ -282,8 +284,27 @@ def write_report(report: dict, out: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- command
 
 
+def precheck(args: argparse.Namespace) -> None:
+    """Refuse what would fail after the (long) evaluation: a run whose corpus lacks validation
+    or holdouts, --match without both families."""
+    families = set()
+    for path in args.runs:
+        info = load_model(path, args.checkpoint, args.device, args.dtype, weights=False)
+        corpus_dir, manifest = open_corpus(info, args.corpus)
+        splits = resolve_splits(manifest, None, corpus_dir)
+        if BASELINE not in splits or splits == [BASELINE]:
+            raise EvalError(
+                f"corpus {corpus_dir} needs a {BASELINE} split and at least one holdout_* split "
+                f"with rows for a temporal report (it has {splits})"
+            )
+        families.add(info.family)
+    if args.match and families != {"arm", "mdm"}:
+        raise EvalError("--match needs at least one ARM run and one MDM run")
+
+
 def cmd_temporal(args: argparse.Namespace) -> int:
     try:
+        precheck(args)
         results, rank = run_ppl(args, reuse=True)
         if rank != 0:
             return 0

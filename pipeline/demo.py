@@ -3,7 +3,9 @@
 1. write the State of the Union addresses as a raw SlimPajama-style dump,
 2. build the packed corpus (dedup, temporal split at 1990, BPE, packing),
 3. train a tiny ARM and a tiny MDM at the same FLOP budget on DeepSpeed,
-4. print where their MLflow runs, checkpoints and loss curves are.
+4. evaluate both on every later decade (``maskscale eval temporal``: degradation of the loss
+   on each holdout decade against validation, with bootstrap intervals, plot and report),
+5. print where their MLflow runs, checkpoints, loss curves and the temporal report are.
 
 Every step resumes: rerunning the demo after an interruption picks up where it stopped.
 """
@@ -98,6 +100,21 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
     return out
 
 
+def temporal_report(
+    work: Path, results: dict[str, dict], rows: int = 128, mc_samples: int = 16
+) -> Path | None:
+    """``maskscale eval temporal`` on the demo's runs (through the CLI, so pipeline/ does not
+    import eval/); returns the report folder, or None when the corpus cannot support one."""
+    from pipeline.cli import main as maskscale
+
+    out = work / "temporal"
+    runs = [summary["run_dir"] for summary in results.values()]
+    print("\n[demo] temporal degradation: each later decade against validation")
+    argv = ["eval", "temporal", *runs, "--rows", str(rows), "--mc-samples", str(mc_samples)]
+    argv += ["--out", str(out)]
+    return out if maskscale(argv) == 0 else None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     work = Path(args.dir).resolve()
@@ -112,7 +129,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  loss curves: {plot_comparison(results, work / 'arm_vs_mdm.png')}")
     except (OSError, KeyError, ValueError) as e:
         print(f"  (no comparison plot: {e})")
+    report = temporal_report(work, results)
+    print("\n[demo] where things are:")
     for objective in results:
         print(f"  {objective.upper()} run: {work / 'runs' / objective} (loss_curve.png, export/)")
+    if report is not None:
+        print(f"  temporal report: {report / 'temporal.md'}  plot: {report / 'temporal.png'}")
     print(f"  MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}")
     return 0

@@ -3,7 +3,8 @@
 Built once per session through the real code paths: Arrow shards and tokenizer.json written by
 the trainer tests' corpus factory, then two runs of the real trainer (DeepSpeed ZeRO-2 on CPU,
 ``configs/train/tiny-cpu.yaml`` with ``model=tiny-0.3M``, 20 steps, checkpoints at 10 and 20,
-an export at the end) tracked in a real MLflow sqlite store.
+an export at the end; training-time validation on ``validation`` only, to stay fast) tracked in
+a real MLflow sqlite store.
 
 The corpus: ``train`` and ``validation`` hold learnable "ramp" rows; ``holdout_2021`` and
 ``holdout_2023`` too (same distribution); ``holdout_recent`` holds random rows (a distribution
@@ -68,7 +69,7 @@ def train_run(corpus: Path, run_dir: Path, objective: str, uri: str) -> Path:
         f"corpus={corpus}", f"objective={objective}", "model=tiny-0.3M", "steps=20",
         f"run_dir={run_dir}", f"tracking.uri={uri}", "tracking.experiment=eval-tests",
         "checkpoint.every=10", "optim.lr=3e-3", "eval.max_rows=32", "eval.n_samples=4",
-        "log.every=10",
+        "log.every=10", "eval.splits=[validation]",
     ]  # fmt: skip
     cfg = load_train_config(str(ROOT / "configs/train/tiny-cpu.yaml"), overrides)
     train(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -374,3 +375,13 @@ def test_mdm_rolling_is_mc_elbo_over_disjoint_windows(mdm):
     assert res.n_tokens == len(tokens)
     assert res.logprob == pytest.approx(sum(p.logprob for p in parts), rel=1e-9)
     assert res.stderr == pytest.approx(math.sqrt(sum(p.stderr**2 for p in parts)), rel=1e-9)
+
+
+def test_from_loaded_uses_the_loaded_model_attributes(arm):
+    loaded = SimpleNamespace(
+        model=arm, causal=True, mask_id=MASK, seq_len=SEQ, device=torch.device("cpu"), eos_id=7
+    )
+    scorer = Scorer.from_loaded(loaded, LikelihoodConfig(token_budget=64))
+    assert (scorer.seq_len, scorer.prefix_id, scorer.cfg.token_budget) == (SEQ, 7, 64)
+    res = scorer.loglikelihood([([], [1, 2])], progress=True)
+    _close(res, _scorer(arm).loglikelihood([([7], [1, 2])]))

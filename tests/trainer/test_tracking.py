@@ -38,6 +38,7 @@ def test_sqlite_params_metrics_artifacts_and_resume(tmp_path):
         tr.log_metrics({"train/loss": 2.0}, step=2)
         tr.log_artifact(artifact)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert (run_dir / "mlflow_tracking_uri").read_text().strip() == uri  # for maskscale eval
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "arm-tiny"
