@@ -101,7 +101,7 @@ def plot_comparison(results: dict[str, dict], out: Path) -> Path:
 
 
 def temporal_report(
-    work: Path, results: dict[str, dict], rows: int = 128, mc_samples: int = 16
+    work: Path, results: dict[str, dict], rows: int = 64, mc_samples: int = 8
 ) -> Path | None:
     """``maskscale eval temporal`` on the demo's runs (through the CLI, so pipeline/ does not
     import eval/); returns the report folder, or None when the corpus cannot support one."""
