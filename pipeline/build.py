@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
-from datatrove.pipeline.writers import JsonlWriter
 from tqdm import tqdm
 
 from pipeline.config import CorpusConfig
@@ -43,7 +42,7 @@ from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
 from pipeline.readers import RawDumpReader, discover_inputs, load_date_map, plan_tasks
 from pipeline.shards import file_sha256
-from pipeline.steps import RankFileReader, TokenizerInstall, TokenizerTrainer
+from pipeline.steps import IntermediateWriter, RankFileReader, TokenizerInstall, TokenizerTrainer
 from pipeline.temporal import TemporalSplitter, UndatedGuard, check_undated
 from pipeline.workdir import clean_work, redo_stale_publish
 
@@ -97,8 +96,8 @@ class _Planner:
         return stage
 
 
-def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> JsonlWriter:
-    return JsonlWriter(folder, output_filename=filename, compression="zstd")
+def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> IntermediateWriter:
+    return IntermediateWriter(folder, filename)
 
 
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
