@@ -267,47 +267,38 @@ def _feed(fh, decode) -> Iterator[tuple[bytes, int, int]]:
         pos += len(chunk)
 
 
-def _zstd_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
-    """Decoded blocks of a (multi-frame) zstd stream; damage or truncation raises."""
-    dctx = zstandard.ZstdDecompressor()
-    state = {"obj": dctx.decompressobj(), "open": False}
+def _frame_blocks(fh, new_decoder, what: str, skip_padding: bool = False):
+    """Decoded blocks of a stream of concatenated frames (zstd frames, gzip members), each
+    decoded by a fresh ``new_decoder()``; damage raises, and so does a truncated last frame.
+    ``skip_padding``: zero bytes between frames are ignored (as gzip tolerates)."""
+    state = {"obj": new_decoder(), "open": False}
 
     def decode(piece: bytes) -> Iterator[bytes]:
         while piece:
             obj = state["obj"]
+            if skip_padding and not state["open"] and not piece.strip(b"\x00"):
+                return
             out = obj.decompress(piece)
             if out:
                 yield out
             state["open"] = not obj.eof
             piece = obj.unused_data if obj.eof else b""
             if obj.eof:
-                state["obj"] = dctx.decompressobj()
+                state["obj"] = new_decoder()
 
     yield from _feed(fh, decode)
     if state["open"]:
-        raise TruncatedStream("truncated zstd stream: the last frame is incomplete")
+        raise TruncatedStream(f"truncated {what} stream: the last frame is incomplete")
+
+
+def _zstd_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
+    """Decoded blocks of a (multi-frame) zstd stream; damage or truncation raises."""
+    return _frame_blocks(fh, zstandard.ZstdDecompressor().decompressobj, "zstd")
 
 
 def _gzip_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
     """Decoded blocks of a (multi-member) gzip stream; damage or truncation raises."""
-    state = {"obj": zlib.decompressobj(wbits=31), "open": False}
-
-    def decode(piece: bytes) -> Iterator[bytes]:
-        while piece:
-            obj = state["obj"]
-            if not state["open"] and not piece.strip(b"\x00"):
-                return  # zero padding after the last member, as gzip tolerates
-            out = obj.decompress(piece)
-            if out:
-                yield out
-            state["open"] = not obj.eof
-            piece = obj.unused_data if obj.eof else b""
-            if obj.eof:
-                state["obj"] = zlib.decompressobj(wbits=31)
-
-    yield from _feed(fh, decode)
-    if state["open"]:
-        raise TruncatedStream("truncated gzip stream: the last member is incomplete")
+    return _frame_blocks(fh, lambda: zlib.decompressobj(wbits=31), "gzip", skip_padding=True)
 
 
 def _plain_blocks(fh, start: int) -> Iterator[tuple[bytes, int, int]]:

@@ -347,7 +347,9 @@ class Evaluator:
 def eval_splits(manifest: dict, requested: list[str] | None) -> list[str]:
     """The requested splits, or `validation` plus every `holdout_*` split of the corpus."""
     splits = manifest.get("splits", {})
-    available = [s for s in splits if splits[s].get("rows", 1) > 0]  # format-1 corpora: a split shorter than a row had no rows
+    available = [
+        s for s in splits if splits[s].get("rows", 1) > 0
+    ]  # format-1 corpora: a split shorter than a row had no rows
     if requested is not None:
         missing = [s for s in requested if s not in available]
         if missing:

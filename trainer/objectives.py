@@ -229,6 +229,19 @@ class MDMObjective(Objective):
         Sample i masks row b with p = (1 - eps) t[b, i] + eps and its own uniforms (drawn from
         the row's key after u), so the estimate is deterministic for fixed keys.
         """
+        return self._row_elbo_sums(model, tokens, keys, n_samples).mean().float()
+
+    @torch.no_grad()
+    def eval_row_losses(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
+    ) -> torch.Tensor:
+        """The Monte Carlo ELBO of ``eval_loss`` (same draws from the same keys), per row."""
+        return self._row_elbo_sums(model, tokens, keys, n_samples).cpu()
+
+    def _row_elbo_sums(
+        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
+    ) -> torch.Tensor:
+        """float64[B] on the model's device: each row's loss averaged over its n samples."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         _check_batch(model, tokens, keys, self.causal)
@@ -236,35 +249,15 @@ class MDMObjective(Objective):
         batch, seq_len = x.shape
         times, masks = self.eval_draws(keys, n_samples, seq_len)
         p = (1 - self.eps) * times + self.eps  # float64[B, n]
-        weights = (masks / (p[:, :, None] * seq_len)).float()  # [B, n, T], 0 where unmasked
-        weights = weights.transpose(0, 1).contiguous()  # [n, B, T]: sample i is weights[i]
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
-        for i in range(n_samples):
-            weight = weights[i].to(x.device, non_blocking=True)
-            total += self._weighted_loss_sum(model, x, weight).double()
-        return (total / (batch * n_samples)).float()
-
-    @torch.no_grad()
-    def eval_row_losses(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
-    ) -> torch.Tensor:
-        """The Monte Carlo ELBO of ``eval_loss`` (same draws from the same keys), per row."""
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        _check_batch(model, tokens, keys, self.causal)
-        x = tokens[:, :-1]
-        batch, seq_len = x.shape
-        times, masks = self.eval_draws(keys, n_samples, seq_len)
-        p = (1 - self.eps) * times + self.eps
+        # [n, B, T]: sample i is weights[i]; 0 where unmasked
         weights = (masks / (p[:, :, None] * seq_len)).float().transpose(0, 1).contiguous()
         totals = torch.zeros(batch, dtype=torch.float64, device=x.device)
         for i in range(n_samples):
             weight = weights[i].to(x.device, non_blocking=True)
             noisy = torch.where(weight > 0, self.mask_id, x)
-            logits = model(noisy)
-            ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
+            ce = F.cross_entropy(model(noisy).float().transpose(1, 2), x, reduction="none")
             totals += (ce * weight).double().sum(dim=1)
-        return (totals / n_samples).cpu()
+        return totals / n_samples
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}
