@@ -274,16 +274,45 @@ def test_two_processes_match_one_and_resume_on_one(arm_run, corpus, tmp_path):
         assert resumed[s] == pytest.approx(want[s], abs=1e-5), s
 
 
+def torchrun_train(args: list[str], nproc: int, timeout: float = 120) -> tuple[str, str]:
+    """`torchrun --nproc_per_node=nproc -m pipeline.cli train ...`; fails the test on a
+    non-zero exit, or after ``timeout`` s on a hang (torchrun and its workers are killed)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd = [*torchrun, f"--master_port={free_port()}", "-m", "pipeline.cli", "train", *args]
+    env = dict(os.environ, MASKSCALE_FAULT="")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each worker in its own session: kill them by pid, then torchrun
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{nproc}-process run hung; stderr tail:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
 @pytest.mark.slow
 def test_mdm_zero3_two_processes_with_length_cuts(corpus, tmp_path):
-    """MDM under ZeRO-3 on 2 processes with half of the rows cut: ranks draw different cuts,
-    yet each runs one forward per micro-batch, so ZeRO-3's collective weight gathers stay in
-    step. A hang fails after 120 s (torchrun and its workers are killed)."""
-    run_dir = tmp_path / "mdm_z3"
+    """MDM under ZeRO-3 on 2 processes with half of the rows cut equals the 1-process run.
+
+    Ranks draw different cuts, yet each runs one forward per micro-batch, so ZeRO-3's
+    collective weight gathers stay in step (a hang fails after 120 s). Masks and cuts come
+    from row keys, and rank r's micro-batch holds the same rows as micro-step r of the
+    1-process run (micro 4, accumulation 2), so each forward/backward computes the same
+    numbers. The runs differ only in how two gradients combine: (g0 + g1) / 2 over ranks vs
+    g0 / 2 + g1 / 2 accumulated; with two addends both are one correctly rounded fp32 add
+    (halving is exact), so losses and validation must agree bit for bit. Both runs go through
+    torchrun, so they use the same intra-op thread count (torchrun sets OMP_NUM_THREADS=1).
+    """
     args = [
         *BASE,
         f"corpus={corpus}",
-        f"run_dir={run_dir}",
         "objective=mdm",
         "mdm.random_length_prob=0.5",
         "zero_stage=3",
@@ -292,36 +321,20 @@ def test_mdm_zero3_two_processes_with_length_cuts(corpus, tmp_path):
         "eval.max_rows=16",
         "checkpoint.every=2",
     ]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd = [*torchrun, f"--master_port={free_port()}", "-m", "pipeline.cli", "train", *args]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=dict(os.environ, MASKSCALE_FAULT=""),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        # torchrun starts each worker in its own session: kill them by pid, then torchrun
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"MDM + ZeRO-3 on 2 processes hung; stderr tail:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    loss = losses(run_dir)
-    assert sorted(loss) == [1, 2, 3, 4]
-    assert all(torch.isfinite(torch.tensor(v)) for v in loss.values())
-    keys = [k for ks in row_keys(run_dir).values() for k in ks]
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    torchrun_train([*args, f"run_dir={two_dir}"], nproc=2)
+    torchrun_train([*args, f"run_dir={one_dir}"], nproc=1)
+    keys = [k for ks in row_keys(two_dir).values() for k in ks]
     seq_len = 32
     cuts = [MDMObjective(64, random_length_prob=0.5).draw_row(k, seq_len).length for k in keys]
     assert sum(n < seq_len for n in cuts) >= 4  # the run really cut rows
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 4
+    two, one = (json.loads((d / "summary.json").read_text()) for d in (two_dir, one_dir))
+    assert (two["world_size"], one["world_size"], two["steps"]) == (2, 1, 4)
+    got, want = losses(two_dir), losses(one_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert got == want  # exact, see the docstring
+    assert two["val"] == one["val"] and "val/validation/loss" in one["val"]
+    assert metrics(two_dir)[4]["grad_norm"] == pytest.approx(metrics(one_dir)[4]["grad_norm"])
 
 
 def test_zero3_bf16_smoke(corpus, tmp_path):
