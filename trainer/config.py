@@ -111,6 +111,12 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto = continue from the newest checkpoint in run_dir if any; none = start fresh
     (refused if run_dir already has checkpoints); or a path to a checkpoint directory."""
+    reschedule: bool = False
+    """On resume, adopt a changed budget or optimiser recipe (steps, optim.lr, lr_min, warmup,
+    betas, eps, weight_decay, grad_clip; trainer/resume.py): the LR schedule is recomputed for
+    the new budget from the resumed step, AdamW gets the new settings, and the change is recorded
+    (log, checkpoint meta, MLflow params, summary). False: such a resume is refused, naming
+    each changed key with its old and new value (the checkpoint would restore the old ones)."""
     export: bool = True
     """At the end, write consolidated fp32 safetensors + config + tokenizer to run_dir/export."""
 

@@ -141,6 +141,18 @@ class WarmupCosine(LRScheduler):
         value = lr_at(self.last_epoch, self.total_steps, self.warmup, self.peak, self.lr_min)
         return [value for _ in self.optimizer.param_groups]
 
+    def reschedule(self, total_steps: int, warmup: int, lr: float, lr_min: float) -> float:
+        """Replace the schedule a checkpoint restored (``load_state_dict`` brings back the old
+        total_steps/warmup/peak/lr_min) with a new one at the current step: the next optimizer
+        step uses ``lr_at(last_epoch)`` of the new schedule. Returns that learning rate."""
+        self.total_steps, self.warmup, self.peak, self.lr_min = total_steps, warmup, lr, lr_min
+        self.base_lrs = [lr for _ in self.optimizer.param_groups]
+        values = self.get_lr()
+        for group, value in zip(self.optimizer.param_groups, values, strict=True):
+            group["lr"], group["initial_lr"] = value, lr
+        self._last_lr = list(values)
+        return values[0]
+
 
 # ----------------------------------------------------------------------------- engine
 

@@ -43,6 +43,7 @@ from trainer.engine import (
     warmup_steps,
 )
 from trainer.model import ModelConfig, flops_per_token, non_embedding_params
+from trainer.resume import check_saved, describe, reconcile, schedule_record
 
 IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
 """What a checkpoint must share with the config that resumes it."""
@@ -60,6 +61,10 @@ class Setup:
     micro: int
     accum: int
     identity: dict = field(default_factory=dict)
+    schedule: dict = field(default_factory=dict)
+    """The settings the optimisation depends on (trainer/resume.py), saved in checkpoints."""
+    reschedules: list = field(default_factory=list)
+    """Every resume that changed ``schedule`` (checkpoint.reschedule=true), oldest first."""
 
 
 def say(dist: DistInfo, text: str) -> None:
@@ -111,7 +116,13 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
                 + ", ".join(f"{k} ({saved[k]!r} vs now {identity[k]!r})" for k in diff)
                 + "; restore those settings or start a new run_dir"
             )
-    return Setup(cfg, dist, manifest, model_cfg, budget, micro, accum, identity)
+    schedule = schedule_record(cfg, budget.steps)
+    if ref is not None:
+        check_saved(cfg, ref, schedule)
+    reschedules = list(ref.meta.get("reschedules", [])) if ref is not None else []
+    return Setup(
+        cfg, dist, manifest, model_cfg, budget, micro, accum, identity, schedule, reschedules
+    )
 
 
 def write_run_files(s: Setup) -> None:
@@ -142,6 +153,11 @@ def tracking_params(s: Setup) -> tuple[dict, dict]:
         "model": to_dict(s.model_cfg),
     }
     params = {**to_dict(s.cfg), "resolved": resolved, "corpus_manifest_sha256": manifest_sha}
+    if s.reschedules:  # new keys per resume: MLflow params cannot change
+        params["rescheduled"] = {
+            f"step{e['step']}": {k: f"{old} -> {new}" for k, (old, new) in e["changes"].items()}
+            for e in s.reschedules
+        }
     tags = {
         "family": s.cfg.objective,
         "model": s.cfg.model,
@@ -213,6 +229,8 @@ def checkpoint_meta(s: Setup, step: int) -> dict:
         "corpus": str(Path(s.cfg.corpus).resolve()),
         "tokenizer_sha256": s.identity["tokenizer_sha256"],
         "eos_id": s.manifest["tokenizer"].get("eos_id"),
+        "schedule": s.schedule,
+        "reschedules": s.reschedules,
     }
 
 
@@ -311,6 +329,7 @@ def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: fl
         "export": str(export_dir) if s.cfg.checkpoint.export else None,
         "mlflow_run_id": tracker.run_id,
         "world_size": s.dist.world_size,
+        "reschedules": s.reschedules,
         "wall_s": time.time() - t0,
     }
     if s.dist.rank == 0:
@@ -354,6 +373,14 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
         loader.load_state_dict(client["loader"])
         step = int(client["step"])
         say(dist, f"resumed from {ref.path} at step {step}" + (" (universal)" if universal else ""))
+        if (entry := reconcile(cfg, engine, client, s.schedule, ref)) is not None:
+            s.reschedules.append(entry)
+            old_lr, new_lr = entry["next_lr"]
+            say(
+                dist,
+                f"rescheduled at step {step} (checkpoint.reschedule=true): "
+                f"{describe(entry['changes'])}; lr of step {step + 1}: {old_lr:.4g} -> {new_lr:.4g}",
+            )
     return objective, engine, loader, step
 
 
