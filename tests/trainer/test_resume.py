@@ -135,3 +135,26 @@ def test_reschedule_follows_the_new_schedule_and_records_it(corpus, first, tmp_p
     for step in (19, 20):
         assert got[step]["loss"] == want[step]["loss"] and got[step]["lr"] == want[step]["lr"]
     assert summary2["reschedules"] == meta["reschedules"]
+
+
+def test_warmup_cosine_reschedule_after_restoring_the_old_state():
+    """The scheduler alone: a restored 12-step schedule replaced by a 20-step one at step 12."""
+    from trainer.engine import WarmupCosine
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    old = WarmupCosine(torch.optim.AdamW([p], lr=1.0), FIRST, 5, LR, LR_MIN)
+    for _ in range(FIRST):
+        old.optimizer.step()
+        old.step()
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = WarmupCosine(opt, MORE, 5, 2e-3, LR_MIN)
+    sched.load_state_dict(old.state_dict())  # what DeepSpeed does on resume
+    assert (sched.total_steps, sched.peak) == (FIRST, LR)  # the old schedule is back
+    assert sched.reschedule(MORE, 5, 2e-3, LR_MIN) == lr_at(FIRST, MORE, 5, 2e-3, LR_MIN)
+    seen = []
+    for _ in range(FIRST, MORE):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [lr_at(s, MORE, 5, 2e-3, LR_MIN) for s in range(FIRST, MORE)]
+    assert sched.state_dict()["total_steps"] == MORE  # the next checkpoint keeps the new one
