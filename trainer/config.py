@@ -229,7 +229,7 @@ class CommConfig:
     reduce_bucket_size elements at ZeRO-1/2) buy nothing when there is nothing to communicate."""
     contiguous_gradients: bool = True
     """Copy each gradient into one preallocated flat buffer as it is produced: no memory
-    fragmentation at 1B+ parameters and one contiguous region per reduction (DeepSpeed's default)."""
+    fragmentation at 1B+ parameters, one contiguous region per reduction (DeepSpeed's default)."""
     reduce_bucket_size: int | None = None
     """Elements per gradient reduce(-scatter). None = d_model^2: few enough collectives to stay
     bandwidth-bound, small enough to start reducing early in the backward pass and to keep the
