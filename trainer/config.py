@@ -219,6 +219,80 @@ class MDMConfig:
 
 
 @dataclass
+class CommConfig:
+    """DeepSpeed ZeRO communication settings (matter only with several processes).
+
+    ``None`` means "sized from the model", as DeepSpeed's ``auto`` does in its Hugging Face
+    integration: buckets grow with d_model^2 (the size of one attention weight matrix), so a
+    small model does not reserve gigabytes of buffers and a large one sends large messages.
+    ``allgather_bucket_size`` is not exposed: with torch >= 1.13 DeepSpeed gathers each flat
+    ZeRO-1/2 parameter group in one ``all_gather_into_tensor`` call and ignores it.
+    """
+
+    overlap_comm: bool | None = None
+    """Reduce gradients while the backward pass still runs (hides communication behind compute).
+    None = on with several processes, off with one: its extra bucket buffers (about 4.5 x
+    reduce_bucket_size elements at ZeRO-1/2) buy nothing when there is nothing to communicate."""
+    contiguous_gradients: bool = True
+    """Copy each gradient into one preallocated flat buffer as it is produced: no memory
+    fragmentation at 1B+ parameters, one contiguous region per reduction (DeepSpeed's default)."""
+    reduce_bucket_size: int | None = None
+    """Elements per gradient reduce(-scatter). None = d_model^2: few enough collectives to stay
+    bandwidth-bound, small enough to start reducing early in the backward pass and to keep the
+    overlap buffers small (DeepSpeed's own default, 5e8, reserves GBs for any model)."""
+    stage3_prefetch_bucket_size: int | None = None
+    """ZeRO-3: parameter elements fetched ahead of use. None = 0.9 d_model^2 (just under one
+    reduce bucket, DeepSpeed's auto rule), i.e. about one block's matrices ahead of compute."""
+    stage3_param_persistence_threshold: int | None = None
+    """ZeRO-3: parameters smaller than this stay whole on every rank. None = 10 d_model: keeps
+    the RMSNorm weights (d_model elements each) unpartitioned; gathering them would cost one
+    collective latency each for a negligible memory saving."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """ZeRO-3: most gathered parameter elements held at once before release (DeepSpeed's
+    default, 2 GB in bf16: room for prefetching at 1-2B; lower it only when memory-bound)."""
+
+    def validate(self) -> None:
+        for key in (
+            "reduce_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "stage3_param_persistence_threshold",
+            "stage3_max_live_parameters",
+        ):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ConfigError(
+                    f"comm.{key}: a positive number of elements or null (sized from d_model), "
+                    f"got {value!r}"
+                )
+
+    def zero_settings(self, stage: int, d_model: int | None, world_size: int) -> dict[str, Any]:
+        """The ``zero_optimization`` entries for ``stage``; d_model None keeps DeepSpeed's
+        defaults for the auto-sized ones."""
+        if stage == 0:
+            return {}
+        overlap = world_size > 1 if self.overlap_comm is None else self.overlap_comm
+        out: dict[str, Any] = {
+            "overlap_comm": overlap,
+            "contiguous_gradients": self.contiguous_gradients,
+        }
+        auto = {
+            "reduce_bucket_size": (self.reduce_bucket_size, 1.0, 2),
+            "stage3_prefetch_bucket_size": (self.stage3_prefetch_bucket_size, 0.9, 2),
+            "stage3_param_persistence_threshold": (self.stage3_param_persistence_threshold, 10, 1),
+        }
+        for key, (value, factor, power) in auto.items():
+            if stage < 3 and key.startswith("stage3_"):
+                continue
+            if value is None and d_model is not None:
+                value = int(factor * d_model**power)
+            if value is not None:
+                out[key] = value
+        if stage == 3:
+            out["stage3_max_live_parameters"] = self.stage3_max_live_parameters
+        return out
+
+
+@dataclass
 class TrainConfig:
     """One training run (ARM or MDM) on one packed corpus."""
 
@@ -237,7 +311,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     """bf16 = DeepSpeed bf16 mixed precision (fp32 master weights); fp32 = full precision."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)."""
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel). Stage 3 builds the model directly
+    partitioned (``deepspeed.zero.Init``), so a model larger than one host's memory can start."""
+    comm: CommConfig = field(default_factory=CommConfig)
+    activation_checkpointing: bool | int = False
+    """Recompute block activations in the backward pass instead of storing them: false = off,
+    true = every block, K = every K-th block (trades ~1/3 more compute per checkpointed block
+    for its activation memory; for 1-2B models at micro-batch 8+)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -256,6 +336,11 @@ class TrainConfig:
             raise ConfigError("model: required; a preset name such as 170M or tiny-1M")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
+            raise ConfigError(
+                f"activation_checkpointing: false, true or a block interval K >= 1, got {ac!r}"
+            )
         if not self.run_dir:
             raise ConfigError("run_dir: required")
         for section in (
@@ -268,6 +353,7 @@ class TrainConfig:
             self.mdm,
             self.data,
             self.tracking,
+            self.comm,
         ):
             section.validate()
 

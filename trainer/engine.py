@@ -170,15 +170,23 @@ def batch_geometry(batch: BatchConfig, world_size: int) -> tuple[int, int]:
     return micro, g // (micro * world_size)
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config implied by ``cfg`` (optimizer and scheduler are clients)."""
+def build_ds_config(
+    cfg: TrainConfig, world_size: int, load_universal: bool = False, d_model: int | None = None
+) -> dict:
+    """The DeepSpeed JSON config implied by ``cfg`` (optimizer and scheduler are clients).
+
+    ``d_model`` sizes the communication buckets left to ``auto`` in ``cfg.comm`` (without it
+    DeepSpeed's defaults apply)."""
     micro, accum = batch_geometry(cfg.batch, world_size)
     ds = {
         "train_batch_size": cfg.batch.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            **cfg.comm.zero_settings(cfg.zero_stage, d_model, world_size),
+        },
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -214,6 +222,7 @@ def build_engine(
 
     warm = warmup_steps(total_steps, cfg.optim.warmup_frac, cfg.optim.warmup_min)
     optimizer = build_optimizer(model, cfg.optim)
+    d_model = getattr(getattr(model, "cfg", None), "d_model", None)  # a Transformer's width
 
     def schedule(opt):
         return WarmupCosine(opt, total_steps, warm, cfg.optim.lr, cfg.optim.lr_min)
@@ -222,7 +231,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=build_ds_config(cfg, world_size, load_universal),
+        config=build_ds_config(cfg, world_size, load_universal, d_model=d_model),
     )
     return engine
 

@@ -344,8 +344,8 @@ def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: fl
 
 def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     """Objective, DeepSpeed engine and data loader, restored from ``ref`` when resuming."""
+    from trainer.build import build_model
     from trainer.data import CorpusLoader
-    from trainer.model import Transformer
     from trainer.objectives import build_objective
 
     cfg, dist = s.cfg, s.dist
@@ -355,7 +355,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
         cfg.objective, s.model_cfg.mask_id, **(kw if cfg.objective == "mdm" else {})
     )
     universal = ref is not None and ckpt.needs_universal(ref, cfg.zero_stage)
-    model = Transformer(s.model_cfg, causal=objective.causal)
+    model = build_model(cfg, s.model_cfg, objective.causal, dist.world_size)
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
     loader = CorpusLoader(
         cfg.corpus,

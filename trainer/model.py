@@ -19,12 +19,14 @@ tables are rebuilt in fp32 whenever the module is moved or cast, so positions st
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.configlib import ConfigError
 
@@ -231,32 +233,63 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids [B, T] -> logits [B, T, vocab_size]; ``causal`` is True for ARM, False for MDM."""
+    """Token ids [B, T] -> logits [B, T, vocab_size]; ``causal`` is True for ARM, False for MDM.
 
-    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+    ``activation_checkpointing``: False (off), True (every block) or K (every K-th block,
+    counting from the first): in training, those blocks keep only their input and recompute
+    their activations in the backward pass (``torch.utils.checkpoint``, non-reentrant).
+    ``init=False`` skips ``reset_parameters`` (the caller runs it, e.g. after ZeRO-3's
+    ``zero.Init`` has partitioned the parameters, see trainer/build.py).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        causal: bool,
+        *,
+        activation_checkpointing: bool | int = False,
+        init: bool = True,
+    ) -> None:
         super().__init__()
         cfg.validate()
         self.cfg, self.causal = cfg, causal
-        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)  # last row: MDM mask token
-        self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
-        self.blocks = nn.ModuleList(Block(cfg, causal, self.rotary) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        self.checkpoint_every = int(activation_checkpointing)  # True -> 1, False -> 0
+        if self.checkpoint_every < 0:
+            raise ValueError(f"activation_checkpointing must be >= 0, got {self.checkpoint_every}")
+        # The submodules' own default inits draw random numbers that reset_parameters overwrites.
+        # Forking the generators makes the weights a function of the seed and reset_parameters
+        # only, not of the dtype or device the submodules were created with (zero.Init creates
+        # them in bf16 on the GPU, where the same draws consume the generators differently).
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)  # last row: mask token
+            self.rotary = Rotary(cfg.head_dim, cfg.seq_len, cfg.rope_base)
+            self.blocks = nn.ModuleList(Block(cfg, causal, self.rotary) for _ in range(cfg.n_layer))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, sqrt(2/(5d))) everywhere; attention-out and MLP-down use 1/sqrt(d)/L."""
+        """Normal(0, sqrt(2/(5d))) everywhere; attention-out and MLP-down use 1/sqrt(d)/L.
+
+        Values are drawn in fp32 on the CPU generator, one weight at a time in module order,
+        and copied into the parameter: the same seed gives the same weights whatever the
+        parameters' dtype or device. Parameters partitioned by ZeRO-3 are gathered one at a
+        time, filled on every rank (the generators stay in step) and re-partitioned from rank
+        0's copy; meta parameters are left alone.
+        """
         d = self.cfg.d_model
         std = math.sqrt(2.0 / (5.0 * d))
         out_std = 1.0 / math.sqrt(d) / self.cfg.n_layer
+        residual_out = {id(b.attn.out.weight) for b in self.blocks}
+        residual_out |= {id(b.mlp.down.weight) for b in self.blocks}
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                w = module.weight
+                _fill_(w, out_std if id(w) in residual_out else std)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out.weight, mean=0.0, std=out_std)
-            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=out_std)
+                _fill_(module.weight, None)
 
     def count_non_embedding_params(self) -> int:
         """All parameters minus the input embedding and the output head (works on meta too)."""
@@ -308,6 +341,30 @@ class Transformer(nn.Module):
             if shortest < t:
                 attn_mask = self.attention_mask(lengths, t, input_ids.device)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, attn_mask)
+        every = self.checkpoint_every if self.training and torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if every and i % every == 0:
+                # Non-reentrant: recomputation goes through block.__call__, so ZeRO-3's module
+                # hooks gather the weights again; the blocks draw no random numbers, hence no
+                # RNG state to save and restore.
+                x = checkpoint(block, x, attn_mask, use_reentrant=False, preserve_rng_state=False)
+            else:
+                x = block(x, attn_mask)
         return self.norm(x)
+
+
+def _fill_(param: nn.Parameter, std: float | None) -> None:
+    """Fill ``param`` with N(0, std) drawn in fp32 on the CPU (std None: ones), in place."""
+    if param.is_meta:
+        return
+    gathered = contextlib.nullcontext()
+    if hasattr(param, "ds_id"):  # partitioned by DeepSpeed ZeRO-3
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+    with gathered, torch.no_grad():
+        if std is None:
+            param.fill_(1.0)
+        else:
+            value = torch.empty(param.shape, dtype=torch.float32, device="cpu")
+            param.copy_(value.normal_(mean=0.0, std=std))
