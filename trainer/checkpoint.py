@@ -222,7 +222,7 @@ class CheckpointManager:
             else "mp_rank_00_model_states.pt"
         )
         optim = list(path.glob("*optim_states.pt"))
-        if stage > 0 and len(optim) != world:
+        if (stage > 0 or optim) and len(optim) != world:  # bf16 at stage 0 is sharded too
             raise RuntimeError(
                 f"checkpoint {path}: {len(optim)} optimizer shards, expected {world}"
             )
@@ -247,7 +247,8 @@ class CheckpointManager:
                 f"checkpoint {ref.path} was saved with zero_stage={saved_stage}; resume with "
                 f"zero_stage={saved_stage} (stage changes are not supported)"
             )
-        return saved_stage > 0 and int(ref.meta.get("world_size", 1)) != self.world_size
+        sharded = saved_stage > 0 or any(ref.path.glob("*optim_states.pt"))  # bf16 stage 0
+        return sharded and int(ref.meta.get("world_size", 1)) != self.world_size
 
     def universal(self, ref: CheckpointRef) -> Path:
         """Convert ``ref`` to DeepSpeed's universal format once (rank 0); collective."""
@@ -291,9 +292,54 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- export
 
 
+BF16_SHARDS = "bf16_zero_pp_rank_*_optim_states.pt"
+"""Optimizer shards of DeepSpeed's BF16_Optimizer (our bf16 at ZeRO-0/1, trainer/precision.py)."""
+
+
+def _shard_rank(path: Path) -> int:
+    return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+def bf16_master_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint, merged over its rank shards.
+
+    Each shard holds, per parameter group, one flat fp32 partition and ``param_slice_mappings``
+    (parameter name -> (start, numel) of its piece in that partition); a parameter's pieces,
+    concatenated in rank order, are its flat fp32 weight. DeepSpeed's ``zero_to_fp32`` does
+    not read these shards (they carry no ZeRO stage). The module file's weights are the
+    bf16-rounded copy and only fill in what no shard holds (buffers, frozen parameters).
+    """
+    model = torch.load(ref.path / "mp_rank_00_model_states.pt", weights_only=False)
+    shapes = {k: v for group in model["param_shapes"] for k, v in group.items()}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for shard in sorted(ref.path.glob(BF16_SHARDS), key=_shard_rank):
+        state = torch.load(shard, weights_only=False)["optimizer_state_dict"]
+        groups = state["single_partition_of_fp32_groups"]
+        for flat, mapping in zip(groups, state["param_slice_mappings"], strict=True):
+            for name, frag in mapping.items():
+                pieces[name].append(flat.narrow(0, frag.start, frag.numel))
+    out = {k: v for k, v in model["module"].items() if k not in shapes}
+    for name, shape in shapes.items():
+        flat = torch.cat(pieces[name]) if pieces[name] else torch.empty(0)
+        if flat.numel() != shape.numel():
+            raise RuntimeError(
+                f"checkpoint {ref.path}: the optimizer shards hold {flat.numel()} values of "
+                f"{name}, its shape {tuple(shape)} needs {shape.numel()}; a shard is missing "
+                "or from another save, re-export from a complete checkpoint"
+            )
+        out[name] = flat.view(shape)
+    return out
+
+
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a checkpoint of any ZeRO stage (ZeRO shards are merged)."""
-    if list(ref.path.glob("*optim_states.pt")):
+    """Full fp32 weights from a checkpoint of any ZeRO stage (ZeRO shards are merged).
+
+    Always the optimizer's fp32 master weights where the run had them (bf16 at every stage),
+    never the bf16-rounded module weights.
+    """
+    if list(ref.path.glob(BF16_SHARDS)):
+        state = bf16_master_weights(ref)
+    elif list(ref.path.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ref.path.parent), tag=ref.tag)
