@@ -293,11 +293,20 @@ class CheckpointManager:
 
 
 BF16_SHARDS = "bf16_zero_pp_rank_*_optim_states.pt"
-"""Optimizer shards of DeepSpeed's BF16_Optimizer (our bf16 at ZeRO-0/1, trainer/precision.py)."""
+"""Optimizer shards of every bf16 ZeRO run, BF16_Optimizer's (our bf16 at ZeRO-0/1) included."""
 
 
 def _shard_rank(path: Path) -> int:
     return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+def is_bf16_optimizer_checkpoint(ref: CheckpointRef) -> bool:
+    """True for DeepSpeed's BF16_Optimizer shards: unlike ZeRO's, they record no ZeRO stage."""
+    shards = sorted(ref.path.glob(BF16_SHARDS), key=_shard_rank)
+    if not shards:
+        return False
+    state = torch.load(shards[0], weights_only=False, mmap=True)["optimizer_state_dict"]
+    return "zero_stage" not in state and "param_slice_mappings" in state
 
 
 def bf16_master_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
@@ -337,7 +346,7 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     Always the optimizer's fp32 master weights where the run had them (bf16 at every stage),
     never the bf16-rounded module weights.
     """
-    if list(ref.path.glob(BF16_SHARDS)):
+    if is_bf16_optimizer_checkpoint(ref):
         state = bf16_master_weights(ref)
     elif list(ref.path.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
