@@ -5,6 +5,7 @@ recorded) as fp32 on a CPU."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,51 @@ def test_auto_precision_is_resolved_and_recorded(corpus_factory, tmp_path):
     with pytest.raises(ConfigError, match=r"precision \('fp32' vs now 'bf16'\)"):
         train(load_train_config(None, [*args, "steps=3", "precision=bf16"]))
     assert train(load_train_config(None, [*args, "steps=3"]))["steps"] == 3  # auto again
+
+
+@pytest.mark.slow
+def test_bf16_zero0_on_two_processes_exports_and_resumes_on_one(corpus_factory, tmp_path):
+    """torchrun 2 x bf16 ZeRO-0 (BF16_Optimizer, fp32 master weights split over the ranks):
+    the export merges both shards into weights that round exactly to the module's bf16
+    weights; the run resumes on 1 process through DeepSpeed's universal conversion."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from trainer.checkpoint import consolidated_state_dict, read_checkpoint
+
+    run_dir = tmp_path / "run"
+    args = [
+        f"corpus={corpus_factory(vocab_size=64, seq_len=16, kind='ramp')}",
+        f"run_dir={run_dir}",
+        *("model=tiny-0.3M", "model_overrides.n_layer=1", "model_overrides.d_model=16"),
+        *("model_overrides.n_head=2", "precision=bf16", "zero_stage=0", "steps=4"),
+        *("batch.global_batch=8", "batch.micro_batch=2", "optim.warmup_min=1"),
+        *(
+            "eval.every=0",
+            "eval.max_rows=16",
+            "checkpoint.every=2",
+            "tracking.enabled=false",
+            "log.every=1",
+        ),
+    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd = [*torchrun, f"--master_port={port}", "-m", "pipeline.cli", "train", *args]
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MASKSCALE_FAULT="step:3")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "step 3/4" in proc.stdout, proc.stderr[-3000:]
+    ref = read_checkpoint(run_dir / "checkpoints/step00000002")
+    assert len(list(ref.path.glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    master = consolidated_state_dict(ref)
+    module = torch.load(ref.path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for name, weight in module.items():
+        assert weight.dtype == torch.bfloat16 and master[name].dtype == torch.float32
+        assert torch.equal(master[name].bfloat16(), weight), name  # the same weights...
+        assert not torch.equal(master[name], weight.float()), name  # ...before rounding
+    summary = train(load_train_config(None, args))
+    assert summary["steps"] == 4 and (run_dir / "checkpoints/universal/step00000002").is_dir()
