@@ -15,6 +15,10 @@ and replace ``latest`` atomically (write + fsync + ``os.replace``). Resume trust
 directories with ``meta.json``; stale temporaries are deleted at the next save. Multi-node
 runs need a shared filesystem for ``run_dir`` (rank 0 does the renames).
 
+The export (``maskscale export``, and the end of every run) writes the optimizer's fp32 master
+weights whenever the run had them, also for bf16 at ZeRO-0/1 (DeepSpeed's BF16_Optimizer
+shards, merged here), never the bf16-rounded module weights.
+
 DeepSpeed saves no RNG state and its ZeRO-1/2/3 optimizer shards are tied to the world size;
 the RNG files fill the first gap, DeepSpeed's universal-checkpoint conversion (``ds_to_universal``,
 enabled by the ``universal_checkpoint_info`` entry we store in ``client_state``) the second.
@@ -278,6 +282,13 @@ class CheckpointManager:
     def load(self, engine, ref: CheckpointRef, universal: bool) -> dict:
         """Load engine state from ``ref``, restore this rank's RNG; returns client_state."""
         path = self.universal(ref) if universal else ref.path
+        if not universal and engine.zero_optimization() and not list(path.glob("*optim_states.pt")):
+            raise RuntimeError(  # DeepSpeed: a bare FileNotFoundError naming a shard
+                f"checkpoint {path} holds no ZeRO optimizer shards, but this run's optimizer is "
+                f"sharded (e.g. a bf16 zero_stage=0 checkpoint written before bf16 ran DeepSpeed's "
+                f"BF16_Optimizer, see trainer/precision.py); resume it with the code and settings "
+                f"that wrote it, or start a new run_dir"
+            )
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")

@@ -238,3 +238,19 @@ def test_bf16_zero0_on_two_processes_exports_and_resumes_on_one(corpus_factory, 
         assert not torch.equal(master[name], weight.float()), name  # ...before rounding
     summary = train(load_train_config(None, args))
     assert summary["steps"] == 4 and (run_dir / "checkpoints/universal/step00000002").is_dir()
+
+
+def test_unsharded_checkpoint_is_refused_by_a_sharded_optimizer(tmp_path):
+    """A stage-0 checkpoint without optimizer shards (fp32, or bf16 written before bf16 ran
+    BF16_Optimizer) loaded into a bf16 stage-0 engine: an error that says why and what to do."""
+    init_distributed()
+    cfg = bf16_cfg(0, global_batch=MICRO)
+    cfg.precision = "fp32"
+    plain = build_engine(cfg, Transformer(MODEL, causal=True), total_steps=10, world_size=1)
+    meta = {"zero_stage": 0, "model": MODEL.__dict__, "causal": True, "mask_id": 64}
+    mgr = CheckpointManager(tmp_path, keep=1)
+    ref = mgr.save(plain, 1, {"step": 1}, meta)
+    cfg.precision = "bf16"
+    sharded = build_engine(cfg, Transformer(MODEL, causal=True), total_steps=10, world_size=1)
+    with pytest.raises(RuntimeError, match="no ZeRO optimizer shards"):
+        mgr.load(sharded, ref, universal=False)
