@@ -21,6 +21,8 @@ gradients:
   to ``communication_data_type``, which for bf16 defaults to bf16 and would round the fp32 sum
   back to bf16 (measured: that alone leaves a third of the bf16-accumulation error), so this
   path also sets ``communication_data_type=fp32`` (2x bytes, but one all-reduce per *step*).
+  Memory: the fp32 gradient buffer is the whole model on every rank (4 bytes/parameter);
+  ZeRO-2 partitions it.
 * ZeRO-2: ``DeepSpeedZeroOptimizer`` keeps the gradient partition in an fp32 buffer and adds
   each micro-batch's reduced bf16 gradient into it.
 * ZeRO-3: the flat gradient-partition buffer is allocated in the accumulation dtype, fp32.
