@@ -15,6 +15,10 @@ and replace ``latest`` atomically (write + fsync + ``os.replace``). Resume trust
 directories with ``meta.json``; stale temporaries are deleted at the next save. Multi-node
 runs need a shared filesystem for ``run_dir`` (rank 0 does the renames).
 
+The export (``maskscale export``, and the end of every run) writes the optimizer's fp32 master
+weights whenever the run had them, also for bf16 at ZeRO-0/1 (DeepSpeed's BF16_Optimizer
+shards, merged here), never the bf16-rounded module weights.
+
 DeepSpeed saves no RNG state and its ZeRO-1/2/3 optimizer shards are tied to the world size;
 the RNG files fill the first gap, DeepSpeed's universal-checkpoint conversion (``ds_to_universal``,
 enabled by the ``universal_checkpoint_info`` entry we store in ``client_state``) the second.
@@ -222,7 +226,7 @@ class CheckpointManager:
             else "mp_rank_00_model_states.pt"
         )
         optim = list(path.glob("*optim_states.pt"))
-        if stage > 0 and len(optim) != world:
+        if (stage > 0 or optim) and len(optim) != world:  # bf16 at stage 0 is sharded too
             raise RuntimeError(
                 f"checkpoint {path}: {len(optim)} optimizer shards, expected {world}"
             )
@@ -247,7 +251,8 @@ class CheckpointManager:
                 f"checkpoint {ref.path} was saved with zero_stage={saved_stage}; resume with "
                 f"zero_stage={saved_stage} (stage changes are not supported)"
             )
-        return saved_stage > 0 and int(ref.meta.get("world_size", 1)) != self.world_size
+        sharded = saved_stage > 0 or any(ref.path.glob("*optim_states.pt"))  # bf16 stage 0
+        return sharded and int(ref.meta.get("world_size", 1)) != self.world_size
 
     def universal(self, ref: CheckpointRef) -> Path:
         """Convert ``ref`` to DeepSpeed's universal format once (rank 0); collective."""
@@ -277,6 +282,13 @@ class CheckpointManager:
     def load(self, engine, ref: CheckpointRef, universal: bool) -> dict:
         """Load engine state from ``ref``, restore this rank's RNG; returns client_state."""
         path = self.universal(ref) if universal else ref.path
+        if not universal and engine.zero_optimization() and not list(path.glob("*optim_states.pt")):
+            raise RuntimeError(  # DeepSpeed: a bare FileNotFoundError naming a shard
+                f"checkpoint {path} holds no ZeRO optimizer shards, but this run's optimizer is "
+                f"sharded (e.g. a bf16 zero_stage=0 checkpoint written before bf16 ran DeepSpeed's "
+                f"BF16_Optimizer, see trainer/precision.py); resume it with the code and settings "
+                f"that wrote it, or start a new run_dir"
+            )
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
@@ -291,9 +303,63 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- export
 
 
+BF16_SHARDS = "bf16_zero_pp_rank_*_optim_states.pt"
+"""Optimizer shards of every bf16 ZeRO run, BF16_Optimizer's (our bf16 at ZeRO-0/1) included."""
+
+
+def _shard_rank(path: Path) -> int:
+    return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+def is_bf16_optimizer_checkpoint(ref: CheckpointRef) -> bool:
+    """True for DeepSpeed's BF16_Optimizer shards: unlike ZeRO's, they record no ZeRO stage."""
+    shards = sorted(ref.path.glob(BF16_SHARDS), key=_shard_rank)
+    if not shards:
+        return False
+    state = torch.load(shards[0], weights_only=False, mmap=True)["optimizer_state_dict"]
+    return "zero_stage" not in state and "param_slice_mappings" in state
+
+
+def bf16_master_weights(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint, merged over its rank shards.
+
+    Each shard holds, per parameter group, one flat fp32 partition and ``param_slice_mappings``
+    (parameter name -> (start, numel) of its piece in that partition); a parameter's pieces,
+    concatenated in rank order, are its flat fp32 weight. DeepSpeed's ``zero_to_fp32`` does
+    not read these shards (they carry no ZeRO stage). The module file's weights are the
+    bf16-rounded copy and only fill in what no shard holds (buffers, frozen parameters).
+    """
+    model = torch.load(ref.path / "mp_rank_00_model_states.pt", weights_only=False)
+    shapes = {k: v for group in model["param_shapes"] for k, v in group.items()}
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for shard in sorted(ref.path.glob(BF16_SHARDS), key=_shard_rank):
+        state = torch.load(shard, weights_only=False)["optimizer_state_dict"]
+        groups = state["single_partition_of_fp32_groups"]
+        for flat, mapping in zip(groups, state["param_slice_mappings"], strict=True):
+            for name, frag in mapping.items():
+                pieces[name].append(flat.narrow(0, frag.start, frag.numel))
+    out = {k: v for k, v in model["module"].items() if k not in shapes}
+    for name, shape in shapes.items():
+        flat = torch.cat(pieces[name]) if pieces[name] else torch.empty(0)
+        if flat.numel() != shape.numel():
+            raise RuntimeError(
+                f"checkpoint {ref.path}: the optimizer shards hold {flat.numel()} values of "
+                f"{name}, its shape {tuple(shape)} needs {shape.numel()}; a shard is missing "
+                "or from another save, re-export from a complete checkpoint"
+            )
+        out[name] = flat.view(shape)
+    return out
+
+
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a checkpoint of any ZeRO stage (ZeRO shards are merged)."""
-    if list(ref.path.glob("*optim_states.pt")):
+    """Full fp32 weights from a checkpoint of any ZeRO stage (ZeRO shards are merged).
+
+    Always the optimizer's fp32 master weights where the run had them (bf16 at every stage),
+    never the bf16-rounded module weights.
+    """
+    if is_bf16_optimizer_checkpoint(ref):
+        state = bf16_master_weights(ref)
+    elif list(ref.path.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ref.path.parent), tag=ref.tag)

@@ -4,7 +4,8 @@ A run is fully described by a ``TrainConfig``: which corpus, which objective (AR
 which model size, how much compute, and the optimisation recipe. The defaults reproduce the
 recipe of Nie et al. (2025) (AdamW 2e-4, betas 0.9/0.95, wd 0.1, clip 1.0, warmup
 max(1% of steps, 100) then cosine to 2e-5, global batch 256 rows, bf16, seed 3407), so a
-YAML file only states what differs. The resolved tree is saved with every checkpoint, into
+YAML file only states what differs; precision defaults to ``auto``, which is the paper's bf16 on
+a GPU and fp32 on a CPU. The resolved tree is saved with every checkpoint, into
 ``run_dir/config.yaml`` and as MLflow params, so any run can be re-created from its record.
 
 Loaded with :func:`pipeline.configlib.load_config` (YAML + ``key=value`` overrides); the CLI
@@ -308,8 +309,11 @@ class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 = DeepSpeed bf16 mixed precision (fp32 master weights); fp32 = full precision."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 = DeepSpeed bf16 mixed precision (fp32 master weights, fp32 gradient accumulation);
+    fp32 = full precision; auto = bf16 on a GPU that supports it, else fp32 (bf16 on a CPU is
+    several times slower). Resolved before the run is recorded: config.yaml, checkpoints and
+    MLflow hold fp32 or bf16 (trainer/precision.py)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel). Stage 3 builds the model directly
     partitioned (``deepspeed.zero.Init``), so a model larger than one host's memory can start."""

@@ -13,6 +13,8 @@ only orchestrates. Choices, and why:
   compiled FusedAdam, identical on CPU and GPU, and ZeRO 1-3 partition it as usual.
 * The LR schedule is our own ``WarmupCosine``: linear warmup over max(1% of steps, 100)
   then a cosine that ends *exactly* at lr_min on the last step (cos(pi) = -1 exactly).
+* bf16 accumulates gradients in fp32 at every ZeRO stage; stage 0 with bf16 runs DeepSpeed's
+  BF16_Optimizer (see trainer/precision.py for what DeepSpeed does at each stage, and why).
 * Global batch -> micro-batch x accumulation x world size is derived here; a geometry that
   does not divide is refused before anything starts.
 * One optimizer step (:func:`train_step`) reduces the loss over micro-batches and ranks
@@ -31,6 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline.configlib import ConfigError
 from trainer.config import BatchConfig, OptimConfig, TrainConfig
+from trainer.precision import deepspeed_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,16 +181,17 @@ def build_ds_config(
     ``d_model`` sizes the communication buckets left to ``auto`` in ``cfg.comm`` (without it
     DeepSpeed's defaults apply)."""
     micro, accum = batch_geometry(cfg.batch, world_size)
+    precision = deepspeed_precision(cfg.precision, cfg.zero_stage)  # fp32 grad accumulation
     ds = {
         "train_batch_size": cfg.batch.global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {
-            "stage": cfg.zero_stage,
+            "stage": precision.pop("stage"),  # bf16 at stage 0 runs as DeepSpeed stage 1
             **cfg.comm.zero_settings(cfg.zero_stage, d_model, world_size),
         },
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        **precision,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},

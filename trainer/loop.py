@@ -43,6 +43,7 @@ from trainer.engine import (
     warmup_steps,
 )
 from trainer.model import ModelConfig, flops_per_token, non_embedding_params
+from trainer.precision import resolve_precision
 from trainer.resume import check_saved, describe, reconcile, schedule_record
 
 IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
@@ -391,6 +392,7 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     cfg.validate()
     dist = init_distributed()
+    cfg.precision = resolve_precision(cfg.precision, dist.device)  # auto -> what is recorded
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, dist.rank, dist.world_size)
     ref = ckpt.resolve(cfg.checkpoint.resume)
     s = prepare(cfg, dist, ref)

@@ -31,7 +31,7 @@ def test_defaults_are_the_paper_recipe():
         1.0,
     )
     assert (o.warmup_frac, o.warmup_min) == (0.01, 100)
-    assert cfg.batch.global_batch == 256 and cfg.precision == "bf16" and cfg.seed == 3407
+    assert cfg.batch.global_batch == 256 and cfg.precision == "auto" and cfg.seed == 3407
     assert (cfg.mdm.eps, cfg.mdm.random_length_prob) == (1e-3, 0.01)
     assert cfg.eval.n_samples == 128
 

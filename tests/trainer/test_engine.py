@@ -33,10 +33,14 @@ def test_ds_config_from_train_config():
     assert ds["gradient_accumulation_steps"] == 4  # 32 / (4 * 2)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is True
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # not DeepSpeed's bf16 default
     assert ds["gradient_clipping"] == 1.0
     assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW + our schedule
     fp32 = build_ds_config(cfg_with(precision="fp32", zero_stage=0), world_size=1)
     assert fp32["bf16"]["enabled"] is False and fp32["zero_optimization"]["stage"] == 0
+    assert "data_types" not in fp32
+    bf16_z0 = build_ds_config(cfg_with(precision="bf16", zero_stage=0), world_size=1)
+    assert bf16_z0["zero_optimization"]["stage"] == 1  # DeepSpeed's BF16_Optimizer
     assert fp32["train_micro_batch_size_per_gpu"] == 256  # micro_batch null: no accumulation
     assert build_ds_config(cfg, 2, load_universal=True)["checkpoint"]["load_universal"]
 
