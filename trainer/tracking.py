@@ -163,7 +163,9 @@ def _warn(text: str) -> None:
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}"
+    if len(text) > 240:  # keep the head (what failed) and the tail (the root cause)
+        text = f"{text[:130]} ... {text[-100:]}"
+    return f"{type(error).__name__}: {text}"
 
 
 class Tracker:
