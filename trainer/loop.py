@@ -138,8 +138,8 @@ def write_run_files(s: Setup) -> None:
         shutil.copyfile(tokenizer, run_dir / TOKENIZER)
 
 
-def tracking_params(s: Setup) -> tuple[dict, dict]:
-    """(MLflow params, tags): the resolved config plus what it resolved to."""
+def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
+    """(MLflow params, tags, run-name fields): the resolved config plus what it resolved to."""
     manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
     b = s.budget
     resolved = {
@@ -165,7 +165,9 @@ def tracking_params(s: Setup) -> tuple[dict, dict]:
         "N": str(b.n_params),
         "C": f"{b.flops:.4g}",
     }
-    return params, tags
+    fields = {"objective": s.cfg.objective, "model": s.cfg.model, "seed": s.cfg.seed}
+    fields.update(flops=b.flops, tokens=b.tokens, N=b.n_params, steps=b.steps)
+    return params, tags, fields
 
 
 class Meter:
