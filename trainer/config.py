@@ -232,6 +232,15 @@ class TrainConfig:
     """bf16 = DeepSpeed bf16 mixed precision (fp32 master weights); fp32 = full precision."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; trainer/compiling.py).
+    auto = on for CUDA, off on CPU: meant as "on where measured faster"; CPU is measured
+    slower to start (about 30 s of compiling), the CUDA default is not yet measured here
+    (benchmarks/trainer_bench.py --compile-compare measures it)."""
+    loss_chunk: int = 4096
+    """Tokens per chunk of the output head + cross-entropy (trainer/losses.py); 0 = plain (all
+    logits at once). 4096 x 32k vocab = 0.5 GiB of fp32 logits at a time, against ~7 GiB of
+    logits, fp32 copies and gradients for the paper's 8 x 2048-token micro-batch."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -250,6 +259,8 @@ class TrainConfig:
             raise ConfigError("model: required; a preset name such as 170M or tiny-1M")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk: >= 0 tokens (0 = plain), got {self.loss_chunk}")
         if not self.run_dir:
             raise ConfigError("run_dir: required")
         for section in (
