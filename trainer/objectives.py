@@ -2,7 +2,8 @@
 
 The two objectives train the same Transformer (``trainer/model.py``); an objective says whether
 the model must be causal and turns a batch of packed rows ``tokens[B, T+1]`` into a scalar loss.
-Both use the first T positions of a row, so a step costs the same FLOPs under either objective.
+Both use the first T positions of a row, so a step costs the same Transformer FLOPs under either
+objective (with a chunked loss the MDM runs the output head only at its masked positions).
 
 Reproducibility: every random draw of the MDM loss comes from the row's ``key`` (one int64 per
 row, unique per step and global row, supplied by the data loader) through a CPU
