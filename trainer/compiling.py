@@ -14,10 +14,10 @@ parameter names (a ``torch.compile(model)`` wrapper would prefix every checkpoin
 compiles the whole module (head loss included), which is why it is not used.
 
 ``compile: auto`` is meant to mean "on where measured faster". On CPU it is off: compiling
-costs about 30 s of a 2-core machine per process and run. On CUDA it is on, by the usual
-experience with Llama-style blocks; this repository has not measured it yet (no GPU during
-development): ``benchmarks/trainer_bench.py --compile-compare`` (run by
-``benchmarks/gpu_check.sh``) measures both in one run; flip the CUDA default if it loses.
+costs about 30 s of a 2-core machine per process, more than short CPU runs gain. On CUDA it
+is on, but that is an expectation, not a measurement: no GPU was available when this was
+written. ``benchmarks/trainer_bench.py --compile-compare`` measures compiled and eager steps
+in one run; flip the CUDA default if compiled loses.
 """
 
 from __future__ import annotations
