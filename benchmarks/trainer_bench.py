@@ -8,11 +8,17 @@ Three questions, each answered with medians over repeated steps and printed as r
    consumes (goal >= 20x, so data never stalls a step).
 3. What does the DeepSpeed engine cost over a plain torch loop (same model, AdamW,
    accumulation and clipping)? (CPU only; on GPU DeepSpeed is the point.)
+4. ``--compile-compare``: compiled blocks vs eager, and ``--loss-compare``: chunked head loss
+   (``--loss-chunk``) vs the plain all-logits loss; both as step-time ratios measured in the
+   same run, with peak memory per variant (CUDA: max allocated; CPU: peak resident set).
+5. ``--cut-compare``: forward + backward of a micro-batch with one length-cut row through the
+   per-row fused attention vs the previous dense boolean mask.
 
     python benchmarks/trainer_bench.py                  # CPU defaults (~1 min on 2 cores)
     python benchmarks/trainer_bench.py --tiny           # seconds: smoke run of every part
     python benchmarks/trainer_bench.py --device cuda --models 170M,1028M --seq-len 2048 \\
         --precision bf16 --zero-stage 2 --skip-plain    # GPU throughput + MFU (gpu_check.sh)
+    python benchmarks/trainer_bench.py --tiny --compile-compare --loss-compare --cut-compare
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.configlib import from_dict  # noqa: E402
 from pipeline.shards import MANIFEST, ShardMeta, ShardWriter  # noqa: E402
 from trainer.budget import peak_flops  # noqa: E402
+from trainer.compiling import compile_blocks, use_compile  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.engine import build_engine, init_distributed, train_step  # noqa: E402
 from trainer.model import Transformer, flops_per_token  # noqa: E402
@@ -64,6 +72,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator stats; on Linux CPU, the peak RSS)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the process's peak resident set
+    except OSError:
+        pass
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """Peak memory since :func:`reset_peak` in GiB (CPU: whole-process RSS, not only tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def make_model(args, name: str, causal: bool, device: torch.device) -> Transformer:
     torch.manual_seed(0)
     model_cfg = load_preset(name, vocab_size=args.vocab, seq_len=args.seq_len)
@@ -71,8 +105,19 @@ def make_model(args, name: str, causal: bool, device: torch.device) -> Transform
         return Transformer(model_cfg, causal=causal)
 
 
-def time_engine(args, name: str, objective_name: str, device: torch.device) -> list[float]:
-    """Step times of the real DeepSpeed engine + train_step for one objective."""
+def time_engine(
+    args,
+    name: str,
+    objective_name: str,
+    device: torch.device,
+    *,
+    compiled: bool | None = None,
+    loss_chunk: int | None = None,
+) -> tuple[list[float], float | None]:
+    """(step times, peak memory GiB) of the real DeepSpeed engine + train_step for one
+    objective; ``compiled``/``loss_chunk`` default to ``--compile`` / ``--loss-chunk``."""
+    compiled = use_compile(args.compile, device) if compiled is None else compiled
+    loss_chunk = args.loss_chunk if loss_chunk is None else loss_chunk
     cfg = from_dict(
         TrainConfig,
         {
@@ -84,8 +129,13 @@ def time_engine(args, name: str, objective_name: str, device: torch.device) -> l
             "batch": {"global_batch": args.micro * args.accum, "micro_batch": args.micro},
         },
     )
-    objective = build_objective(objective_name, mask_id=args.vocab)
-    engine = build_engine(cfg, make_model(args, name, objective.causal, device), 10**6, 1)
+    objective = build_objective(objective_name, mask_id=args.vocab, loss_chunk=loss_chunk)
+    torch._dynamo.reset()
+    model = make_model(args, name, objective.causal, device)
+    if compiled:
+        compile_blocks(model)
+    reset_peak(device)
+    engine = build_engine(cfg, model, 10**6, 1)
     loader = SyntheticLoader(args.micro, args.seq_len, args.vocab)
     times = []
     for i in range(args.warmup + args.steps):
@@ -94,11 +144,12 @@ def time_engine(args, name: str, objective_name: str, device: torch.device) -> l
         train_step(engine, loader, objective, args.accum, device, i + 1)
         sync(device)
         times.append(time.perf_counter() - t0)
-    del engine
+    peak = peak_gb(device)
+    del engine, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return times[args.warmup :]
+    return times[args.warmup :], peak
 
 
 def time_plain(args, name: str, device: torch.device) -> list[float]:
@@ -163,9 +214,10 @@ def report_model(args, name: str, device: torch.device) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     out: dict = {"model": name, "micro": args.micro, "tokens_per_step": tokens_per_step}
     for objective in ("arm", "mdm"):
-        med = statistics.median(time_engine(args, name, objective, device))
+        times, mem = time_engine(args, name, objective, device)
+        med = statistics.median(times)
         tps = tokens_per_step / med
-        out[objective] = {"step_s": med, "tokens_per_s": tps}
+        out[objective] = {"step_s": med, "tokens_per_s": tps, "peak_gb": mem}
         if peak:
             out[objective]["mfu"] = fpt * tps / peak
         mfu = f" MFU {out[objective]['mfu']:.1%}" if peak else ""
@@ -181,6 +233,81 @@ def report_model(args, name: str, device: torch.device) -> dict:
             f"  ({out['arm']['step_s'] * 1e3:.1f} vs {plain * 1e3:.1f} ms)"
         )
     out["trainer_rows_per_s"] = rows_per_step / out["arm"]["step_s"]
+    if args.compile_compare:
+        out["compile"] = compare(args, name, device, "compiled", "eager", compiled=(True, False))
+    if args.loss_compare:
+        chunk = args.loss_chunk or 4096
+        out["loss"] = compare(args, name, device, "chunked", "plain", loss_chunk=(chunk, 0))
+    if args.cut_compare:
+        out["cut"] = cut_compare(args, name, device)
+    return out
+
+
+def compare(args, name: str, device, new: str, old: str, **variants) -> dict:
+    """Step time and peak memory of two engine variants (``variants``: option -> (new, old)),
+    ARM and MDM, measured back to back in this process; ratio = new / old step time."""
+    out: dict = {}
+    for objective in ("arm", "mdm"):
+        row = {}
+        for label, i in ((new, 0), (old, 1)):
+            kw = {k: v[i] for k, v in variants.items()}
+            times, peak = time_engine(args, name, objective, device, **kw)
+            row[label] = {"step_s": statistics.median(times), "peak_gb": peak}
+        row["ratio"] = row[new]["step_s"] / row[old]["step_s"]
+        out[objective] = row
+        mem = " ".join(
+            f"{k} {row[k]['peak_gb']:.2f} GiB" for k in (new, old) if row[k]["peak_gb"] is not None
+        )
+        print(
+            f"  {name} {objective} {new}/{old} step-time ratio: {row['ratio']:.3f}  "
+            f"({row[new]['step_s'] * 1e3:.1f} vs {row[old]['step_s'] * 1e3:.1f} ms; peak {mem})"
+        )
+    return out
+
+
+def _dense_mask_attention(q, k, v, lengths):
+    """The previous cut implementation: one SDPA call with a boolean key mask [B, 1, 1, T]."""
+    keys = torch.arange(q.shape[2], device=q.device)
+    mask = (keys < lengths.to(q.device)[:, None])[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cut_compare(args, name: str, device) -> dict:
+    """Forward + backward of an MDM micro-batch with one row cut to half length: per-row fused
+    attention (``trainer/model.py: cut_attention``) vs the dense-mask path; no cut for scale."""
+    import trainer.model as model_module
+
+    model = make_model(args, name, False, device)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    ids = torch.randint(0, args.vocab, (args.micro, args.seq_len), device=device)
+    cut = torch.full((args.micro,), args.seq_len)
+    cut[0] = args.seq_len // 2
+    fused = model_module.cut_attention
+
+    def run(lengths) -> float:
+        times = []
+        for _ in range(args.warmup + args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            model(ids, lengths=lengths).float().square().mean().backward()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        return statistics.median(times[args.warmup :])
+
+    out = {"no_cut_s": run(None), "fused_s": run(cut)}
+    try:
+        model_module.cut_attention = _dense_mask_attention
+        out["dense_mask_s"] = run(cut)
+    finally:
+        model_module.cut_attention = fused
+    out["fused_over_dense"] = out["fused_s"] / out["dense_mask_s"]
+    print(
+        f"  {name} one cut row, fwd+bwd: per-row fused {out['fused_s'] * 1e3:.1f} ms, dense mask "
+        f"{out['dense_mask_s'] * 1e3:.1f} ms (ratio {out['fused_over_dense']:.3f}), "
+        f"no cut {out['no_cut_s'] * 1e3:.1f} ms"
+    )
     return out
 
 
@@ -202,12 +329,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--loader-rows", type=int, default=16384)
     p.add_argument("--skip-plain", action="store_true", help="no plain-torch comparison")
+    p.add_argument(
+        "--compile",
+        default="false",
+        choices=["auto", "true", "false"],
+        help="torch.compile the blocks in the main timings (as TrainConfig.compile)",
+    )
+    p.add_argument("--loss-chunk", type=int, default=4096, help="as TrainConfig.loss_chunk")
+    p.add_argument("--compile-compare", action="store_true", help="compiled vs eager ratio")
+    p.add_argument("--loss-compare", action="store_true", help="chunked vs plain loss ratio")
+    p.add_argument("--cut-compare", action="store_true", help="cut rows: fused vs dense mask")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     if args.tiny:
         args.models, args.seq_len, args.vocab, args.micro, args.accum = "tiny-0.3M", 32, 256, 4, 2
         args.warmup, args.steps, args.loader_rows = 2, 5, 2048
+        args.loss_chunk = 64  # 128 tokens per micro-batch: two chunks
     return args
 
 

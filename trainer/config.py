@@ -322,6 +322,16 @@ class TrainConfig:
     """Recompute block activations in the backward pass instead of storing them: false = off,
     true = every block, K = every K-th block (trades ~1/3 more compute per checkpointed block
     for its activation memory; for 1-2B models at micro-batch 8+)."""
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; trainer/compiling.py).
+    auto = on for CUDA, off on CPU: meant as "on where measured faster"; CPU is measured
+    slower to start (about 30 s of compiling), the CUDA default is not yet measured here
+    (benchmarks/trainer_bench.py --compile-compare measures it)."""
+    loss_chunk: int = 4096
+    """Tokens per chunk of the output head + cross-entropy (trainer/losses.py); 0 = plain (all
+    logits at once). 4096 x 32k vocab = 0.5 GiB of fp32 logits at a time, against ~7 GiB of
+    logits, fp32 copies and gradients for the paper's 8 x 2048-token micro-batch."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -345,6 +355,8 @@ class TrainConfig:
             raise ConfigError(
                 f"activation_checkpointing: false, true or a block interval K >= 1, got {ac!r}"
             )
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk: >= 0 tokens (0 = plain), got {self.loss_chunk}")
         if not self.run_dir:
             raise ConfigError("run_dir: required")
         for section in (

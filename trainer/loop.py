@@ -348,6 +348,7 @@ def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: fl
 def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     """Objective, DeepSpeed engine and data loader, restored from ``ref`` when resuming."""
     from trainer.build import build_model
+    from trainer.compiling import compile_blocks, use_compile
     from trainer.data import CorpusLoader
     from trainer.objectives import build_objective
 
@@ -355,10 +356,15 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     seed_everything(cfg.seed)
     kw = {"eps": cfg.mdm.eps, "random_length_prob": cfg.mdm.random_length_prob}
     objective = build_objective(
-        cfg.objective, s.model_cfg.mask_id, **(kw if cfg.objective == "mdm" else {})
+        cfg.objective,
+        s.model_cfg.mask_id,
+        loss_chunk=cfg.loss_chunk,
+        **(kw if cfg.objective == "mdm" else {}),
     )
     universal = ref is not None and ckpt.needs_universal(ref, cfg.zero_stage)
     model = build_model(cfg, s.model_cfg, objective.causal, dist.world_size)
+    if use_compile(cfg.compile, dist.device):
+        compile_blocks(model)  # in place, before DeepSpeed wraps the model
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
     loader = CorpusLoader(
         cfg.corpus,

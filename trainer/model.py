@@ -9,8 +9,14 @@ Architecture (paper-notes.md): pre-norm RMSNorm, rotary position embeddings, Swi
 biases, multi-head attention through ``F.scaled_dot_product_attention`` (fused kernels on GPU),
 untied input/output embeddings. The input embedding has ``vocab_size + 1`` rows: the last row is
 the MDM mask token (``mask_id == vocab_size``); the output head predicts only real tokens.
-``forward(ids, lengths)`` can cut rows to shorter lengths inside one pass through a boolean
-attention mask (the MDM's stochastic sequence length); without cuts attention stays unmasked.
+``forward(ids, lengths)`` can cut rows to shorter lengths inside one pass (the MDM's stochastic
+sequence length) without leaving the fused attention kernels: see :func:`cut_attention`.
+``forward(ids, loss=HeadLoss(...))`` returns a loss instead of logits, computed through the head
+in chunks of tokens (``trainer/losses.py``), so no step holds the logits of every position.
+
+Compilation: RMSNorm, RoPE and the SwiGLU gate are written as plain tensor expressions (no
+Python-side branching on values, casts inside the expression) so ``torch.compile`` fuses each
+into one kernel; ``tests/trainer/test_compile.py`` checks that.
 
 Precision: parameters may be fp32 (optionally run under ``torch.autocast(bf16)``) or cast to bf16
 as a whole (DeepSpeed's bf16 mode). RMSNorm and RoPE compute in fp32 either way, and the RoPE
@@ -29,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.configlib import ConfigError
+from trainer.losses import HeadLoss
 
 
 @dataclass
@@ -133,8 +140,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -180,6 +186,41 @@ class Rotary(nn.Module):
         return (xf * cos + rotated * sin).to(x.dtype)
 
 
+@torch.compiler.disable
+def cut_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Bidirectional attention in which row b sees only its first ``lengths[b]`` keys.
+
+    A dense boolean mask would push the whole micro-batch off the flash kernels (SDPA's
+    math / memory-efficient paths). Instead the uncut rows run as one fused call and each cut
+    row runs alone on its kept prefix, also fused: the extra cost is about one row's attention
+    per cut row (1% of rows in MDM training). Outputs past a row's cut are zero (they are
+    meaningless either way: no kept position attends to them). Kept outputs equal the masked
+    computation up to float rounding. Runs eagerly under ``torch.compile`` (a graph break
+    only in micro-batches with a cut), since the per-row slicing depends on the values of
+    ``lengths`` (CPU int[B]).
+    """
+    t = q.shape[-2]
+    keep = lengths.tolist()
+    full = [b for b, n in enumerate(keep) if n >= t]
+    rows: list[torch.Tensor | None] = [None] * len(keep)
+    if len(full) == len(keep):
+        return F.scaled_dot_product_attention(q, k, v)
+    if full:
+        index = torch.tensor(full, device=q.device)
+        y = F.scaled_dot_product_attention(*(z.index_select(0, index) for z in (q, k, v)))
+        for i, b in enumerate(full):
+            rows[b] = y[i]
+    for b, n in enumerate(keep):
+        if n < t:
+            y = F.scaled_dot_product_attention(
+                q[b, None, :, :n], k[b, None, :, :n], v[b, None, :, :n]
+            )
+            rows[b] = F.pad(y[0], (0, 0, 0, t - n))
+    return torch.stack(rows)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; ``causal`` selects ARM (True) or MDM (False) masking."""
 
@@ -190,19 +231,18 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = [rotary]  # shared tables; a list so it is not registered as a child
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask``: None (plain causal or full attention, the fused kernels' fast path) or
-        a boolean mask broadcastable to [B, H, T, T], True where a query may attend to a key; it
-        then replaces ``is_causal`` (``Transformer.forward`` folds causality into it)."""
+    def forward(self, x: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
+        """``cut``: None (plain causal or full attention, the fused kernels) or, for a
+        bidirectional model, CPU int[B] row lengths (see :func:`cut_attention`)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
         rotary = self.rotary[0]
         q, k = rotary(q), rotary(k)
-        if attn_mask is None:
+        if cut is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = cut_attention(q, k, v, cut)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -227,8 +267,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), attn_mask)
+    def forward(self, x: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cut)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -296,18 +336,19 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() - self.head.weight.numel()
 
-    def attention_mask(self, lengths: torch.Tensor, t: int, device: torch.device) -> torch.Tensor:
-        """bool[B, 1, 1 or T, T]: row b's queries see only keys ``< lengths[b]`` (and, for a
-        causal model, only keys at or before their own position)."""
-        keys = torch.arange(t, device=device)
-        mask = (keys < lengths.to(device)[:, None])[:, None, None, :]  # [B, 1, 1, T]
-        if self.causal:
-            mask = mask & (keys[None, :] <= keys[:, None])  # [B, 1, T, T]
-        return mask
-
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab_size] for ``input_ids`` [B, T]: ``head(features(...))``."""
-        return self.head(self.features(input_ids, lengths))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        loss: HeadLoss | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab_size] for ``input_ids`` [B, T]: ``head(features(...))``; or,
+        given ``loss``, that loss (fp32 scalar) computed through the head in chunks of tokens
+        without materialising the logits (``trainer/losses.py``)."""
+        hidden = self.features(input_ids, lengths)
+        if loss is None:
+            return self.head(hidden)
+        return loss(hidden, self.head.weight)
 
     def features(
         self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None
@@ -317,13 +358,14 @@ class Transformer(nn.Module):
         of the head's cost (the largest matmul of small models with a 32k vocabulary).
 
         ``lengths`` (int[B], optional) cuts row b to its first ``lengths[b]`` positions inside
-        the one forward pass: attention keys at or beyond the cut are masked out, so outputs at
+        the one forward pass: its queries never see keys at or beyond the cut, so outputs at
         positions ``< lengths[b]`` equal (up to float rounding) those of running the truncated
-        row alone; outputs at later positions are meaningless and must be ignored. Every row
-        still costs the full T positions, so all ranks run the same computation (what ZeRO-3's
-        collective weight gathers need). When ``lengths`` is None or every row is full length,
-        attention runs unmasked (fused causal/bidirectional kernels). Pass a CPU tensor to keep
-        the full-length check free of a device synchronisation.
+        row alone; outputs at later positions are meaningless and must be ignored. All ranks
+        still run one forward per micro-batch (what ZeRO-3's collective weight gathers need).
+        A causal model needs nothing for a cut (a position never sees later keys), so its
+        attention stays the fused causal kernel; a bidirectional one runs cut rows through
+        :func:`cut_attention`, also on fused kernels. Pass a CPU tensor to keep the
+        full-length check free of a device synchronisation.
         """
         b, t = input_ids.shape
         if t > self.cfg.seq_len:
@@ -331,15 +373,15 @@ class Transformer(nn.Module):
                 f"sequence of {t} tokens exceeds model seq_len={self.cfg.seq_len}; "
                 "raise model.seq_len"
             )
-        attn_mask = None
+        cut = None
         if lengths is not None:
             if lengths.shape != (b,):
                 raise ValueError(f"lengths must be [B]={b}, got shape {tuple(lengths.shape)}")
             shortest, longest = int(lengths.min()), int(lengths.max())
             if shortest < 1 or longest > t:
                 raise ValueError(f"lengths must lie in [1, {t}], got {lengths.tolist()}")
-            if shortest < t:
-                attn_mask = self.attention_mask(lengths, t, input_ids.device)
+            if shortest < t and not self.causal:
+                cut = lengths.cpu()
         x = self.embed(input_ids)
         every = self.checkpoint_every if self.training and torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
@@ -347,9 +389,9 @@ class Transformer(nn.Module):
                 # Non-reentrant: recomputation goes through block.__call__, so ZeRO-3's module
                 # hooks gather the weights again; the blocks draw no random numbers, hence no
                 # RNG state to save and restore.
-                x = checkpoint(block, x, attn_mask, use_reentrant=False, preserve_rng_state=False)
+                x = checkpoint(block, x, cut, use_reentrant=False, preserve_rng_state=False)
             else:
-                x = block(x, attn_mask)
+                x = block(x, cut)
         return self.norm(x)
 
 

@@ -2,7 +2,8 @@
 
 The two objectives train the same Transformer (``trainer/model.py``); an objective says whether
 the model must be causal and turns a batch of packed rows ``tokens[B, T+1]`` into a scalar loss.
-Both use the first T positions of a row, so a step costs the same FLOPs under either objective.
+Both use the first T positions of a row, so a step costs the same Transformer FLOPs under either
+objective (with a chunked loss the MDM runs the output head only at its masked positions).
 
 Reproducibility: every random draw of the MDM loss comes from the row's ``key`` (one int64 per
 row, unique per step and global row, supplied by the data loader) through a CPU
@@ -25,10 +26,14 @@ row's first l logits equal those of the row run alone at length l, positions >= 
 weight, and every rank runs exactly one forward per micro-batch whatever its rows drew (ZeRO-3
 gathers weights collectively in each forward). Micro-batches without a cut attend unmasked.
 
-Cost: the loss is a cross-entropy over all B x T positions times a per-position weight
-(``mask / (p * length)``, zero elsewhere), the same dense computation as the ARM loss; gathering
-the masked logits instead would make the backward pass scatter into a zero tensor the size of
-all logits.
+Cost: with ``loss_chunk`` > 0 (what training uses, ``TrainConfig.loss_chunk``) the objective
+hands the model a ``HeadLoss`` (``trainer/losses.py``): the output head and cross-entropy run in
+chunks of tokens, never holding all logits, and the MDM sends only the hidden states of masked
+positions through the head (half the head's work on average; the backward pass scatters into a
+[B, T, d] gradient, not a [B, T, V] one). With ``loss_chunk=0`` (the plain reference path) the
+model returns all logits and the loss is a dense cross-entropy over all B x T positions times a
+per-position weight (``mask / (p * length)``, zero elsewhere). Both give the same loss and
+gradients up to float rounding (tests/trainer/test_objectives.py).
 """
 
 from __future__ import annotations
@@ -41,11 +46,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.configlib import ConfigError
+from trainer.losses import HeadLoss
 
 
 def row_generator(key: int) -> torch.Generator:
     """The CPU generator all of a row's random draws come from."""
     return torch.Generator(device="cpu").manual_seed(int(key))
+
+
+def _check_loss_chunk(loss_chunk: int) -> int:
+    if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
+        raise ConfigError(f"loss_chunk: tokens per chunk, >= 0 (0 = plain), got {loss_chunk!r}")
+    return loss_chunk
 
 
 def _check_batch(model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, causal: bool) -> None:
@@ -97,10 +109,19 @@ class ARMObjective(Objective):
     name = "arm"
     causal = True
 
+    def __init__(self, loss_chunk: int = 0) -> None:
+        """``loss_chunk``: tokens per chunk of the head's cross-entropy; 0 = plain (all
+        logits at once)."""
+        self.loss_chunk = _check_loss_chunk(loss_chunk)
+
     def train_loss(
         self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
     ) -> torch.Tensor:
         _check_batch(model, tokens, keys, self.causal)
+        if self.loss_chunk:
+            targets = tokens[:, 1:].reshape(-1)
+            total = model(tokens[:, :-1], loss=HeadLoss(targets, chunk=self.loss_chunk))
+            return total / targets.numel()
         logits = model(tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
@@ -141,7 +162,16 @@ class MDMObjective(Objective):
     name = "mdm"
     causal = False
 
-    def __init__(self, mask_id: int, eps: float = 1e-3, random_length_prob: float = 0.01) -> None:
+    def __init__(
+        self,
+        mask_id: int,
+        eps: float = 1e-3,
+        random_length_prob: float = 0.01,
+        loss_chunk: int = 0,
+    ) -> None:
+        """``loss_chunk``: tokens per chunk of the head's cross-entropy, over masked positions
+        only; 0 = plain (all logits, dense weighted cross-entropy)."""
+        self.loss_chunk = _check_loss_chunk(loss_chunk)
         if not 0 < eps <= 1:
             raise ConfigError(f"objective eps: must be in (0, 1], got {eps!r}")
         if not 0 <= random_length_prob <= 1:
@@ -186,15 +216,28 @@ class MDMObjective(Objective):
         weight: torch.Tensor,
         lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``sum(CE * weight)`` over all positions of ``x`` [B, T]; ``weight`` float32[B, T] is
-        ``1 / (p * length)`` where a token is masked and 0 elsewhere (so the input is masked
+        """``sum(CE * weight)`` over all positions of ``x`` [B, T]; ``weight`` float32[B, T] (CPU)
+        is ``1 / (p * length)`` where a token is masked and 0 elsewhere (so the input is masked
         exactly where the weight is positive). ``lengths`` (CPU int[B]) cuts rows in the model."""
-        noisy = torch.where(weight > 0, self.mask_id, x)
-        logits = model(noisy) if lengths is None else model(noisy, lengths=lengths)
+        on_device = weight.to(x.device, non_blocking=True)
+        noisy = torch.where(on_device > 0, self.mask_id, x)
+        cut = {} if lengths is None else {"lengths": lengths}
+        if self.loss_chunk:  # only masked positions go through the head, in chunks
+            flat = weight.flatten()
+            positions = flat.nonzero().squeeze(1)
+            scored = positions.to(x.device, non_blocking=True)
+            loss = HeadLoss(
+                targets=x.reshape(-1).index_select(0, scored),
+                weight=flat[positions].to(x.device, non_blocking=True),
+                positions=scored,
+                chunk=self.loss_chunk,
+            )
+            return model(noisy, loss=loss, **cut)
+        logits = model(noisy, **cut)
         ce = F.cross_entropy(
             logits.float().flatten(0, 1), x.reshape(-1), reduction="none"
-        )  # dense, like the ARM loss: no gather of masked positions
-        return (ce * weight.flatten()).sum()
+        )  # dense: every position, weight 0 where unmasked
+        return (ce * on_device.flatten()).sum()
 
     def train_weights(
         self, keys: torch.Tensor, seq_len: int
@@ -217,7 +260,6 @@ class MDMObjective(Objective):
         _check_batch(model, tokens, keys, self.causal)
         x = tokens[:, :-1]
         weight, lengths = self.train_weights(keys, x.shape[1])
-        weight = weight.to(x.device, non_blocking=True)
         return self._weighted_loss_sum(model, x, weight, lengths) / x.shape[0]
 
     @torch.no_grad()
@@ -263,20 +305,21 @@ class MDMObjective(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}
 
 
-def build_objective(name: str, mask_id: int, **kw: float) -> Objective:
-    """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob).
+def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float) -> Objective:
+    """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob);
+    ``loss_chunk`` (both): tokens per chunk of the head's cross-entropy, 0 = plain.
 
-    ARM takes no options: passing any raises ConfigError rather than silently ignoring it.
+    ARM takes no other options: passing any raises ConfigError rather than silently ignoring it.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective: unknown {name!r}; choose one of {sorted(OBJECTIVES)}")
     if name == "arm":
         if kw:
             raise ConfigError(f"objective arm takes no options, got {sorted(kw)}")
-        return ARMObjective()
+        return ARMObjective(loss_chunk)
     allowed = {"eps", "random_length_prob"}
     if set(kw) - allowed:
         raise ConfigError(
             f"objective mdm: unknown option(s) {sorted(set(kw) - allowed)}; valid: {sorted(allowed)}"
         )
-    return MDMObjective(mask_id, **kw)
+    return MDMObjective(mask_id, **kw, loss_chunk=loss_chunk)

@@ -107,30 +107,62 @@ def test_lengths_cut_gradients_like_running_rows_alone():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_full_lengths_take_the_unmasked_attention_path(causal, monkeypatch):
+def test_cut_rows_stay_on_the_fused_attention_path(causal, monkeypatch):
+    """No call ever passes a dense mask (it would leave the flash kernels): a causal model
+    ignores cuts, a bidirectional one runs uncut rows together and each cut row on its prefix."""
     model = _model(causal=causal)
-    ids = _tokens()
+    ids = _tokens(b=3)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return sdpa(*args, **kwargs)
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[0], q.shape[2], kwargs))
+        return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         plain = model(ids)
-        full = model(ids, lengths=torch.tensor([12, 12]))
-        model(ids, lengths=torch.tensor([12, 3]))
+        full = model(ids, lengths=torch.tensor([12, 12, 12]))
+        model(ids, lengths=torch.tensor([12, 3, 12]))
     assert torch.equal(plain, full)
     n = TINY.n_layer
-    assert calls[: 2 * n] == [{"is_causal": causal}] * (2 * n)  # no mask: fused kernels
-    masks = [c["attn_mask"] for c in calls[2 * n :]]
-    assert len(masks) == n and all(c.keys() == {"attn_mask"} for c in calls[2 * n :])
-    mask = masks[0].expand(2, 1, 12, 12)
-    assert mask[0, 0].all() != causal and mask[1, 0, :, 3:].sum() == 0
-    if causal:
-        assert torch.equal(mask[0, 0], torch.ones(12, 12, dtype=torch.bool).tril())
+    assert all("attn_mask" not in kw for _, _, kw in calls)
+    assert calls[: 2 * n] == [(3, 12, {"is_causal": causal})] * (2 * n)  # fused kernels
+    if causal:  # a cut changes only positions past it: the causal kernel already hides them
+        assert calls[2 * n :] == [(3, 12, {"is_causal": True})] * n
+    else:  # per block: rows 0 and 2 at full length, then row 1 alone on its 3 kept positions
+        assert calls[2 * n :] == [(2, 12, {}), (1, 3, {})] * n
+
+
+def _dense_mask_attention(q, k, v, lengths):
+    """The previous implementation of a cut: one SDPA call with a boolean key mask."""
+    keys = torch.arange(q.shape[2])
+    mask = (keys < lengths[:, None])[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_cut_attention_equals_the_dense_masked_path(monkeypatch):
+    """Kept outputs and all gradients equal the dense-mask computation (fp32 tolerance)."""
+    ids, targets = _tokens(b=4, t=12), _tokens(b=4, t=12, seed=9)
+    lengths = torch.tensor([12, 5, 1, 9])
+    keep = (torch.arange(12)[None, :] < lengths[:, None]).flatten()
+
+    def run():
+        model = _model(causal=False).train()
+        logits = model(ids, lengths=lengths)
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), reduction="none"
+        )
+        (ce * keep).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    logits, grads = run()
+    monkeypatch.setattr("trainer.model.cut_attention", _dense_mask_attention)
+    ref_logits, ref_grads = run()
+    kept = keep.view(4, 12)
+    torch.testing.assert_close(logits[kept], ref_logits[kept], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("lengths", [[12], [0, 12], [12, 13]])
