@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.configlib import ConfigError
+from trainer.sft_config import SFTConfig
 from trainer.tracking import TrackingConfig
 
 BUDGET_KEYS = ("flops", "tokens", "steps")
@@ -298,7 +299,14 @@ class TrainConfig:
     """One training run (ARM or MDM) on one packed corpus."""
 
     corpus: str = ""
-    """Corpus directory built by `maskscale corpus build` (manifest.json, tokenizer.json)."""
+    """Corpus directory built by `maskscale corpus build` (manifest.json, tokenizer.json).
+    Not needed with task=sft (tokenizer and model come from `init`)."""
+    task: Literal["pretrain", "sft"] = "pretrain"
+    """pretrain = train on `corpus` from scratch; sft = fine-tune `init` on `sft.data`
+    (prompt/answer JSONL, trainer/sft.py)."""
+    init: str = ""
+    """task=sft: the model to start from: a run directory, one of its checkpoints or an
+    export directory (weights, model config and tokenizer come from it)."""
     objective: Literal["arm", "mdm"] = "arm"
     """arm = next-token prediction (causal); mdm = masked diffusion (bidirectional)."""
     model: str = "170M"
@@ -338,13 +346,16 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     mdm: MDMConfig = field(default_factory=MDMConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     run_dir: str = "runs/default"
     """Where checkpoints, metrics.jsonl, config.yaml and the export go."""
     seed: int = 3407
     """Seeds model init, data order and every random draw of the objectives."""
 
     def validate(self) -> None:
-        if not self.corpus:
+        if self.task == "sft":
+            self.validate_sft()
+        elif not self.corpus:
             raise ConfigError("corpus: required; pass corpus=DIR (a built corpus directory)")
         if not self.model:
             raise ConfigError("model: required; a preset name such as 170M or tiny-1M")
@@ -359,8 +370,9 @@ class TrainConfig:
             raise ConfigError(f"loss_chunk: >= 0 tokens (0 = plain), got {self.loss_chunk}")
         if not self.run_dir:
             raise ConfigError("run_dir: required")
+        budget = [] if self.task == "sft" and self.sft.epochs is not None else [self.budget]
         for section in (
-            self.budget,
+            *budget,
             self.optim,
             self.batch,
             self.checkpoint,
@@ -372,6 +384,22 @@ class TrainConfig:
             self.comm,
         ):
             section.validate()
+
+    def validate_sft(self) -> None:
+        if not self.init:
+            raise ConfigError("init: required with task=sft; pass init=RUN_DIR (or an export)")
+        self.sft.validate()
+        given = [k for k in BUDGET_KEYS if getattr(self.budget, k) is not None]
+        if self.sft.epochs is not None and given:
+            raise ConfigError(
+                f"sft.epochs={self.sft.epochs} and budget.{given[0]} both set the length of "
+                "the run; keep one"
+            )
+        if self.corpus:
+            raise ConfigError(
+                "corpus: not used with task=sft (validation holds out part of sft.data or "
+                "reads sft.validation=FILE); drop corpus="
+            )
 
 
 def apply_shortcuts(data: dict[str, Any], overrides: list[str]) -> list[str]:

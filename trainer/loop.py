@@ -20,6 +20,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from trainer.resume import check_saved, describe, reconcile, schedule_record
 
 IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
 """What a checkpoint must share with the config that resumes it."""
+IDENTITY_KEYS += ("task",)  # pretrain | sft (checkpoints from before it have no such key)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Setup:
     """The settings the optimisation depends on (trainer/resume.py), saved in checkpoints."""
     reschedules: list = field(default_factory=list)
     """Every resume that changed ``schedule`` (checkpoint.reschedule=true), oldest first."""
+    sft: Any = None
+    """task=sft: the ``trainer.sft.SFTSource`` (init, rows, reports); None when pretraining."""
 
 
 def say(dist: DistInfo, text: str) -> None:
@@ -95,11 +99,19 @@ def resolve_model(cfg: TrainConfig, manifest: dict) -> ModelConfig:
 
 def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setup:
     """Check the corpus, resolve model, budget and batch geometry; refuse a foreign resume."""
-    manifest = read_manifest(cfg.corpus)
-    model_cfg = resolve_model(cfg, manifest)
+    sft, budget_cfg = None, cfg.budget
+    if cfg.task == "sft":  # model, tokenizer and data from the init run and the SFT file
+        from trainer.sft import prepare_sft, sft_budget
+
+        sft = prepare_sft(cfg)
+        manifest, model_cfg = sft.manifest, sft.model_cfg
+        budget_cfg = sft_budget(cfg, len(sft.train))
+    else:
+        manifest = read_manifest(cfg.corpus)
+        model_cfg = resolve_model(cfg, manifest)
     micro, accum = batch_geometry(cfg.batch, dist.world_size)
     n = non_embedding_params(model_cfg)
-    budget = resolve_budget(cfg.budget, n, cfg.batch.global_batch, model_cfg.seq_len)
+    budget = resolve_budget(budget_cfg, n, cfg.batch.global_batch, model_cfg.seq_len)
     identity = {
         "objective": cfg.objective,
         "model": to_dict(model_cfg),
@@ -107,6 +119,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
         "seed": cfg.seed,
         "precision": cfg.precision,
         "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
+        "task": cfg.task,
     }
     if ref is not None:
         saved = ref.meta.get("identity", {})
@@ -122,7 +135,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
         check_saved(cfg, ref, schedule)
     reschedules = list(ref.meta.get("reschedules", [])) if ref is not None else []
     return Setup(
-        cfg, dist, manifest, model_cfg, budget, micro, accum, identity, schedule, reschedules
+        cfg, dist, manifest, model_cfg, budget, micro, accum, identity, schedule, reschedules, sft
     )
 
 
@@ -136,11 +149,16 @@ def write_run_files(s: Setup) -> None:
     tokenizer = Path(s.cfg.corpus) / s.manifest["tokenizer"].get("path", TOKENIZER)
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, run_dir / TOKENIZER)
+    if s.sft is not None:
+        from trainer.sft import describe as describe_sft
+
+        (run_dir / "sft_data.json").write_text(json.dumps(describe_sft(s.sft), indent=2))
 
 
 def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
     """(MLflow params, tags, run-name fields): the resolved config plus what it resolved to."""
-    manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+    if s.sft is None:
+        manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
     b = s.budget
     resolved = {
         "N": b.n_params,
@@ -153,7 +171,12 @@ def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
         "warmup_steps": warmup_steps(b.steps, s.cfg.optim.warmup_frac, s.cfg.optim.warmup_min),
         "model": to_dict(s.model_cfg),
     }
-    params = {**to_dict(s.cfg), "resolved": resolved, "corpus_manifest_sha256": manifest_sha}
+    if s.sft is None:
+        params = {**to_dict(s.cfg), "resolved": resolved, "corpus_manifest_sha256": manifest_sha}
+    else:
+        from trainer.sft import describe as describe_sft
+
+        params = {**to_dict(s.cfg), "resolved": resolved, "sft_data": describe_sft(s.sft)}
     if s.reschedules:  # new keys per resume: MLflow params cannot change
         params["rescheduled"] = {
             f"step{e['step']}": {k: f"{old} -> {new}" for k, (old, new) in e["changes"].items()}
@@ -229,7 +252,7 @@ def checkpoint_meta(s: Setup, step: int) -> dict:
         "preset": s.cfg.model,
         "tokens": step * s.budget.tokens_per_step,
         "n_params": s.budget.n_params,
-        "corpus": str(Path(s.cfg.corpus).resolve()),
+        "corpus": str(Path(s.cfg.corpus).resolve()) if s.sft is None else s.manifest["corpus"],
         "tokenizer_sha256": s.identity["tokenizer_sha256"],
         "eos_id": s.manifest["tokenizer"].get("eos_id"),
         "schedule": s.schedule,
@@ -361,21 +384,43 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
         loss_chunk=cfg.loss_chunk,
         **(kw if cfg.objective == "mdm" else {}),
     )
+    if s.sft is not None:
+        from trainer.sft_objectives import build_sft_objective
+
+        drop = cfg.sft.cfg_prompt_drop
+        objective = build_sft_objective(cfg.objective, s.model_cfg.mask_id, cfg.mdm.eps, drop)
     universal = ref is not None and ckpt.needs_universal(ref, cfg.zero_stage)
     model = build_model(cfg, s.model_cfg, objective.causal, dist.world_size)
+    if s.sft is not None and ref is None:  # a resume restores the fine-tuned weights instead
+        from trainer.sft import load_init_weights
+
+        load_init_weights(model, s.sft.init.state_dict())
+        say(dist, f"initialised from {s.sft.init.path}")
     if use_compile(cfg.compile, dist.device):
         compile_blocks(model)  # in place, before DeepSpeed wraps the model
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
-    loader = CorpusLoader(
-        cfg.corpus,
-        cfg.data.split,
-        micro_batch=s.micro,
-        global_batch=cfg.batch.global_batch,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.seed,
-        weights=cfg.data.weights,
-    )
+    if s.sft is not None:
+        from trainer.sft_data import SFTLoader
+
+        loader = SFTLoader(
+            s.sft.train,
+            micro_batch=s.micro,
+            global_batch=cfg.batch.global_batch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=cfg.seed,
+        )
+    else:
+        loader = CorpusLoader(
+            cfg.corpus,
+            cfg.data.split,
+            micro_batch=s.micro,
+            global_batch=cfg.batch.global_batch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=cfg.seed,
+            weights=cfg.data.weights,
+        )
     step = 0
     if ref is not None:
         client = ckpt.load(engine, ref, universal)
@@ -413,7 +458,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     objective, engine, loader, step = build(s, ckpt, ref)
     e = cfg.eval
-    splits = eval_splits(s.manifest, e.splits)
+    splits = eval_splits(s.manifest, e.splits)  # task=sft: no corpus splits
     trained = {cfg.data.split} if isinstance(cfg.data.split, str) else set(cfg.data.split)
     if overlap := sorted(trained & set(splits)):
         say(dist, f"warning: evaluating on {overlap}, which this run also trains on")
@@ -427,6 +472,10 @@ def train(cfg: TrainConfig) -> dict:
         dist.world_size,
         dist.device,
     )
+    if s.sft is not None:
+        from trainer.sft import SFTEvaluator
+
+        evaluator = SFTEvaluator(s.sft.val, e, dist.rank, dist.world_size, dist.device)
     tracker = Tracker(cfg.tracking, cfg.run_dir, dist.rank)
     tracker.start(*tracking_params(s))
     try:
