@@ -12,7 +12,8 @@ MDM (paper-notes.md, "Sampling"): a row is ``prompt + L mask tokens``; the time 
 
 * ``random``: each masked slot independently with probability ``1 - s/t``;
 * ``low-confidence``: the ``k = round(#masked * (1 - s/t))`` slots whose prediction has the
-  highest probability (softmax of the guided logits), leftmost first on ties. ``#masked`` and
+  highest probability (softmax of the guided logits), leftmost first on ties (probabilities
+  are compared at a 1e-5 resolution, see ``TIE_RESOLUTION``). ``#masked`` and
   so k are per sample, never pooled over the batch.
 
 Revealed tokens are never re-masked. The grid ends at 1e-5, not 0, so the last step reveals
@@ -52,6 +53,10 @@ from pipeline.configlib import ConfigError
 STRATEGIES = ("low-confidence", "random")
 T_MIN = 1e-5
 """Last time of the MDM grid linspace(1, T_MIN, steps + 1)."""
+TIE_RESOLUTION = 1e-5
+"""Low-confidence ranking compares probabilities rounded to this step, so values that differ
+only by float noise (different batch shapes) tie and the leftmost wins: rows whose slots are
+almost interchangeable (an empty prompt) unmask in the same order in any batch."""
 
 
 @dataclass
@@ -112,9 +117,10 @@ class Sample:
     """Prompt tokens dropped from the left so that prompt + L fits the model's seq_len."""
 
 
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""MDM ``on_step(step, masked bool[B, L], answer int64[B, L])`` after each step (answer holds
-the mask id at still-masked slots); for tests and visualisations."""
+StepHook = Callable[[int, list[int], torch.Tensor, torch.Tensor], None]
+"""MDM ``on_step(step, prompt indices, masked bool[B, L], answer int64[B, L])`` after each step
+of a batch (row b is prompt ``indices[b]``; answer holds the mask id at still-masked slots);
+for tests and visualisations."""
 StopFn = Callable[[int, list[int]], bool]
 """ARM ``stop(prompt index, answer so far) -> bool``: True ends that row (stop strings)."""
 
@@ -221,7 +227,8 @@ class Sampler:
                 row_stop = None if stop is None else (lambda j, ids, b=batch: stop(b[j], ids))
                 answers = self._arm(prompts_b, gens, row_stop)
             else:
-                answers = self._mdm(prompts_b, gens, on_step)
+                hook = None if on_step is None else (lambda *a, b=batch: on_step(a[0], b, *a[1:]))
+                answers = self._mdm(prompts_b, gens, hook)
             for i, (tokens, eos) in zip(batch, answers, strict=True):
                 out[i] = Sample(tokens, eos, cut[i])
         return out  # type: ignore[return-value]
@@ -257,6 +264,7 @@ class Sampler:
             return u < 1.0 - s / t
         k = int(math.floor(n * (1.0 - s / t) + 0.5))
         conf = logits.double().softmax(dim=-1).gather(1, x0[:, None])[:, 0]
+        conf = torch.round(conf / TIE_RESOLUTION)
         order = torch.sort(conf, descending=True, stable=True).indices
         chosen = torch.zeros(n, dtype=torch.bool, device=logits.device)
         chosen[order[:k]] = True
