@@ -135,8 +135,8 @@ def pick_tokens(
     z = logits.double() / temperature
     if top_p < 1:
         sorted_z, order = z.sort(dim=-1, descending=True)
-        cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = (cum - sorted_z.softmax(dim=-1)) >= top_p  # the top token always stays
+        probs = sorted_z.softmax(dim=-1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p  # the top token always stays
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         z = z.masked_fill(drop, -math.inf)
     u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float64)
@@ -355,7 +355,9 @@ class Sampler:
         active = list(range(len(prompts)))
         for n in range(self.cfg.length):
             tokens = torch.full((len(prompts),), self.eos_id, dtype=torch.long, device=self.device)
-            for i in active:
+            if self.cfg.temperature == 0:  # no noise: one argmax for the batch
+                tokens[active] = logits[active].argmax(dim=-1)
+            for i in active if self.cfg.temperature > 0 else ():
                 tokens[i] = pick_tokens(
                     logits[i : i + 1], self.cfg.temperature, self.cfg.top_p, gens[i]
                 )[0]

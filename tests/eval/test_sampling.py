@@ -15,7 +15,7 @@ import torch
 
 from eval.harness import MaskscaleLM
 from eval.loading import load_model
-from eval.sampling import Sampler, SamplingConfig
+from eval.sampling import Sampler, SamplingConfig, pick_tokens
 from tests.eval.test_harness import make_run
 from tests.trainer.conftest import make_corpus
 
@@ -54,6 +54,20 @@ def sampler(model, **kw) -> Sampler:
 
 def one_by_one(model, prompts, **kw):
     return [sampler(model, **kw).generate([p])[0] for p in prompts]
+
+
+def test_gumbel_max_samples_the_softmax_and_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(pick_tokens(logits * 2, 2.0, 1.0, g), minlength=4) / 20000
+    assert torch.allclose(freq, probs, atol=0.015)  # temperature 2 on 2 x logits: the softmax
+    nucleus = torch.bincount(pick_tokens(logits, 1.0, 0.7, g), minlength=4) / 20000
+    assert nucleus[2:].sum() == 0 and torch.allclose(
+        nucleus[:2], torch.tensor([0.625, 0.375]), atol=0.015
+    )
+    assert pick_tokens(logits[:3], 1.0, 0.1, g).tolist() == [0, 0, 0]
+    assert pick_tokens(torch.tensor([[0.0, 3.0, 3.0]]), 0.0, 1.0, None).tolist() == [1]
 
 
 # ----------------------------------------------------------------------------- MDM
