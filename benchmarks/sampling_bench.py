@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     p.add_argument("--batch", type=int, default=8, help="prompts per batch")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--strategy", choices=("low-confidence", "random"), default="low-confidence")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-cache", action="store_true", help="also time the ARM without a cache")
     p.add_argument("--device", default="cpu")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         fns["ARM no cache"] = make_sampler(arm, args, cache=False)
     steps = sorted({max(1, args.length // d) for d in (1, 2, 4, 8)}, reverse=True)
     for n in steps:
-        fns[f"MDM {n} steps"] = make_sampler(mdm, args, steps=n, strategy="low-confidence")
+        fns[f"MDM {n} steps"] = make_sampler(mdm, args, steps=n, strategy=args.strategy)
     runs = {name: (lambda s=s: s.generate(prompts)) for name, s in fns.items()}
     clock = args.clock
     if clock == "auto":
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.model} (vocab {args.vocab}), {args.device} {args.dtype}, "
         f"{torch.get_num_threads()} thread(s): batch {args.batch}, prompt {args.prompt}, "
-        f"L = {args.length}, temperature {args.temperature:g}, median of {args.repeats} "
+        f"L = {args.length}, MDM {args.strategy}, temperature {args.temperature:g}, "
+        f"median of {args.repeats} "
         f"({clock} time)",
         flush=True,
     )

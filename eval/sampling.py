@@ -51,6 +51,7 @@ from eval.likelihood import request_key
 from pipeline.configlib import ConfigError
 
 STRATEGIES = ("low-confidence", "random")
+F64 = torch.float64
 T_MIN = 1e-5
 """Last time of the MDM grid linspace(1, T_MIN, steps + 1)."""
 TIE_RESOLUTION = 1e-5
@@ -254,17 +255,27 @@ class Sampler:
         base = self.model.head(hidden[rows + ids.shape[0], pos]).float()
         return torch.lerp(base, cond, self.cfg.cfg_scale + 1.0)
 
-    def _reveal(self, logits, x0, masked_row, t, s, last, gen) -> torch.Tensor:
-        """bool[n] over one row's masked slots: which of them this step reveals."""
-        n = masked_row.numel()
+    def _random_reveals(self, masked, t: float, s: float, last: bool, gens) -> torch.Tensor:
+        """``random``: bool[B, L], each masked slot with probability 1 - s/t (all of them at the
+        last step). Drawn before the forward, so the head runs only where a token appears."""
         if last:
-            return torch.ones(n, dtype=torch.bool, device=logits.device)
-        if self.cfg.strategy == "random":
-            u = torch.rand(n, generator=gen, device=logits.device, dtype=torch.float64)
-            return u < 1.0 - s / t
-        k = int(math.floor(n * (1.0 - s / t) + 0.5))
-        conf = logits.double().softmax(dim=-1).gather(1, x0[:, None])[:, 0]
-        conf = torch.round(conf / TIE_RESOLUTION)
+            return masked.clone()
+        chosen = torch.zeros_like(masked)
+        for i in range(masked.shape[0]):
+            slots = masked[i].nonzero()[:, 0]
+            if slots.numel():
+                u = torch.rand(slots.numel(), generator=gens[i], device=masked.device, dtype=F64)
+                chosen[i, slots[u < 1.0 - s / t]] = True
+        return chosen
+
+    @staticmethod
+    def _most_confident(logits, x0, t: float, s: float, last: bool) -> torch.Tensor:
+        """``low-confidence``: bool[n] over one row's masked slots, the k = round(n (1 - s/t))
+        whose prediction x0 is most probable (all of them at the last step)."""
+        n = x0.numel()
+        k = n if last else int(math.floor(n * (1.0 - s / t) + 0.5))
+        logp = logits.gather(1, x0[:, None])[:, 0] - logits.logsumexp(dim=-1)
+        conf = torch.round(logp.double().exp() / TIE_RESOLUTION)
         order = torch.sort(conf, descending=True, stable=True).indices
         chosen = torch.zeros(n, dtype=torch.bool, device=logits.device)
         chosen[order[:k]] = True
@@ -283,29 +294,42 @@ class Sampler:
         slot_pos = n_prompt[:, None] + torch.arange(length, device=dev)  # [B, L]
         masked = torch.ones(b, length, dtype=torch.bool, device=dev)
         answer = torch.full((b, length), self.mask_id, dtype=torch.long, device=dev)
-        times = torch.linspace(1.0, T_MIN, self.cfg.n_steps + 1, dtype=torch.float64).tolist()
+        times = torch.linspace(1.0, T_MIN, self.cfg.n_steps + 1, dtype=F64).tolist()
+        random = self.cfg.strategy == "random"
         for step in range(self.cfg.n_steps):
             if not masked.any():
                 break
             t, s, last = times[step], times[step + 1], step == self.cfg.n_steps - 1
-            rows, slots = masked.nonzero(as_tuple=True)  # row-major: each row's slots together
-            logits = self._mdm_logits(ids, lengths, n_prompt, (rows, slot_pos[rows, slots]))
-            counts = masked.sum(dim=1).tolist()
-            start = 0
-            for i in range(b):
-                if counts[i] == 0:
-                    continue
-                part = slice(start, start + counts[i])
-                start += counts[i]
-                x0 = pick_tokens(logits[part], self.cfg.temperature, self.cfg.top_p, gens[i])
-                reveal = self._reveal(logits[part], x0, slots[part], t, s, last, gens[i])
-                where = slots[part][reveal]
-                answer[i, where] = x0[reveal]
-                ids[i, slot_pos[i, where]] = x0[reveal]
-                masked[i, where] = False
+            scored = self._random_reveals(masked, t, s, last, gens) if random else masked
+            if scored.any():
+                state = (ids, lengths, n_prompt, slot_pos, masked, answer)
+                self._mdm_step(state, scored, gens, (t, s, last))
             if on_step is not None:
                 on_step(step, masked.clone(), answer.clone())
         return [self._cut_eos(row) for row in answer.tolist()]
+
+    def _mdm_step(self, state, scored, gens, times) -> None:
+        """Predict the ``scored`` slots, reveal (random: all of them; low-confidence: the
+        most confident k per row) and write the revealed tokens into ``ids`` and ``answer``,
+        clearing them in ``masked`` (``state``; ``times`` = (t, s, last))."""
+        ids, lengths, n_prompt, slot_pos, masked, answer = state
+        rows, slots = scored.nonzero(as_tuple=True)  # row-major: each row's slots together
+        logits = self._mdm_logits(ids, lengths, n_prompt, (rows, slot_pos[rows, slots]))
+        start = 0
+        for i, count in enumerate(scored.sum(dim=1).tolist()):
+            if count == 0:
+                continue
+            part = slice(start, start + count)
+            start += count
+            x0 = pick_tokens(logits[part], self.cfg.temperature, self.cfg.top_p, gens[i])
+            if self.cfg.strategy == "random":
+                reveal = torch.ones_like(x0, dtype=torch.bool)
+            else:
+                reveal = self._most_confident(logits[part], x0, *times)
+            where = slots[part][reveal]
+            answer[i, where] = x0[reveal]
+            ids[i, slot_pos[i, where]] = x0[reveal]
+            masked[i, where] = False
 
     def _cut_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
         if self.cfg.stop_at_eos and self.eos_id in tokens:
