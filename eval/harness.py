@@ -7,8 +7,9 @@ The harness only needs a model that answers ``loglikelihood`` requests (text pai
 families: it turns text into token ids with the run's own tokenizer (``eval.tasks.encode_pair``,
 the harness's standard split) and hands them to ``eval.likelihood.Scorer`` - exact for an ARM;
 Monte Carlo ELBO or chain rule, optionally with unsupervised classifier-free guidance, for an MDM.
-``generate_until`` is refused with a message naming the task: sampling arrives with the
-generation issue.
+``generate_until`` requests are answered by ``eval.sampling.Sampler`` (MDM reverse process with
+the model args' steps / strategy / cfg; ARM KV-cache sampling), with the task's ``until`` stop
+strings, ``max_gen_toks``, ``temperature`` / ``do_sample`` and ``top_p``.
 
 It is registered as ``maskscale`` (family from the run), ``maskscale-arm`` and ``maskscale-mdm``
 (the same, but refusing a run of the other family), so ``lm_eval.simple_evaluate(model=
@@ -75,7 +76,13 @@ class ModelArgs:
     dtype: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
     seed: int = 0
-    """Seed of the MC draws (the same seed and requests give the same numbers)."""
+    """Seed of the MC draws and of sampling (the same seed and requests give the same numbers)."""
+    steps: int | None = None
+    """MDM reverse-process steps for ``generate_until``; None = the answer length."""
+    strategy: str = "low-confidence"
+    """MDM unmasking for ``generate_until``: ``low-confidence`` or ``random``."""
+    max_gen_toks: int = 256
+    """Answer length when a task does not set ``max_gen_toks`` (capped at half of seq_len)."""
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -86,7 +93,9 @@ class ModelArgs:
             raise EvalError(f"model arg mc_samples={self.mc_samples!r}: must be an integer >= 1")
         if not (isinstance(self.cfg, int | float) and math.isfinite(self.cfg) and self.cfg >= 0):
             raise EvalError(f"model arg cfg={self.cfg!r}: must be a number >= 0")
-        for key in ("token_budget", "batch_size", "checkpoint"):
+        if self.strategy not in ("low-confidence", "random"):
+            raise EvalError(f"model arg strategy={self.strategy!r}: low-confidence or random")
+        for key in ("token_budget", "batch_size", "checkpoint", "steps", "max_gen_toks"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise EvalError(f"model arg {key}={value!r}: must be a positive integer")
@@ -246,12 +255,9 @@ class MaskscaleLM(LM):
         return [self.text.loglikelihood_rolling(r.args[0]) for r in requests]
 
     def generate_until(self, requests) -> list[str]:
-        tasks = sorted({str(getattr(r, "task_name", "?")) for r in requests})
-        raise NotImplementedError(
-            f"task(s) {', '.join(tasks)} need text generation (generate_until), which maskscale "
-            "models do not support yet: sampling arrives with the generation issue. Use "
-            "loglikelihood / multiple_choice tasks for now."
-        )
+        from eval.generate import generate_until
+
+        return generate_until(self.loaded, self.args, [tuple(r.args) for r in requests])
 
 
 @register_model("maskscale-arm")

@@ -215,10 +215,14 @@ def test_mdm_model_by_registered_name_with_estimator_and_cfg(world):
     assert res["results"]["ramp_mc"]["sample_len"] == 2
 
 
-def test_generate_until_is_refused_naming_the_task(world, capsys):
-    assert cli("harness", world["arm"], "--include-path", ASSETS, "--tasks", "ramp_generate") == 2
-    err = capsys.readouterr().err
-    assert "ramp_generate" in err and "generation issue" in err
+def test_generate_until_task_through_the_samplers(world, tmp_path, capsys):
+    """ramp_generate: 2 new tokens cut at the first space; the trained ARM gets them all."""
+    out = tmp_path / "gen.json"
+    args = ["--include-path", ASSETS, "--tasks", "ramp_generate", "--no-mlflow", "--out", out]
+    assert cli("harness", world["arm"], *args) == 0
+    assert json.loads(out.read_text())["results"]["ramp_generate"]["exact_match,none"] == 1.0
+    assert cli("harness", world["mdm"], *args, "--model-args", "steps=1,strategy=random") == 0
+    assert "ramp_generate" in json.loads(out.read_text())["results"]
 
 
 def test_user_errors_exit_2_and_write_nothing(world, tmp_path, capsys):
