@@ -67,8 +67,8 @@ def tiny_model(objective: str, train_steps: int) -> tuple[Transformer, ModelConf
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a busy CPU: more threads only contend (10x slower)
     try:
-        for _ in range(train_steps):
-            loss = obj.train_loss(model, ramp_batch(g), torch.arange(32))
+        for step in range(train_steps):  # new row keys each step: new MDM masks each step
+            loss = obj.train_loss(model, ramp_batch(g), torch.arange(32) + 32 * step)
             opt.zero_grad()
             loss.backward()
             opt.step()

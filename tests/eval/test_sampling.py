@@ -2,7 +2,7 @@
 
 Models: the harness tests' tiny Transformers trained on ramps (``w3 w5 w7 ...``, vocab 32 with
 id 0 = EOS, so a ramp that wraps past w31 continues with EOS): an ARM (100 steps, continues
-ramps exactly) and an MDM (300 steps, mostly right). Run directories in the export format, no
+ramps exactly) and an MDM (1000 steps, new masks each step). Run directories in the export format, no
 mocks.
 """
 
@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     uri = f"sqlite:///{base / 'mlflow.db'}"
     return {
         "arm": make_run(base / "arm", "arm", 100, corpus, uri),
-        "mdm": make_run(base / "mdm", "mdm", 300, corpus, uri),
+        "mdm": make_run(base / "mdm", "mdm", 1000, corpus, uri),
     }
 
 
