@@ -8,6 +8,8 @@ every 3 steps (MLflow on sqlite), and that run resumed from its step-4 checkpoin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -160,9 +162,12 @@ def runs(corpus, tmp_path_factory):
     train(config(corpus, base / "every1", *common, "log.every=1", "checkpoint.every=0"))
     uri = f"sqlite:///{base / 'mlflow.db'}"
     logged = [*common, "log.every=3", "checkpoint.every=4"]
-    summary = train(
-        config(corpus, base / "every3", *logged, "tracking.enabled=true", f"tracking.uri={uri}")
-    )
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        summary = train(
+            config(corpus, base / "every3", *logged, "tracking.enabled=true", f"tracking.uri={uri}")
+        )
+    (base / "every3" / "console.txt").write_text(console.getvalue())
     resume = f"checkpoint.resume={base / 'every3/checkpoints/step00000004'}"
     train(config(corpus, base / "resumed", *logged, resume))
     return base, summary, uri
@@ -184,6 +189,9 @@ def test_logged_loss_is_the_interval_mean_with_the_last_step_kept(runs):
     assert summary["final_loss_steps"] == [7, STEPS]
     assert summary["final_loss_last_step"] == rec[STEPS]["loss_last"]
     assert "mean" in summary["final_loss_is"]
+    console = (base / "every3" / "console.txt").read_text()
+    line = next(x for x in console.splitlines() if f"step 3/{STEPS} " in x)
+    assert f"loss={rec[3]['loss']:.4g} loss_last={rec[3]['loss_last']:.4g}" in line
 
     from mlflow.tracking import MlflowClient
 
