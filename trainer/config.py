@@ -138,8 +138,9 @@ class EvalConfig:
     over all shards, the same rows for every run on the corpus (run_dir/eval_rows.json).
     Why 1024: what runs need is the *difference* of two runs on the same rows (and, for MDMs,
     the same masks), with 95% half-width 1.96 sigma_diff / sqrt(n). Per-row losses of two
-    models are strongly correlated (demo corpus, seq 256, tiny-1M ARM checkpoints 16 steps
-    apart: sigma_row 0.24, sigma_diff 0.0076, corr 0.9995; benchmarks/val_rows_variance.py).
+    models are strongly correlated (demo corpus, seq 256, tiny-1M checkpoints 16 steps apart,
+    benchmarks/val_rows_variance.py: ARM sigma_row 0.24, sigma_diff 0.0076, corr 0.9995; MDM
+    at 8 samples sigma_row 0.46 of which Monte Carlo 0.32, sigma_diff 0.0055: same masks).
     At paper scale (1B, seq 2048, SlimPajama) we assume sigma_row ~0.6 nats (its sources differ
     by > 1 nat/token: code vs web) and sigma_diff <= 0.16 between runs worth comparing (corr
     >= 0.96): 1024 rows give +-0.01 paired. One run's absolute loss is only +-0.04 (an
