@@ -3,9 +3,10 @@
 Why: a split's first rows come from the first documents the packer saw (often one source, one
 date range), so evaluating a prefix measures a biased slice. The sample here is drawn uniformly
 without replacement from *all* rows of the split (row ``i`` is the ``i``-th row in manifest
-shard order, the same numbering as the trainer's evaluation reader), sorted, and then read
-batch by batch: only the shard that holds the next rows is memory-mapped, and only the sampled
-rows are copied out, so a split of any size costs the memory of one batch.
+shard order, the same numbering as the trainer's evaluation reader; ``sample_rows`` is the
+trainer's, so ``--rows N`` picks the rows of a run validated with eval.max_rows=N), sorted,
+and then read batch by batch: only the shard that holds the next rows is memory-mapped, and
+only the sampled rows are copied out, so a split of any size costs the memory of one batch.
 
 Each row's MDM noise comes from its key ``mix_keys(row, EVAL_KEY_SEED)``, exactly as in the
 trainer's validation, so a row scores the same here as in training-time validation.
@@ -13,7 +14,6 @@ trainer's validation, so a row scores the same here as in training-time validati
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.shards import ShardMeta
-
-
-def split_seed(seed: int, *names: str) -> list[int]:
-    """A numpy seed sequence for ``seed`` and names (stable across processes and runs)."""
-    return [int(seed), *(zlib.crc32(n.encode()) for n in names)]
+from trainer.data import sample_rows as sample_rows  # the trainer's validation sample
+from trainer.data import split_seed as split_seed
 
 
 @dataclass(frozen=True)
@@ -54,14 +51,6 @@ class SplitLayout:
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
-
-
-def sample_rows(total: int, n: int | None, seed: int, split: str) -> np.ndarray:
-    """Sorted int64 row indices: ``n`` drawn without replacement (all rows if n is None/>=)."""
-    if n is None or n >= total:
-        return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng(split_seed(seed, split, "rows"))
-    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
 
 
 class RowReader:

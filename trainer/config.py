@@ -141,8 +141,20 @@ class EvalConfig:
     """MDM: Monte Carlo draws of t per row for the ELBO (stratified). ARM is exact."""
     batch_size: int = 8
     """Rows per evaluation forward pass (per process)."""
-    max_rows: int | None = 256
-    """Rows evaluated per split (null = the whole split)."""
+    max_rows: int | None = 1024
+    """Rows evaluated per split (null = the whole split, in file order): a seeded uniform sample
+    over all shards, the same rows for every run on the corpus (run_dir/eval_rows.json).
+    Why 1024: what runs need is the *difference* of two runs on the same rows (and, for MDMs,
+    the same masks), with 95% half-width 1.96 sigma_diff / sqrt(n). Per-row losses of two
+    models are strongly correlated (demo corpus, seq 256, tiny-1M checkpoints 16 steps apart,
+    benchmarks/val_rows_variance.py: ARM sigma_row 0.24, sigma_diff 0.0076, corr 0.9995; MDM
+    at 8 samples sigma_row 0.46 of which Monte Carlo 0.32, sigma_diff 0.0055: same masks).
+    At paper scale (1B, seq 2048, SlimPajama) we assume sigma_row ~0.6 nats (its sources differ
+    by > 1 nat/token: code vs web) and sigma_diff <= 0.16 between runs worth comparing (corr
+    >= 0.96): 1024 rows give +-0.01 paired. One run's absolute loss is only +-0.04 (an
+    unpaired +-0.01 needs ~14k rows: use `maskscale eval ppl --rows`). Cost per evaluation:
+    1024 forwards (ARM, ~1.3 training steps at global batch 256) or 1024 x n_samples (MDM,
+    ~170 steps at 128 samples: lower n_samples or raise `every` if that is too much)."""
     splits: list[str] | None = None
     """Splits to evaluate; null = `validation` plus every `holdout_*` present."""
 

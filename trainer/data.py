@@ -27,11 +27,17 @@ row's objective randomness (MDM masks) so it does not depend on the rank it land
 Reading: each shard is ``pa.memory_map``-ed and every record batch becomes a zero-copy
 ``(rows, seq_len + 1)`` numpy view; a micro-batch gathers only its rows (one fancy-index per
 record batch touched) and widens them to int64.
+
+Evaluation (:class:`EvalSample`): a seeded uniform sample of a split's rows over all its
+shards -- the same rows for every run on the corpus -- read batch by batch, batches dealt to
+ranks round-robin.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +52,9 @@ from trainer.mixture import _Permutation as _Permutation
 
 EVAL_KEY_SEED = 0
 """Seed mixed into the keys of evaluation rows (keys depend only on the row's file order)."""
+EVAL_SAMPLE_SEED = 0
+"""Seed of the evaluation row sample (:func:`sample_rows`); equal to ``maskscale eval ppl``'s
+default ``--seed``, so ``eval ppl --rows N`` scores the rows of a run with eval.max_rows=N."""
 
 _M63 = np.uint64((1 << 63) - 1)
 _STATE_VERSION = 1
@@ -411,18 +420,104 @@ def _same_weights(a: dict[str, float] | None, b: dict[str, float] | None) -> boo
     return set(a) == set(b) and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
 
 
-def iter_eval_batches(
-    corpus_dir: str | Path, split: str, batch_size: int, max_rows: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens, keys) batches of a split in file order; the last batch may be smaller.
+# ----------------------------------------------------------------------------- evaluation
 
-    Keys mix the row's file-order index with ``EVAL_KEY_SEED``, so every evaluation of any run
-    on this split draws the same MDM masks for the same rows.
+
+def split_seed(seed: int, *names: str) -> list[int]:
+    """A numpy seed sequence for ``seed`` and names (stable across processes and runs)."""
+    return [int(seed), *(zlib.crc32(n.encode()) for n in names)]
+
+
+def sample_rows(total: int, n: int | None, seed: int, split: str) -> np.ndarray:
+    """Sorted int64 row indices: ``n`` drawn without replacement (all rows if n is None/>=).
+
+    A pure function of (total, n, seed, split name): the trainer's validation and
+    ``maskscale eval ppl`` call it with the same arguments and get the same rows.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    reader = _SplitReader(corpus_dir, split)
-    total = reader.rows if max_rows is None else min(reader.rows, max_rows)
-    for start in range(0, total, batch_size):
-        rows = np.arange(start, min(start + batch_size, total), dtype=np.int64)
-        yield torch.from_numpy(reader.gather(rows)), torch.from_numpy(mix_keys(rows, EVAL_KEY_SEED))
+    if n is None or n >= total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(split_seed(seed, split, "rows"))
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+
+
+class EvalSample:
+    """The fixed evaluation rows of one split, cut into batches that are dealt to ranks.
+
+    Rows: ``sample_rows(rows of the split, max_rows, seed, split)``, a uniform sample over
+    every shard of the split, sorted (row ``i`` is the ``i``-th row in manifest shard order).
+    It depends on the corpus, ``max_rows`` and ``seed`` only -- not on the world size, the batch
+    size or the run's seed -- so every run on a corpus is validated on the same rows.
+
+    Batches: batch ``b`` is ``rows[b * batch_size : (b + 1) * batch_size]`` and belongs to rank
+    ``b % world_size``; a batch is read (only its rows are copied) when it is asked for.
+    Each row's key is ``mix_keys(row, EVAL_KEY_SEED)``, so MDM masks are fixed per row.
+    """
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        split: str,
+        max_rows: int | None = None,
+        seed: int = EVAL_SAMPLE_SEED,
+    ):
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        self.split, self.seed, self.max_rows = split, seed, max_rows
+        self._reader = _SplitReader(corpus_dir, split)
+        self.rows = sample_rows(self._reader.rows, max_rows, seed, split)
+
+    @property
+    def split_rows(self) -> int:
+        """Rows of the whole split."""
+        return self._reader.rows
+
+    def n_batches(self, batch_size: int) -> int:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return -(-len(self.rows) // batch_size)
+
+    def rank_batches(self, batch_size: int, rank: int, world_size: int) -> range:
+        """Indices of the batches rank ``rank`` evaluates: ``rank, rank + world_size, ...``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        return range(rank, self.n_batches(batch_size), world_size)
+
+    def batch_rows(self, index: int, batch_size: int) -> np.ndarray:
+        return self.rows[index * batch_size : (index + 1) * batch_size]
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens int64 [b, seq_len + 1], keys int64 [b]) of batch ``index``."""
+        rows = self.batch_rows(index, batch_size)
+        tokens = torch.from_numpy(self._reader.gather(rows))
+        return tokens, torch.from_numpy(mix_keys(rows, EVAL_KEY_SEED))
+
+    def describe(self) -> dict:
+        """What identifies the sample (for run records): sizes, seed and a digest of the rows."""
+        digest = hashlib.sha256(self.rows.astype("<i8").tobytes()).hexdigest()
+        return {
+            "split_rows": self.split_rows,
+            "rows": len(self.rows),
+            "max_rows": self.max_rows,
+            "seed": self.seed,
+            "rows_sha256": digest,
+        }
+
+
+def iter_eval_batches(
+    corpus_dir: str | Path,
+    split: str,
+    batch_size: int,
+    max_rows: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = EVAL_SAMPLE_SEED,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, keys) of this rank's batches of the split's :class:`EvalSample`, streamed.
+
+    ``max_rows=None`` reads every row in file order; otherwise a seeded uniform sample of
+    ``max_rows`` rows across all shards. The last batch of the sample may be smaller.
+    """
+    sample = EvalSample(corpus_dir, split, max_rows, seed)
+    for index in sample.rank_batches(batch_size, rank, world_size):
+        yield sample.batch(index, batch_size)

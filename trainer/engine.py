@@ -313,62 +313,6 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
 # ----------------------------------------------------------------------------- validation
 
 
-class Evaluator:
-    """Validation loss on fixed splits: batches spread over ranks, sums reduced.
-
-    Each rank evaluates batches ``rank, rank + world, ...``; ranks with fewer batches run a
-    zero-weight repeat so every rank does the same number of forward passes (ZeRO-3 gathers
-    weights collectively in every forward).
-    """
-
-    def __init__(
-        self,
-        corpus_dir,
-        splits: list[str],
-        batch_size: int,
-        max_rows: int | None,
-        n_samples: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-    ):
-        from trainer.data import iter_eval_batches
-
-        self.splits, self.n_samples, self.device = splits, n_samples, device
-        self.rank, self.world = rank, world_size
-        self.batches = {
-            s: list(iter_eval_batches(corpus_dir, s, batch_size, max_rows)) for s in splits
-        }
-
-    def _split_loss(self, engine, objective, batches) -> float:
-        n_rounds = math.ceil(len(batches) / self.world)
-        loss_sum, rows = 0.0, 0
-        for i in range(n_rounds):
-            index = i * self.world + self.rank
-            weight = 1 if index < len(batches) else 0
-            tokens, keys = batches[index if weight else 0]
-            loss = objective.eval_loss(
-                engine, tokens.to(self.device), keys, n_samples=self.n_samples
-            )
-            loss_sum += weight * float(loss) * len(keys)
-            rows += weight * len(keys)
-        total, count = all_reduce_sum([loss_sum, rows], self.device)
-        return total / max(count, 1)
-
-    def run(self, engine, objective) -> dict[str, float]:
-        """{"val/<split>/loss": mean per-token loss (nats), "val/<split>/ppl": exp(loss)}."""
-        was_training = engine.module.training
-        engine.eval()
-        out: dict[str, float] = {}
-        with torch.no_grad():
-            for split in self.splits:
-                loss = self._split_loss(engine, objective, self.batches[split])
-                out[f"val/{split}/loss"] = loss
-                out[f"val/{split}/ppl"] = math.exp(min(loss, 700.0))
-        engine.train(was_training)
-        return out
-
-
 def eval_splits(manifest: dict, requested: list[str] | None) -> list[str]:
     """The requested splits, or `validation` plus every `holdout_*` split of the corpus."""
     splits = manifest.get("splits", {})

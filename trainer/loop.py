@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import statistics
@@ -33,7 +34,6 @@ from trainer.checkpoint import CheckpointManager, CheckpointRef, export_checkpoi
 from trainer.config import TrainConfig
 from trainer.engine import (
     DistInfo,
-    Evaluator,
     barrier,
     batch_geometry,
     build_engine,
@@ -46,6 +46,7 @@ from trainer.engine import (
 from trainer.model import ModelConfig, flops_per_token, non_embedding_params
 from trainer.precision import resolve_precision
 from trainer.resume import check_saved, describe, reconcile, schedule_record
+from trainer.validation import Evaluator
 
 IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
 """What a checkpoint must share with the config that resumes it."""
@@ -70,6 +71,8 @@ class Setup:
     """Every resume that changed ``schedule`` (checkpoint.reschedule=true), oldest first."""
     sft: Any = None
     """task=sft: the ``trainer.sft.SFTSource`` (init, rows, reports); None when pretraining."""
+    loss_window: list[float] = field(default_factory=list)
+    """Losses of the steps since the last log point, restored from the checkpoint on resume."""
 
 
 def say(dist: DistInfo, text: str) -> None:
@@ -194,7 +197,11 @@ def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
 
 
 class Meter:
-    """Step times between log points -> tokens/s and MFU."""
+    """Per logging window: step times -> tokens/s and MFU; step losses -> the logged loss.
+
+    One MDM step's loss is very noisy (1/p weights), so the logged ``loss`` is the mean over
+    the steps since the previous log point; ``loss_last`` is the last step's own value.
+    """
 
     def __init__(self, s: Setup):
         self.tokens_per_step = s.budget.tokens_per_step
@@ -203,10 +210,17 @@ class Meter:
         self.peak, self.world = peak_flops(name), s.dist.world_size
         self.window: list[float] = []
         self.all: list[float] = []
+        self.losses: list[float] = list(s.loss_window)
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, loss: float) -> None:
         self.window.append(seconds)
         self.all.append(seconds)
+        self.losses.append(loss)
+
+    def read_loss(self) -> dict[str, float]:
+        """{"loss": mean over the window, "loss_last": last step} and start a new window."""
+        losses, self.losses = self.losses, []
+        return {"loss": math.fsum(losses) / len(losses), "loss_last": losses[-1]}
 
     def read(self) -> dict[str, float]:
         seconds, n = sum(self.window) or float("nan"), max(len(self.window), 1)
@@ -224,7 +238,7 @@ class Meter:
 
 
 def step_metrics(result, step: int, s: Setup, meter: Meter, loader) -> dict[str, float]:
-    metrics = {"loss": result.loss, "lr": result.lr, "tokens": step * s.budget.tokens_per_step}
+    metrics = {**meter.read_loss(), "lr": result.lr, "tokens": step * s.budget.tokens_per_step}
     if result.grad_norm is not None:
         metrics["grad_norm"] = result.grad_norm
     metrics["epoch"] = loader.epoch
@@ -267,17 +281,19 @@ def due(step: int, every: int) -> bool:
 def run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step: int) -> dict:
     """Train from ``step`` to the budget; returns the last step and validation metrics."""
     cfg, total, meter = s.cfg, s.budget.steps, Meter(s)
-    last_loss, last_val = None, {}
+    final, last_val = {}, {}
     while step < total:
         start = time.perf_counter()
         result = train_step(engine, loader, objective, s.accum, s.dist.device, step + 1)
         step += 1
-        meter.add(time.perf_counter() - start)
-        last_loss = result.loss
+        meter.add(time.perf_counter() - start, result.loss)
         if cfg.log.row_keys:
             write_row_keys(s, step, result.keys)
         if due(step, cfg.log.every) or step == total:
+            window = len(meter.losses)
             metrics = step_metrics(result, step, s, meter, loader)
+            final = {"loss": metrics["loss"], "last": metrics["loss_last"]}
+            final["steps"] = [step - window + 1, step]
             tracker.log_metrics(metrics, step)
             say(s.dist, f"step {step}/{total} " + _fmt(metrics))
         if due(step, cfg.eval.every) or (step == total and cfg.eval.at_end):
@@ -287,11 +303,12 @@ def run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step: int)
         if due(step, cfg.checkpoint.every) or step == total:
             client = {"loader": loader.state_dict(), "step": step, "config": to_dict(cfg)}
             client["tokens"] = step * s.budget.tokens_per_step
+            client["loss_window"] = list(meter.losses)
             ckpt.save(engine, step, client, checkpoint_meta(s, step))
         fault_point("step", step)
     return {
         "step": step,
-        "loss": last_loss,
+        "loss": final,
         "val": last_val,
         "tokens_per_s": meter.median_tokens_per_s(),
     }
@@ -348,7 +365,10 @@ def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: fl
         "tokens": outcome["step"] * b.tokens_per_step,
         "flops": 6.0 * b.n_params * outcome["step"] * b.tokens_per_step,
         "budget": b.as_dict(),
-        "final_loss": outcome["loss"],
+        "final_loss": outcome["loss"].get("loss"),
+        "final_loss_is": "mean training loss over steps final_loss_steps (the last log interval)",
+        "final_loss_steps": outcome["loss"].get("steps"),
+        "final_loss_last_step": outcome["loss"].get("last"),
         "val": outcome["val"],
         "tokens_per_s": outcome["tokens_per_s"],
         "checkpoint": str(latest.path) if latest else None,
@@ -426,6 +446,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
         client = ckpt.load(engine, ref, universal)
         loader.load_state_dict(client["loader"])
         step = int(client["step"])
+        s.loss_window = [float(x) for x in client.get("loss_window", [])]
         say(dist, f"resumed from {ref.path} at step {step}" + (" (universal)" if universal else ""))
         if (entry := reconcile(cfg, engine, client, s.schedule, ref)) is not None:
             s.reschedules.append(entry)
@@ -436,6 +457,29 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
                 f"{describe(entry['changes'])}; lr of step {step + 1}: {old_lr:.4g} -> {new_lr:.4g}",
             )
     return objective, engine, loader, step
+
+
+def make_evaluator(s: Setup):
+    """Validation: SFT rows for task=sft, else the corpus splits (``eval.splits``)."""
+    e = s.cfg.eval
+    if s.sft is not None:
+        from trainer.sft import SFTEvaluator
+
+        return SFTEvaluator(s.sft.val, e, s.dist.rank, s.dist.world_size, s.dist.device)
+    splits = eval_splits(s.manifest, e.splits)
+    trained = {s.cfg.data.split} if isinstance(s.cfg.data.split, str) else set(s.cfg.data.split)
+    if overlap := sorted(trained & set(splits)):
+        say(s.dist, f"warning: evaluating on {overlap}, which this run also trains on")
+    return Evaluator(
+        s.cfg.corpus,
+        splits,
+        e.batch_size,
+        e.max_rows,
+        e.n_samples,
+        s.dist.rank,
+        s.dist.world_size,
+        s.dist.device,
+    )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -457,27 +501,13 @@ def train(cfg: TrainConfig) -> dict:
         f"steps={b.steps} micro={s.micro} accum={s.accum} world={dist.world_size}",
     )
     objective, engine, loader, step = build(s, ckpt, ref)
-    e = cfg.eval
-    splits = eval_splits(s.manifest, e.splits)  # task=sft: no corpus splits
-    trained = {cfg.data.split} if isinstance(cfg.data.split, str) else set(cfg.data.split)
-    if overlap := sorted(trained & set(splits)):
-        say(dist, f"warning: evaluating on {overlap}, which this run also trains on")
-    evaluator = Evaluator(
-        cfg.corpus,
-        splits,
-        e.batch_size,
-        e.max_rows,
-        e.n_samples,
-        dist.rank,
-        dist.world_size,
-        dist.device,
-    )
-    if s.sft is not None:
-        from trainer.sft import SFTEvaluator
-
-        evaluator = SFTEvaluator(s.sft.val, e, dist.rank, dist.world_size, dist.device)
+    evaluator = make_evaluator(s)
     tracker = Tracker(cfg.tracking, cfg.run_dir, dist.rank)
-    tracker.start(*tracking_params(s))
+    params, tags, name_fields = tracking_params(s)
+    tracker.start({**params, "eval_sample": evaluator.params()}, tags, name_fields)
+    record = evaluator.write_record(cfg.run_dir) if dist.rank == 0 else None
+    if record is not None:
+        tracker.log_artifact(record)
     try:
         outcome = run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step)
         summary = finish_run(s, ckpt, tracker, outcome, t0)

@@ -234,6 +234,14 @@ class SFTEvaluator:
         )  # fmt: skip
         self.n_samples, self.rank, self.world, self.device = eval_cfg.n_samples, rank, world, device
 
+    def params(self) -> dict:
+        """MLflow params of the validation set (the rows are the SFT file's held-out records)."""
+        return {"sft": {"batches": len(self.batches)}}
+
+    def write_record(self, run_dir) -> None:
+        """The corpus Evaluator writes eval_rows.json; SFT rows are described in sft_data.json."""
+        return None
+
     def run(self, engine, objective) -> dict[str, float]:
         from trainer.engine import all_reduce_sum
 

@@ -112,15 +112,16 @@ def test_mdm_ppl_is_deterministic_and_equals_the_trainers_eval_loss(eval_runs, t
 
 
 def test_mdm_ppl_agrees_with_training_time_validation(eval_runs, tmp_path, capsys):
-    """The trainer validated on the first 32 rows with 4 samples: same rows, same number."""
+    """The trainer validated a 32-row sample with 4 samples: same rows, same number."""
     run = copy_run(eval_runs.mdm, tmp_path / "mdm")
-    argv = ["eval", "ppl", run, "--rows", "0", "--mc-samples", "4", "--splits", "validation"]
+    argv = ["eval", "ppl", run, "--rows", "32", "--mc-samples", "4", "--splits", "validation"]
     assert run_cli(capsys, *argv)[0] == 0
     res = _ppl(run, "validation")
-    assert res["row_index"] == list(range(100))
+    validated = json.loads((run / "eval_rows.json").read_text())["splits"]["validation"]
+    assert res["row_index"] == validated["row_index"]  # --rows 32 (default seed) = eval.max_rows
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     trained = [r["val/validation/loss"] for r in records if "val/validation/loss" in r][-1]
-    assert np.mean(res["row_loss"][:32]) == pytest.approx(trained, rel=1e-5)
+    assert res["loss"] == pytest.approx(trained, rel=1e-5)
 
 
 def test_outputs_csv_json_and_mlflow_metrics(eval_runs, tmp_path, capsys):

@@ -1,0 +1,109 @@
+"""Validation during training: the same fixed rows for every run, streamed, sharded over ranks.
+
+Why it looks like this: a scaling study reads differences of a few hundredths of a nat between
+runs, so every run on a corpus must be scored on the *same* rows, and those rows must represent
+the whole split rather than its first shard. Each split's rows are therefore a seeded uniform
+sample over all its shards (:class:`trainer.data.EvalSample`: a function of the corpus,
+``eval.max_rows`` and a fixed seed only, not of the world size, batch size or training seed),
+and the sample is written to ``run_dir/eval_rows.json`` (also an MLflow artifact, with a digest
+of each split's rows as params) so two runs can be checked to have used the same rows.
+
+Batches are read when they are evaluated (nothing is materialised up front) and dealt to ranks
+round-robin, so each rank reads only its own rows. Every rank runs the same number of forward
+passes -- a rank without a batch in the last round repeats one with weight 0 -- because ZeRO-3
+gathers weights collectively inside every forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from trainer.data import EVAL_SAMPLE_SEED, EvalSample
+from trainer.engine import all_reduce_sum
+
+EVAL_ROWS = "eval_rows.json"
+"""File in run_dir recording which rows each split was validated on."""
+FORMAT = "maskscale-eval-rows/1"
+
+
+class Evaluator:
+    """Validation loss per split: each rank scores its batches, (loss sum, rows) are reduced."""
+
+    def __init__(
+        self,
+        corpus_dir,
+        splits: list[str],
+        batch_size: int,
+        max_rows: int | None,
+        n_samples: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int = EVAL_SAMPLE_SEED,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.splits, self.n_samples, self.device = splits, n_samples, device
+        self.batch_size, self.rank, self.world = batch_size, rank, world_size
+        self.samples = {s: EvalSample(corpus_dir, s, max_rows, seed) for s in splits}
+
+    def rounds(self, split: str) -> int:
+        """Forward passes every rank runs for ``split`` (the same on all ranks)."""
+        return math.ceil(self.samples[split].n_batches(self.batch_size) / self.world)
+
+    def split_sums(self, model, objective, split: str) -> tuple[float, int]:
+        """(sum of per-row losses, rows) over this rank's batches of ``split``, not reduced."""
+        sample, size = self.samples[split], self.batch_size
+        mine = iter(sample.rank_batches(size, self.rank, self.world))
+        loss_sum, rows, filler = 0.0, 0, None
+        for _ in range(self.rounds(split)):
+            index = next(mine, None)
+            if index is None:  # no batch left for this rank: repeat one, weight 0
+                tokens, keys = filler if filler is not None else sample.batch(0, size)
+            else:
+                tokens, keys = sample.batch(index, size)
+                filler = (tokens, keys)
+            loss = objective.eval_loss(model, tokens.to(self.device), keys, self.n_samples)
+            if index is not None:
+                loss_sum += float(loss) * len(keys)
+                rows += len(keys)
+        return loss_sum, rows
+
+    def run(self, engine, objective) -> dict[str, float]:
+        """{"val/<split>/loss": mean per-token loss (nats), "val/<split>/ppl": exp(loss)}."""
+        was_training = engine.module.training
+        engine.eval()
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for split in self.splits:
+                total, count = all_reduce_sum(
+                    list(self.split_sums(engine, objective, split)), self.device
+                )
+                loss = total / max(count, 1)
+                out[f"val/{split}/loss"] = loss
+                out[f"val/{split}/ppl"] = math.exp(min(loss, 700.0))
+        engine.train(was_training)
+        return out
+
+    def params(self) -> dict[str, dict]:
+        """{split: sizes, seed and rows digest}: compact enough for MLflow params."""
+        return {s: sample.describe() for s, sample in self.samples.items()}
+
+    def record(self) -> dict:
+        """Which rows each split is validated on (row indices omitted when it is every row)."""
+        splits = {}
+        for s, sample in self.samples.items():
+            entry = sample.describe()
+            if len(sample.rows) < sample.split_rows:
+                entry["row_index"] = sample.rows.tolist()
+            splits[s] = entry
+        return {"format": FORMAT, "splits": splits}
+
+    def write_record(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / EVAL_ROWS
+        path.write_text(json.dumps(self.record()) + "\n")
+        return path
