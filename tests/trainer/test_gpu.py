@@ -87,3 +87,74 @@ def test_peak_known_for_this_gpu():
     if not any(k in name for k in ("H100", "H200", "A100")):
         pytest.skip(f"no peak table entry expected for {name}")
     assert peak_flops(name) is not None
+
+
+# ----------------------------------------------------------------------------- issue 8 on CUDA
+
+
+def _engine(name: str, **overrides):
+    """A real single-process DeepSpeed engine (bf16, ZeRO-2) on this GPU, seeded."""
+    dist = init_distributed()
+    base = {
+        "corpus": "synthetic",
+        "objective": name,
+        "budget": {"steps": 4},
+        "precision": "bf16",
+        "zero_stage": 2,
+        "batch": {"global_batch": 8, "micro_batch": 4},
+        "optim": {"warmup_min": 1},
+    }
+    cfg = from_dict(TrainConfig, {**base, **overrides})
+    objective = build_objective(name, MODEL.mask_id, loss_chunk=cfg.loss_chunk)
+    torch.manual_seed(0)
+    model = Transformer(MODEL, causal=objective.causal)
+    if cfg.compile is True:
+        from trainer.compiling import compile_blocks
+
+        compile_blocks(model)
+    return build_engine(cfg, model, 4, dist.world_size), objective, dist
+
+
+@pytest.mark.parametrize("name", ["arm", "mdm"])
+def test_compiled_chunked_and_checkpointed_steps_match_eager_plain_on_cuda(name):
+    """compile, the chunked head loss and activation checkpointing change speed and memory, not
+    the losses: 3 bf16 steps each agree with the eager, plain-loss run (bf16 tolerance)."""
+    runs = {}
+    for label, kw in {
+        "plain": {"compile": False, "loss_chunk": 0},
+        "compiled+chunked": {"compile": True, "loss_chunk": 64},
+        "checkpointed": {"compile": False, "loss_chunk": 64, "activation_checkpointing": True},
+    }.items():
+        engine, objective, dist = _engine(name, **kw)
+        engine.module.checkpoint_every = int(kw.get("activation_checkpointing", 0))
+        loader = RandomRows(4)
+        runs[label] = [
+            train_step(engine, loader, objective, 2, dist.device, s + 1).loss for s in range(3)
+        ]
+    for label in ("compiled+chunked", "checkpointed"):
+        assert runs[label] == pytest.approx(runs["plain"], rel=2e-2), label
+
+
+def test_cut_rows_stay_equal_to_the_dense_mask_on_cuda():
+    """Per-row fused attention for cut rows equals the dense-mask attention in bf16."""
+    from trainer.model import cut_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(3, 4, 64, 32, device="cuda", generator=g, dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+    lengths = torch.tensor([64, 17, 40])
+    keys = torch.arange(64, device="cuda")
+    mask = (keys < lengths.cuda()[:, None])[:, None, None, :]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fused = cut_attention(q, k, v, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(fused[b, :, :n], dense[b, :, :n], atol=2e-2, rtol=2e-2)
+
+
+def test_auto_precision_is_bf16_on_this_gpu():
+    from trainer.precision import resolve_precision
+
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == expected
