@@ -13,7 +13,13 @@ import os
 import sys
 
 # (module providing ``register(subparsers)``) in the order they appear in --help.
-COMMAND_MODULES = ["pipeline.commands", "trainer.cli", "eval.cli", "pipeline.demo"]
+COMMAND_MODULES = [
+    "pipeline.commands",
+    "trainer.cli",
+    "eval.cli",
+    "eval.sweep_cli",
+    "pipeline.demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
