@@ -142,6 +142,7 @@ def isoflop_figure(points: list[dict], result: dict):
 
 def scaling_figure(result: dict):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,7 +156,9 @@ def scaling_figure(result: dict):
         cs = np.array([o.C for o in good])
         ax_l.scatter(cs, [o.L_opt for o in good], color=color)
         ax_n.scatter(cs, [o.N_opt for o in good], color=color)
-        grid = np.geomspace(cs.min(), cs.max() * (16 if fam == "arm" else 1), 50)
+        # the MDM's law is drawn on to where it reaches the ARM's losses (the compute gap)
+        reach = max([g["mdm_C"] for g in result["gap"]], default=0) if fam == "mdm" else 0
+        grid = np.geomspace(cs.min(), max(cs.max(), reach), 50)
         for ax, law, sym in ((ax_l, fit["loss_law"], "L"), (ax_n, fit["size_law"], "N")):
             if law is not None:
                 label = f"{fam.upper()}: {sym}_opt = {law.coef:.3g} C^{law.exponent:.4f}"
@@ -167,6 +170,8 @@ def scaling_figure(result: dict):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    ax_l.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_l.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     fig.tight_layout()
     return fig
 
