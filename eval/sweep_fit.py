@@ -134,7 +134,8 @@ def isoflop_figure(points: list[dict], result: dict):
         ax.set_title(f"{fam.upper()}: IsoFLOP profiles")
         ax.set_xlabel("non-embedding parameters N")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("final validation loss (nats)")
     fig.tight_layout()
     return fig
@@ -169,7 +170,8 @@ def scaling_figure(result: dict):
         ax.set_xlabel("training compute C = 6ND (FLOPs)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     ax_l.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax_l.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     fig.tight_layout()
