@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,26 @@ def test_local_runs_skips_finished_resumes_interrupted_and_tags(tmp_path, capsys
     assert len(fits) == 1
     names = {a.path for a in client.list_artifacts(fits[0].info.run_id)}
     assert {"report.md", "fit.json", "isoflop.png", "scaling.png"} <= names
+    # MLflow alone (no sweep folder): the tagged runs are the grid; the fit run is not a point
+    args = ["--mlflow-experiment", "sweep", "--tracking-uri", uri, "--out", tmp_path / "fit2"]
+    code, stdout, err = run_cli(capsys, "sweep", "fit", *args, "--no-mlflow")
+    assert code == 0, err
+    fit = json.loads((tmp_path / "fit2/fit.json").read_text())
+    assert sorted(p["name"] for p in fit["points"]) == sorted(p["name"] for p in sweep["points"])
+    assert all(p["loss"] > 0 for p in fit["points"])
+
+
+@pytest.mark.slow
+def test_local_failure_is_recorded_and_listed_by_fit(tmp_path, capsys):
+    out, sweep, _ = plan(tmp_path, capsys, "arm")
+    shutil.rmtree(tmp_path / "corpus")  # the configs still load; the trainer fails
+    code, stdout, err = run_cli(capsys, "sweep", "run", out)
+    assert code == 1 and f"FAILED {sweep['points'][0]['name']}" in stdout
+    assert "1 of 1 runs failed" in err
+    run_dir = Path(sweep["points"][0]["run_dir"])
+    assert json.loads((run_dir / "failed.json").read_text())["returncode"] != 0
+    code, stdout, _ = run_cli(capsys, "sweep", "fit", out, "--no-mlflow")
+    assert code == 0 and f"| {sweep['points'][0]['name']} | failed |" in stdout
 
 
 def test_run_validates_every_config_first(tmp_path, capsys):
