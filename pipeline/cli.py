@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "trainer.cli",
     "eval.cli",
     "eval.sample_cli",
+    "eval.sweep_cli",
     "pipeline.demo",
 ]
 

@@ -342,7 +342,6 @@ class TrainConfig:
     """Recompute block activations in the backward pass instead of storing them: false = off,
     true = every block, K = every K-th block (trades ~1/3 more compute per checkpointed block
     for its activation memory; for 1-2B models at micro-batch 8+)."""
-    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel)."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each Transformer block (fuses RMSNorm, RoPE, SwiGLU; trainer/compiling.py).
     auto = on for CUDA, off on CPU: meant as "on where measured faster"; CPU is measured

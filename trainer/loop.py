@@ -190,6 +190,7 @@ def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
         "model": s.cfg.model,
         "N": str(b.n_params),
         "C": f"{b.flops:.4g}",
+        **s.cfg.tracking.tags,
     }
     fields = {"objective": s.cfg.objective, "model": s.cfg.model, "seed": s.cfg.seed}
     fields.update(flops=b.flops, tokens=b.tokens, N=b.n_params, steps=b.steps)

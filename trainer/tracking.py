@@ -36,7 +36,7 @@ import string
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,9 @@ class TrackingConfig:
     format spec ({flops:.3e}). A resumed run keeps its name."""
     enabled: bool = True
     """False: no MLflow at all (metrics.jsonl is still written)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow tags of the run, e.g. {sweep: iso1, sweep.C: 1e19} (``maskscale sweep plan``
+    sets them); they add to the trainer's own tags (family, model, N, C) and win on a clash."""
     timeout_s: float = 5.0
     """HTTP timeout for one MLflow request (used unless MLFLOW_HTTP_REQUEST_TIMEOUT is set)."""
     retry_max_s: float = 60.0

@@ -1,0 +1,265 @@
+"""``maskscale sweep run``: train a planned sweep's runs on this machine, Slurm or Ray.
+
+Why: an IsoFLOP study is dozens of ordinary training runs, and it gets interrupted (a node
+fails, a job hits its time limit, a laptop sleeps). Each run is a plain ``maskscale train
+--config runs/<name>/config.yaml`` whose run directory is that folder, so re-launching a sweep
+is always safe: a run with ``summary.json`` is finished and skipped, a run with checkpoints
+resumes from its newest one (the trainer does that by itself, ``checkpoint.resume=auto``), and
+the rest start fresh. Before anything is launched, every config is loaded and validated, so a
+typo fails in seconds rather than hours into a job array.
+
+Launchers:
+- ``local``: one run after another in a subprocess (``torchrun --standalone`` when a run has
+  more than one GPU); a failed run is recorded in ``runs/<name>/failed.json`` and the sweep
+  goes on with the next; exit status 1 if any failed.
+- ``slurm``: one ``sbatch`` job array (``slurm/sweep.sbatch``, one array index per unfinished
+  run, each a ``srun torchrun`` over ``--nodes`` x ``--gpus-per-run``), submitted with sbatch.
+- ``ray``: each run is a Ray task asking for its GPUs (``--gpus-per-run``) and CPUs, on the
+  cluster at ``--ray-address`` (or a local one); waits for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eval.outputs import write_json_atomic, write_text_atomic
+from eval.sweep_plan import RUNS_DIR, SWEEP_FILE
+from pipeline.configlib import ConfigError
+
+FAILED_FILE = "failed.json"
+LOG_FILE = "train.log"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+"""The folder holding the eval/trainer/pipeline packages (put on the runs' PYTHONPATH)."""
+
+
+@dataclass
+class Resources:
+    """What one run asks of a launcher."""
+
+    gpus_per_run: int = 0
+    """GPUs per node per run (0 = the trainer's default device, one process)."""
+    nodes: int = 1
+    """Nodes per run (slurm)."""
+    cpus_per_run: int = 1
+    """CPU cores per run (slurm: per node; ray: per task)."""
+    partition: str | None = None
+    """Slurm partition."""
+    time: str | None = None
+    """Slurm time limit, e.g. 24:00:00."""
+    max_parallel: int | None = None
+    """Slurm: at most this many array tasks at once."""
+
+    def validate(self) -> None:
+        if self.gpus_per_run < 0 or self.nodes < 1 or self.cpus_per_run < 1:
+            raise ConfigError("--gpus-per-run >= 0, --nodes >= 1, --cpus-per-run >= 1")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError("--max-parallel: >= 1")
+
+
+def load_sweep(path: str | Path) -> tuple[Path, dict]:
+    """(sweep folder, sweep.json) from the folder or the file itself."""
+    path = Path(path)
+    file = path if path.name == SWEEP_FILE else path / SWEEP_FILE
+    if not file.is_file():
+        raise ConfigError(f"{file} does not exist; create the sweep with `maskscale sweep plan`")
+    return file.parent.resolve(), json.loads(file.read_text())
+
+
+def run_state(point: dict) -> str:
+    """finished (summary.json), interrupted (checkpoints, no summary) or pending."""
+    run_dir = Path(point["run_dir"])
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.iterdir()):
+        return "interrupted"
+    return "pending"
+
+
+def check_configs(points: list[dict]) -> None:
+    """Load and validate every run's config before launching any; all errors in one message."""
+    from trainer.cli import load_train_config
+
+    errors = []
+    for p in points:
+        try:
+            cfg = load_train_config(p["config"], [])
+            if Path(cfg.run_dir).resolve() != Path(p["run_dir"]).resolve():
+                errors.append(f"{p['config']}: run_dir {cfg.run_dir} is not {p['run_dir']}")
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("sweep configs do not load:\n  " + "\n  ".join(errors))
+
+
+def train_command(config: str, gpus: int, python: str = sys.executable) -> list[str]:
+    """The command training one run on one node."""
+    if gpus > 1:
+        launch = [python, "-m", "torch.distributed.run", "--standalone"]
+        return [*launch, f"--nproc_per_node={gpus}", "-m", "pipeline.cli", "train",
+                "--config", config]  # fmt: skip
+    return [python, "-m", "pipeline.cli", "train", "--config", config]
+
+
+def run_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    pythonpath = f"{PROJECT_ROOT}:{path}" if path else str(PROJECT_ROOT)
+    return dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1")
+
+
+def train_one(point: dict, gpus: int) -> int:
+    """Train (or resume) one run in a subprocess, output appended to runs/<name>/train.log."""
+    run_dir = Path(point["run_dir"])
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    cmd = train_command(point["config"], gpus)
+    with open(run_dir / LOG_FILE, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env()).returncode
+    if rc != 0:
+        write_json_atomic(run_dir / FAILED_FILE, {"returncode": rc, "log": str(run_dir / LOG_FILE)})
+    return rc
+
+
+def log_tail(point: dict, lines: int = 15) -> str:
+    path = Path(point["run_dir"]) / LOG_FILE
+    text = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return "\n".join("    " + x for x in text[-lines:])
+
+
+def run_local(points: list[dict], res: Resources) -> int:
+    failed = []
+    bar = tqdm(points, desc="sweep", unit="run", file=sys.stdout)
+    for p in bar:
+        bar.set_postfix_str(p["name"])
+        rc = train_one(p, res.gpus_per_run)
+        if rc != 0:
+            failed.append(p["name"])
+            tqdm.write(f"FAILED {p['name']} (exit {rc}); last lines of its train.log:")
+            tqdm.write(log_tail(p))
+    bar.close()
+    if failed:
+        print(f"{len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def sbatch_script(sweep_dir: Path, points: list[dict], res: Resources) -> str:
+    """One job array: index i trains the i-th line of slurm/runs.txt with srun + torchrun."""
+    nproc = max(res.gpus_per_run, 1)
+    opts = [
+        f"--job-name=sweep-{sweep_dir.name}",
+        f"--array=0-{len(points) - 1}" + (f"%{res.max_parallel}" if res.max_parallel else ""),
+        f"--nodes={res.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={res.cpus_per_run}",
+        f"--output={sweep_dir / 'slurm' / 'logs' / '%A_%a.out'}",
+    ]
+    if res.gpus_per_run:
+        opts.append(f"--gpus-per-node={res.gpus_per_run}")
+    if res.partition:
+        opts.append(f"--partition={res.partition}")
+    if res.time:
+        opts.append(f"--time={res.time}")
+    rdzv = (
+        "--standalone"
+        if res.nodes == 1
+        else f"--nnodes={res.nodes} --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d "
+        '--rdzv_endpoint="$HEAD:29500"'
+    )
+    lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail"]
+    lines += [
+        f"cd {shlex.quote(os.getcwd())}",
+        f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "export HF_HUB_OFFLINE=1",
+        f'CONFIG=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {sweep_dir / "slurm" / "runs.txt"})',
+        'HEAD=$(scontrol show hostnames "$SLURM_NODELIST" | head -n 1)',
+        'echo "array task $SLURM_ARRAY_TASK_ID: $CONFIG on $SLURM_NODELIST"',
+        f"srun --nodes={res.nodes} --ntasks={res.nodes} {shlex.quote(sys.executable)} "
+        f"-m torch.distributed.run {rdzv} --nproc_per_node={nproc} "
+        '-m pipeline.cli train --config "$CONFIG"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_slurm(sweep_dir: Path, points: list[dict], res: Resources) -> int:
+    slurm = sweep_dir / "slurm"
+    (slurm / "logs").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(slurm / "runs.txt", "".join(p["config"] + "\n" for p in points))
+    script = write_text_atomic(slurm / "sweep.sbatch", sbatch_script(sweep_dir, points, res))
+    print(f"job array of {len(points)} runs: {script}")
+    try:
+        proc = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        print(f"sbatch not found; submit it yourself: sbatch {script}", file=sys.stderr)
+        return 1
+    if proc.returncode != 0:
+        print(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
+        return 1
+    match = re.search(r"Submitted batch job (\d+)", proc.stdout)
+    job = match.group(1) if match else proc.stdout.strip()
+    with open(slurm / "submissions.jsonl", "a") as f:
+        f.write(json.dumps({"job": job, "runs": [p["name"] for p in points]}) + "\n")
+    print(f"submitted Slurm job array {job}; logs in {slurm / 'logs'}")
+    return 0
+
+
+def run_ray(points: list[dict], res: Resources, address: str | None) -> int:
+    try:
+        import ray
+    except ModuleNotFoundError:
+        print("ray is not installed: pip install 'maskscale[ray]'", file=sys.stderr)
+        return 1
+    if not ray.is_initialized():
+        ray.init(address=address) if address else ray.init()
+    remote = ray.remote(num_gpus=res.gpus_per_run, num_cpus=res.cpus_per_run)(train_one)
+    futures = {p["name"]: remote.remote(p, res.gpus_per_run) for p in points}
+    failed = []
+    with tqdm(total=len(futures), desc="sweep (ray)", unit="run", file=sys.stdout) as bar:
+        pending = {f: name for name, f in futures.items()}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            if ray.get(done[0]) != 0:
+                failed.append(name)
+                tqdm.write(f"FAILED {name}; see {RUNS_DIR}/{name}/{LOG_FILE}")
+            bar.update(1)
+    if failed:
+        print(f"{len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(args) -> int:
+    sweep_dir, sweep = load_sweep(args.sweep)
+    res = Resources(
+        gpus_per_run=args.gpus_per_run, nodes=args.nodes, cpus_per_run=args.cpus_per_run,
+        partition=args.partition, time=args.time, max_parallel=args.max_parallel,
+    )  # fmt: skip
+    res.validate()
+    points = sweep["points"]
+    if args.only:
+        wanted = set(args.only.split(","))
+        points = [p for p in points if p["name"] in wanted]
+    states = {p["name"]: run_state(p) for p in points}
+    todo = [p for p in points if states[p["name"]] != "finished"]
+    resumed = [p["name"] for p in todo if states[p["name"]] == "interrupted"]
+    print(
+        f"sweep {sweep['name']}: {len(points)} runs, {len(points) - len(todo)} finished "
+        f"(skipped), {len(resumed)} to resume, {len(todo) - len(resumed)} to start"
+    )
+    if not todo:
+        return 0
+    check_configs(todo)
+    if args.launcher == "local":
+        return run_local(todo, res)
+    if args.launcher == "slurm":
+        return run_slurm(sweep_dir, todo, res)
+    return run_ray(todo, res, args.ray_address)
