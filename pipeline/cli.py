@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "trainer.cli",
     "eval.cli",
     "eval.sample_cli",
-    "pipeline.demo",
+    "eval.demo",
 ]
 
 
