@@ -27,12 +27,16 @@ SOURCES = ["pyproject.toml", "README.md", "pipeline", "trainer", "eval", "config
 
 PROBE = """
 import json, pipeline, trainer.presets as p
+from eval.demo import recipe_path
+from eval.demo_config import DEFAULT, load_demo_config
 from pipeline.config import CorpusConfig
+from pipeline.configdir import config_path
 from pipeline.configlib import load_config
 corpus = load_config(CorpusConfig, "configs/corpus/sotu.yaml", ["output=x", "input=[y]"])
+demo = load_demo_config(str(config_path(DEFAULT)), quick=True)
 print(json.dumps({"pipeline": pipeline.__file__, "presets": str(p.preset_dir()),
                   "names": p.list_presets(), "d_model": p.load_preset("1028M").d_model,
-                  "cutoff": str(corpus.split.cutoff)}))
+                  "cutoff": str(corpus.split.cutoff), "demo": str(recipe_path(demo.corpus))}))
 """
 
 
@@ -80,6 +84,7 @@ def test_installed_package_reads_its_own_configs(installed, tmp_path):
     assert "1028M" in probe["names"] and "tiny-1M" in probe["names"]
     assert probe["d_model"] == 1792
     assert probe["cutoff"].startswith("1990")
+    assert Path(probe["demo"]) == shipped / "corpus" / "sotu.yaml"  # the demo's recipes too
 
 
 @pytest.mark.slow
