@@ -41,8 +41,8 @@ from eval.loading import EvalError, load_model
 from eval.ppl import init_distributed
 from eval.tasks import encode_pair
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_TASKS = ROOT / "configs" / "eval" / "paper-tasks.yaml"
+PAPER_TASKS = "eval/paper-tasks.yaml"
+"""The reference's protocol, inside the config folder (pipeline/configdir.py)."""
 ESTIMATORS = ("mc", "chain_rule")
 
 
@@ -299,9 +299,11 @@ class PaperTasks:
     """Shots (the paper reports zero-shot)."""
 
 
-def load_paper_tasks(path: str | Path = PAPER_TASKS) -> PaperTasks:
-    """Parse and validate the per-task choices file."""
-    path = Path(path)
+def load_paper_tasks(path: str | Path | None = None) -> PaperTasks:
+    """Parse and validate the per-task choices file (default: the shipped PAPER_TASKS)."""
+    from pipeline.configdir import config_path, resolve_config_file
+
+    path = config_path(PAPER_TASKS) if path is None else resolve_config_file(path)
     raw = yaml.safe_load(path.read_text()) or {}
     unknown = set(raw) - {"tasks", "mc_samples", "num_fewshot"}
     if unknown:

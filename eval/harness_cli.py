@@ -298,7 +298,7 @@ def register(eval_subparsers) -> None:
     what.add_argument(
         "--paper-tasks",
         nargs="?",
-        const=str(Path(__file__).resolve().parents[1] / "configs/eval/paper-tasks.yaml"),
+        const="configs/eval/paper-tasks.yaml",  # found in the config folder when installed
         metavar="FILE",
         help="the reference's 8 tasks with per-task estimator/CFG "
         "(default file: configs/eval/paper-tasks.yaml)",

@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "eval.cli",
     "eval.sample_cli",
     "eval.sweep_cli",
-    "pipeline.demo",
+    "eval.demo",
 ]
 
 

@@ -193,9 +193,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    """A YAML mapping; a relative path missing here is also looked up in the config folder
+    (pipeline/configdir.py), so shipped recipes work from an installed package."""
+    from pipeline.configdir import describe, resolve_config_file
+
+    p = resolve_config_file(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} does not exist (nor in the {describe()})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -4,26 +4,24 @@ A run names its model by preset so that configs, MLflow params and scaling plots
 same vocabulary as the paper. Each preset is a small YAML file under ``configs/model/`` holding
 ModelConfig fields (usually just n_layer / n_head / d_model); vocab_size and seq_len keep their
 defaults there because the trainer sets them from the corpus. The config folder is
-``<repo>/configs`` unless the environment variable ``MASKSCALE_CONFIG_DIR`` points elsewhere.
+``<repo>/configs`` in a checkout, the installed ``maskscale_configs`` package after
+``pip install .``, or ``$MASKSCALE_CONFIG_DIR`` when set (pipeline/configdir.py).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from pipeline.configdir import CONFIG_DIR_ENV, config_dir  # noqa: F401 (re-exported)
 from pipeline.configlib import ConfigError, from_dict, read_yaml
 from trainer.model import ModelConfig
-
-CONFIG_DIR_ENV = "MASKSCALE_CONFIG_DIR"
 
 
 def preset_dir() -> Path:
     """Folder holding ``<name>.yaml`` model presets."""
-    root = os.environ.get(CONFIG_DIR_ENV) or Path(__file__).resolve().parents[1] / "configs"
-    return Path(root) / "model"
+    return config_dir() / "model"
 
 
 def _sort_key(name: str) -> tuple[int, float, str]:

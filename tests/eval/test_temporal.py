@@ -134,11 +134,12 @@ def test_match_among_three_runs(eval_runs, tmp_path, capsys):
 
 
 def test_demo_runs_the_temporal_report_on_its_two_runs(pair, tmp_path, capsys):
-    from pipeline.demo import temporal_report
+    from eval.demo import temporal
+    from eval.demo_config import DemoEval
 
     arm, mdm = pair
-    results = {"arm": {"run_dir": str(arm)}, "mdm": {"run_dir": str(mdm)}}
-    out = temporal_report(tmp_path, results, rows=16, mc_samples=2)
+    runs = {"arm": str(arm), "mdm": str(mdm)}
+    out = temporal(tmp_path, runs, DemoEval(rows=16, mc_samples=2, bootstrap=100))
     assert out == tmp_path / "temporal"
     assert {p.name for p in out.iterdir()} == {"temporal.md", "temporal.png", "temporal.json"}
     assert "| recent |" in capsys.readouterr().out
