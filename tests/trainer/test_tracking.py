@@ -273,8 +273,9 @@ def test_training_against_a_server_that_restarts_mid_run(mlflow_server, tmp_path
     """Train over HTTP; the server stops at step 5 and comes back: nothing lost, nothing twice.
 
     Training runs on with the server down (5 more steps). While the replacement server
-    boots (~10 s here) the trainer is paused (SIGSTOP), only so that a fast machine cannot
-    finish the run before the server is back; it then resyncs while it trains on.
+    stops and while the replacement boots (~10 s here) the trainer is paused (SIGSTOP), only
+    so that a fast machine cannot finish the run before the server is back; it then resyncs
+    while it trains on.
     """
     from mlflow.tracking import MlflowClient
 
@@ -292,8 +293,10 @@ def test_training_against_a_server_that_restarts_mid_run(mlflow_server, tmp_path
     try:
         metrics_path = run_dir / METRICS
         wait_for_step(trainer, metrics_path, 5)
+        trainer.send_signal(signal.SIGSTOP)  # stopping the server takes seconds on a busy box
         mlflow_server.stop()
         down_at = last_step(metrics_path)
+        trainer.send_signal(signal.SIGCONT)
         wait_for_step(trainer, metrics_path, down_at + 5)  # trains on while the server is down
         trainer.send_signal(signal.SIGSTOP)
         mlflow_server.start()
