@@ -325,4 +325,4 @@ def test_training_against_a_server_that_restarts_mid_run(mlflow_server, tmp_path
         assert sorted(stored) == sent, key  # every step once: no gaps, no duplicates
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts == {"config.yaml", "loss_curve.png", "summary.json"}
+    assert artifacts == {"config.yaml", "eval_rows.json", "loss_curve.png", "summary.json"}
