@@ -10,7 +10,7 @@ it can have) and a document with neither comes last.
   are 16-bit (1..65535, highest kept), so the scale is by day from 1950-01-01 to 2126 and by
   year from 1000 to 1949; dates further out share the end values, and ties keep datatrove's
   order (lowest index in the task's stream first).
-- MinHash: datatrove's signature stage also writes each document's day (``days/``), and our
+- MinHash: the signature stage (datatrove's signatures, computed faster) also writes each document's day (``days/``), and our
   cluster stage keeps, of each cluster, the member with the earliest day (ties: the first in
   stream order), independent of how the buckets stage was parallelised.
 
@@ -38,11 +38,11 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
     MinhashDedupBuckets,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
 
 from pipeline.configlib import to_dict
-from pipeline.steps import RankFileReader, SpaceWordTokenizer
+from pipeline.minhash import FastMinhashSignature
+from pipeline.steps import RankFileReader
 from pipeline.temporal import doc_day, parse_bounds
 
 PRIORITY_SCHEME = "earliest-date/v1"  # in the stage keys: a new scheme rebuilds dedup
@@ -74,8 +74,10 @@ class DatePriority:
         return date_priority(doc_day(doc, self.bounds))
 
 
-class DatedMinhashSignature(MinhashDedupSignature):
+class DatedMinhashSignature(FastMinhashSignature):
     """MinHash stage 1 that also saves each document's day as ``days/{rank:05d}.days``.
+
+    The signatures are datatrove's, computed by :class:`pipeline.minhash.FastMinhashSignature`.
 
     Index i of the int32 array is the i-th document of the task's stream (the index the
     signatures carry); ``UNDATED_DAY`` marks a document with neither date nor source bound.
@@ -84,7 +86,7 @@ class DatedMinhashSignature(MinhashDedupSignature):
     name = "🎯 MinHash stage 1 (dated)"
 
     def __init__(self, output_folder, config: MinhashConfig, source_dates: dict[str, str]):
-        super().__init__(output_folder, config, language=SpaceWordTokenizer())
+        super().__init__(output_folder, config)
         self.source_dates = dict(source_dates)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
