@@ -24,6 +24,10 @@
    Prints the end-to-end ratio maskscale / datatrove in docs/s (goal >= 1.2) with BPE training
    excluded from maskscale (the reference is handed the trained tokenizer), and per-stage ratios
    where stages correspond.
+
+Both pipelines run their pooled stages from one forkserver that preloaded maskscale's pipeline
+modules (``pipeline.build.preload_workers``, what ``maskscale corpus build`` does locally), so
+a worker pool starts without re-importing datatrove in every worker of every stage.
 """
 
 from __future__ import annotations
@@ -497,7 +501,13 @@ def run_all(args, dump: Path, meta: dict, work: Path) -> None:
 
 
 def main() -> None:
+    from pipeline.build import preload_workers
+
     args = parse_args()
+    # maskscale's local executor has its forkserver preload the pipeline modules (which import
+    # datatrove's executor, I/O and dedup modules); set here, before the first pool, it holds
+    # for the start-up measurement and the datatrove reference too: one forkserver for all
+    preload_workers()
     params = DumpParams(args.size_mb, args.files, args.exact_dup, args.near_dup, seed=args.seed)
     dump, meta = ensure_dump(params, args.cache_dir)
     mb, docs = meta["bytes_uncompressed"] / 1e6, meta["docs"]
