@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from datatrove.data import Document
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
@@ -66,3 +67,19 @@ def test_strip_marks_removes_only_nonspacing_marks():
     assert strip_marks("café naïve") == "cafe naive"
     assert strip_marks("x\u0301y") == "xy"
     assert strip_marks("ﬁ ½ 東京") == "ﬁ ½ 東京"  # NFD (not NFKD): compatibility forms stay
+
+
+def test_min_hashes_exact_when_a_product_folds_to_p_or_more(tmp_path):
+    """The shift-and-mask modulus needs a correction for values that fold to >= 2^61 - 1."""
+    cfg = MinhashConfig()
+    ref = MinhashDedupSignature(str(tmp_path / "ref"), cfg, language=SpaceWordTokenizer())
+    fast = FastMinhashSignature(str(tmp_path / "fast"), cfg)
+    col = next(j for j in range(fast.num_hashes) if int(fast.parameters[0][0, j]) % 2)
+    a, b = (int(x[0, col]) for x in fast.parameters)  # a odd: invertible mod 2^64
+    # the shingle whose hash in column ``col`` is 2^64 - 1 before the modulus
+    worst = (2**64 - 1 - b) * pow(a, -1, 2**64) % 2**64
+    shingles = np.array([worst, 12345, 2**63 + 5], dtype=np.uint64)
+    expected = np.concatenate(ref.get_signature(shingles.reshape(-1, 1)))
+    assert (fast.min_hashes(shingles) == expected).all()
+    assert (fast.min_hashes(shingles[1:]) == np.concatenate(
+        ref.get_signature(shingles[1:].reshape(-1, 1)))).all()  # fmt: skip
