@@ -24,6 +24,10 @@
    Prints the end-to-end ratio maskscale / datatrove in docs/s (goal >= 1.2) with BPE training
    excluded from maskscale (the reference is handed the trained tokenizer), and per-stage ratios
    where stages correspond.
+
+Both pipelines run their pooled stages from one forkserver that preloaded maskscale's pipeline
+modules (``pipeline.build.preload_workers``, what ``maskscale corpus build`` does locally), so
+a worker pool starts without re-importing datatrove in every worker of every stage.
 """
 
 from __future__ import annotations
@@ -69,8 +73,7 @@ FULL_TOKENS = 627e9
 #   bytes: the text read; docs: signatures only; tasks: one partial row per (task, split,
 #   source) stream (pack-tails); bpe: the tokenizer's training sample.
 STAGE_ROLES = {
-    "ingest": ("data", "bytes"),
-    "exact-signatures": ("data", "bytes"),
+    "exact-signatures": ("data", "bytes"),  # every data stage reads the raw dump itself
     "exact-find": ("finder", "docs"),
     "minhash-signatures": ("data", "bytes"),  # the exact-dedup filter runs inline here
     "minhash-buckets": ("buckets", "docs"),
@@ -86,7 +89,7 @@ STAGE_ROLES = {
 # Stage correspondence maskscale -> reference, by exact name; BPE training is excluded from the
 # ratio. Both sides run their dedup filters inline in the next stage that reads the documents.
 GROUPS = [
-    ("read + exact signatures", ("ingest", "exact-signatures"), ("exact-signatures",)),
+    ("read + exact signatures", ("exact-signatures",), ("exact-signatures",)),
     ("exact find", ("exact-find",), ("exact-find",)),
     ("exact filter + minhash signatures", ("minhash-signatures",), ("minhash-signatures",)),
     ("minhash buckets", ("minhash-buckets",), ("minhash-buckets",)),
@@ -319,7 +322,7 @@ def print_projection(results: list[StageResult], overhead: StageResult, args, cf
         f"{meta['bytes_uncompressed'] / meta['docs']:,.0f} B/doc stands in for SlimPajama's "
         f"{args.full_bytes / args.full_docs:,.0f}",
         f"kind by stage role, not by the tasks measured here (the build ran {build_tasks} data "
-        f"tasks): 'data' stages (ingest, signatures, split, pack, hash) run one task per "
+        f"tasks): 'data' stages (signatures, split, pack, hash) run one task per "
         f"records.task_bytes = {args.task_bytes / 2**20:,.0f} MiB (--task-bytes) of zstd; .zst "
         f"files are read whole, so {full_tasks:,} tasks (ceil({args.full_files:,} files / "
         f"floor(task_bytes / file size)); ceil(stored / task_bytes) = "
@@ -498,7 +501,13 @@ def run_all(args, dump: Path, meta: dict, work: Path) -> None:
 
 
 def main() -> None:
+    from pipeline.build import preload_workers
+
     args = parse_args()
+    # maskscale's local executor has its forkserver preload the pipeline modules (which import
+    # datatrove's executor, I/O and dedup modules); set here, before the first pool, it holds
+    # for the start-up measurement and the datatrove reference too: one forkserver for all
+    preload_workers()
     params = DumpParams(args.size_mb, args.files, args.exact_dup, args.near_dup, seed=args.seed)
     dump, meta = ensure_dump(params, args.cache_dir)
     mb, docs = meta["bytes_uncompressed"] / 1e6, meta["docs"]

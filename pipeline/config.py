@@ -25,7 +25,7 @@ class RecordConfig:
     strict: bool = False
     """Stop at the first bad record with an error naming file and line, instead of counting it."""
     task_bytes: int = 512 * 2**20
-    """Input bytes (as stored, i.e. compressed) per ingest task. Plain JSONL is split by byte
+    """Input bytes (as stored, i.e. compressed) per data task. Plain JSONL is split by byte
     range at line boundaries and parquet by row groups; .zst/.gz files are read whole. The
     number of tasks of every stage follows from the inputs and this setting alone."""
     min_date: str = "1000-01-01"

@@ -10,13 +10,14 @@ it can have) and a document with neither comes last.
   are 16-bit (1..65535, highest kept), so the scale is by day from 1950-01-01 to 2126 and by
   year from 1000 to 1949; dates further out share the end values, and ties keep datatrove's
   order (lowest index in the task's stream first).
-- MinHash: datatrove's signature stage also writes each document's day (``days/``), and our
+- MinHash: the signature stage (datatrove's signatures, computed faster) also writes each document's day (``days/``), and our
   cluster stage keeps, of each cluster, the member with the earliest day (ties: the first in
   stream order), independent of how the buckets stage was parallelised.
 
-Both filters run inline in the stages that read the ingest output (MinHash signatures and
-the split), which therefore see exactly the same stream, so the document indices the filters
-use stay valid and no deduplicated copy of the corpus is ever written.
+Both filters run inline in the later stages that read the documents (MinHash signatures and
+the split), each through the same deterministic raw reader, which therefore see exactly the
+same stream, so the document indices the filters use stay valid and no copy of the corpus
+(raw or deduplicated) is ever written before the split.
 """
 
 from __future__ import annotations
@@ -38,11 +39,10 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
     MinhashDedupBuckets,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
 
 from pipeline.configlib import to_dict
-from pipeline.steps import RankFileReader, SpaceWordTokenizer
+from pipeline.minhash import FastMinhashSignature
 from pipeline.temporal import doc_day, parse_bounds
 
 PRIORITY_SCHEME = "earliest-date/v1"  # in the stage keys: a new scheme rebuilds dedup
@@ -74,8 +74,10 @@ class DatePriority:
         return date_priority(doc_day(doc, self.bounds))
 
 
-class DatedMinhashSignature(MinhashDedupSignature):
+class DatedMinhashSignature(FastMinhashSignature):
     """MinHash stage 1 that also saves each document's day as ``days/{rank:05d}.days``.
+
+    The signatures are datatrove's, computed by :class:`pipeline.minhash.FastMinhashSignature`.
 
     Index i of the int32 array is the i-th document of the task's stream (the index the
     signatures carry); ``UNDATED_DAY`` marks a document with neither date nor source bound.
@@ -84,7 +86,7 @@ class DatedMinhashSignature(MinhashDedupSignature):
     name = "🎯 MinHash stage 1 (dated)"
 
     def __init__(self, output_folder, config: MinhashConfig, source_dates: dict[str, str]):
-        super().__init__(output_folder, config, language=SpaceWordTokenizer())
+        super().__init__(output_folder, config)
         self.source_dates = dict(source_dates)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
@@ -185,24 +187,25 @@ class EarliestMinhashCluster(PipelineStep):
                     f.write(np.asarray(sorted(docs), dtype="<u4").tobytes())
 
 
-def plan_dedup(p, source: str, key: str, tasks: int):
-    """Plan the dedup stages over ``source`` (the ingest output, keyed ``key``).
+def plan_dedup(p, reader, key: str, tasks: int):
+    """Plan the dedup stages over the documents ``reader()`` yields (a new reader step per
+    stage; the stream is keyed ``key``).
 
     Returns (a factory of the inline filter steps, the key of the deduplicated stream). The
     key covers what decides which documents survive, not how the work is parallelised.
     """
     d, filters = p.cfg.dedup, []
     if d.exact:
-        exact, key = _plan_exact(p, source, key, tasks)
+        exact, key = _plan_exact(p, reader, key, tasks)
         filters.append(exact)
     if d.near:
         upstream = list(filters)
-        near, key = _plan_minhash(p, source, key, tasks, lambda: [f() for f in upstream])
+        near, key = _plan_minhash(p, reader, key, tasks, lambda: [f() for f in upstream])
         filters.append(near)
     return (lambda: [f() for f in filters]), key
 
 
-def _plan_exact(p, source: str, key: str, tasks: int):
+def _plan_exact(p, reader, key: str, tasks: int):
     cfg = p.cfg
     workers = cfg.dedup.exact_finder_workers
     priority = DatePriority(cfg.source_dates)
@@ -212,7 +215,7 @@ def _plan_exact(p, source: str, key: str, tasks: int):
     settings = {"priority": PRIORITY_SCHEME, "source_dates": cfg.source_dates,
                 "finder_workers": workers}  # fmt: skip
     sigs = p.add("exact-signatures", key, settings, tasks, lambda s: [
-        RankFileReader(source), ExactDedupSignature(s.data(), xcfg, finder_workers=workers),
+        reader(), ExactDedupSignature(s.data(), xcfg, finder_workers=workers),
     ])  # fmt: skip
     find = p.add("exact-find", sigs.key, {}, workers, lambda s: [
         ExactFindDedups(sigs.data(), s.data(), xcfg),
@@ -220,7 +223,7 @@ def _plan_exact(p, source: str, key: str, tasks: int):
     return (lambda: ExactDedupFilter(find.data(), xcfg)), find.key
 
 
-def _plan_minhash(p, source: str, key: str, tasks: int, upstream_filters):
+def _plan_minhash(p, reader, key: str, tasks: int, upstream_filters):
     cfg, d = p.cfg, p.cfg.dedup
     mcfg = MinhashConfig(
         n_grams=d.n_grams, num_buckets=d.num_buckets, hashes_per_bucket=d.hashes_per_bucket,
@@ -230,7 +233,7 @@ def _plan_minhash(p, source: str, key: str, tasks: int, upstream_filters):
     settings = {k: v for k, v in to_dict(d).items() if k not in parallelism}
     settings.update(priority=PRIORITY_SCHEME, source_dates=cfg.source_dates)
     sigs = p.add("minhash-signatures", key, settings, tasks, lambda s: [
-        RankFileReader(source), *upstream_filters(),
+        reader(), *upstream_filters(),
         DatedMinhashSignature(s.data(), mcfg, cfg.source_dates),
     ])  # fmt: skip
     per_bucket = d.workers_per_bucket

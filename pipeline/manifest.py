@@ -48,10 +48,6 @@ def _counter(stats: dict[str, float], prefix: str) -> dict[str, int]:
     return out
 
 
-def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
-
-
 def _dropped_by(stats: dict[str, float], step_marker: str) -> int:
     return int(sum(v for k, v in stats.items() if step_marker in k and k.endswith("|dropped")))
 
@@ -63,19 +59,21 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 def collect_counts(stage_dirs: dict[str, str]) -> dict:
     """Document/duplicate/split/token counts from every stage's saved stats."""
     stats = {name: load_stats(os.path.join(d, "logs")) for name, d in stage_dirs.items()}
-    ingest, split, pack = stats["ingest"], stats["split"], stats["pack"]
+    # the split stage's raw reader is the one that counts records (and writes rejects); the
+    # dedup stages before it read the same stream without recording anything
+    split, pack = stats["split"], stats["pack"]
     tails = stats.get("pack-tails", {})
-    long_docs = _counter(ingest, "long/")
+    long_docs = _counter(split, "long/")
     counts = {
-        "read": sum(_counter(ingest, "read").values()),
+        "read": sum(_counter(split, "read").values()),
         # an over-long record split into k pieces continues as k documents
         "extra_pieces": long_docs.get("pieces", 0) - long_docs.get("split", 0),
         "long_documents": long_docs,
-        "date_from_dump": sum(_counter(ingest, "date_from_dump").values()),
-        "date_invalid_used_dump": sum(_counter(ingest, "date_invalid_used_dump").values()),
-        "corrupt_files": read_corrupt_files(os.path.join(stage_dirs["ingest"], "corrupt")),
-        # ingest drops bad records; the split drops undated documents (split.undated=drop)
-        "dropped": _merge(_counter(ingest, "dropped/"), _counter(split, "dropped/")),
+        "date_from_dump": sum(_counter(split, "date_from_dump").values()),
+        "date_invalid_used_dump": sum(_counter(split, "date_invalid_used_dump").values()),
+        "corrupt_files": read_corrupt_files(os.path.join(stage_dirs["split"], "corrupt")),
+        # the reader drops bad records, the splitter undated ones (split.undated=drop)
+        "dropped": _counter(split, "dropped/"),
         # the exact and MinHash filters run inline in the split stage
         "exact": _dropped_by(split, "exact-deduplication"),
         "near": _dropped_by(split, "MinHash"),

@@ -82,7 +82,7 @@ def load_date_map(path: str | None) -> dict[str, str]:
 
 
 def read_corrupt_files(folder: str) -> list[dict]:
-    """Every damaged input recorded by the ingest tasks, sorted by file and position."""
+    """Every damaged input recorded by the reading tasks, sorted by file and position."""
     out = []
     if os.path.isdir(folder):
         for name in sorted(os.listdir(folder)):
@@ -116,7 +116,12 @@ class _Lines:
 
 
 class RawDumpReader(PipelineStep):
-    """Reads and validates raw records; yields one Document per valid record (or piece)."""
+    """Reads and validates raw records; yields one Document per valid record (or piece).
+
+    The same input always gives the same stream, so several stages can each read the raw
+    dump instead of a copy of it. ``rejects_folder=None``: this stage's reader records no
+    rejects, damaged files or log lines (another stage's does); strict mode still raises.
+    """
 
     type = "📖 - READER"
     name = "maskscale raw dump reader"
@@ -124,7 +129,7 @@ class RawDumpReader(PipelineStep):
     def __init__(
         self,
         tasks: list[list[WorkUnit]],
-        rejects_folder: str,
+        rejects_folder: str | None,
         *,
         corrupt_folder: str | None = None,
         default_source: str = "web",
@@ -140,7 +145,9 @@ class RawDumpReader(PipelineStep):
         super().__init__()
         self.tasks = tasks
         self.rejects_folder = rejects_folder
-        self.corrupt_folder = corrupt_folder or os.path.join(rejects_folder, "..", "corrupt")
+        if rejects_folder is not None and corrupt_folder is None:
+            corrupt_folder = os.path.join(rejects_folder, "..", "corrupt")
+        self.corrupt_folder = corrupt_folder
         self.default_source = default_source
         self.exclude_sources = set(exclude_sources)
         self.max_chars, self.too_long = max_chars, too_long
@@ -173,7 +180,7 @@ class RawDumpReader(PipelineStep):
         self._corrupt.write(json.dumps({**rec, **lost}) + "\n")
 
     def _summarize(self, unit: WorkUnit) -> None:
-        for reason, n in sorted(self._counts.items()):
+        for reason, n in sorted(self._counts.items()) if self.rejects_folder else ():
             logger.warning(f"{unit}: {n} record(s) dropped ({reason}); listed in "
                            f"{self.rejects_folder}")  # fmt: skip
         self._counts.clear()
@@ -322,16 +329,22 @@ class RawDumpReader(PipelineStep):
             e.add_note(f"while reading {unit}")
             raise
 
+    @staticmethod
+    def _record_file(folder: str | None, name: str):
+        """A task's rejects (or damaged-files) file; nowhere when the stage does not record."""
+        if folder is None:
+            return open(os.devnull, "w")
+        os.makedirs(folder, exist_ok=True)
+        return open(os.path.join(folder, name), "w")
+
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if world_size != len(self.tasks):
-            raise ValueError(f"the ingest was planned for {len(self.tasks)} tasks, "
+            raise ValueError(f"the reader was planned for {len(self.tasks)} tasks, "
                              f"run with {world_size}")  # fmt: skip
-        os.makedirs(self.rejects_folder, exist_ok=True)
-        os.makedirs(self.corrupt_folder, exist_ok=True)
         name = f"{rank:05d}.jsonl"
         with (
-            open(os.path.join(self.rejects_folder, name), "w") as self._rejects,
-            open(os.path.join(self.corrupt_folder, name), "w") as self._corrupt,
+            self._record_file(self.rejects_folder, name) as self._rejects,
+            self._record_file(self.corrupt_folder, name) as self._corrupt,
         ):
             for unit in self.tasks[rank]:
                 with self.track_time():

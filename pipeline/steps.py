@@ -29,7 +29,7 @@ PRE_CUTOFF_CHARS = "chars/pre_cutoff"  # counted by the split stage, sized the B
 
 
 # Intermediate files are read back once or twice and deleted by --clean-work: fsspec's own zstd
-# writer compresses at level 10, which made writing them ~85% of the ingest stage's CPU time.
+# writer compresses at level 10, which made writing them ~85% of the (former) ingest stage's CPU.
 FAST_ZSTD, FAST_ZSTD_LEVEL = "maskscale-zstd-fast", 3
 
 

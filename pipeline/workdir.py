@@ -8,12 +8,12 @@ makes resuming and partial rebuilds cheap. Two things need more than that:
   published. The manifest therefore records ``build_key`` (the publish stage's key) and
   :func:`redo_stale_publish` drops the publish stage's completion markers whenever the
   published key is not the one about to be built.
-- **Work files cost disk.** Intermediate copies of the corpus (ingest, dedup, split outputs)
+- **Work files cost disk.** Intermediate copies of the corpus (split outputs)
   are as large as the input. Published shards are hard links (or copies) of the pack shards, so
   they own their bytes: deleting the work folders never touches the published corpus.
   :func:`clean_work` removes every stage folder of older builds, and in the stages of the
   published build everything but the provenance -- ``logs/`` (datatrove's stats and task
-  logs, which the manifest was assembled from) and the ingest ``rejects/``. Completion markers
+  logs, which the manifest was assembled from) and the split's ``rejects/``. Completion markers
   go too, so a later build reruns a cleaned stage instead of trusting outputs that are gone.
 """
 

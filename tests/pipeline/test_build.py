@@ -72,7 +72,7 @@ def test_accounting_closes_and_bad_input_is_counted(built, dump):
     assert 0 < corrupt["truncated.jsonl.zst"]["lost_bytes"] <= size
     assert corrupt["001.parquet"]["reason"] == "unreadable_parquet"
     assert m["documents"]["kept"] == sum(s["documents"] for s in m["splits"].values())
-    rejects = list((built / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
+    rejects = list((built / m["stages"]["split"] / "rejects").glob("*.jsonl"))
     lines = [json.loads(x) for f in rejects for x in f.read_text().splitlines()]
     assert {r["reason"] for r in lines} == set(dump.bad)
     assert all(r["file"] and r["line"] >= 1 for r in lines)
@@ -192,7 +192,7 @@ def assert_cleaned(out: Path, m: dict) -> None:
     for folder in work.iterdir():
         assert {p.name for p in folder.iterdir()} <= {"logs", "rejects"}, folder
         assert not (folder / "logs" / "completions").exists()
-    assert list((out / m["stages"]["ingest"] / "rejects").glob("*.jsonl"))
+    assert list((out / m["stages"]["split"] / "rejects").glob("*.jsonl"))
     for info in m["splits"].values():
         for shard in info["shards"]:
             assert file_sha256(out / shard["path"]) == shard["sha256"]
@@ -271,8 +271,8 @@ def test_stage_keys_ignore_the_executor_and_tasks_is_gone(dump, tmp_path):
     folders = [[s.folder for s in plan_stages(load_config(CorpusConfig, None, base + extra))]
                for extra in ([], ["executor.workers=9", "executor.kind=ray"])]  # fmt: skip
     assert folders[0] == folders[1]  # publish included
-    ingest = plan_stages(load_config(CorpusConfig, None, base))[0]
-    assert ingest.tasks == 6  # 4 compressed/parquet files, docs.jsonl in two ranges + 001.parquet
+    first = plan_stages(load_config(CorpusConfig, None, base))[0]
+    assert first.tasks == 6  # 4 compressed/parquet files, docs.jsonl in two ranges + 001.parquet
     with pytest.raises(ConfigError, match="executor.tasks is no longer a setting: .*task_bytes"):
         load_config(CorpusConfig, None, base + ["executor.tasks=8"])
 

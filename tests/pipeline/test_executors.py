@@ -50,7 +50,7 @@ def test_slurm_chain_matches_local(dump, local_small, tmp_path, monkeypatch):
     assert "#SBATCH --cpus-per-task=1" in scripts["split"]  # the default
     assert "#SBATCH --time=12:00:00" in scripts["split"]
     submissions = [x for x in log.read_text().splitlines() if x.startswith("sbatch")]
-    assert sum("--dependency=afterok" in x for x in submissions) == len(scripts) - 1 == 11
+    assert sum("--dependency=afterok" in x for x in submissions) == len(scripts) - 1 == 10
     assert read_manifest(out)["documents"] == read_manifest(local_small)["documents"]
     assert shard_digests(out) == shard_digests(local_small)
 
