@@ -411,9 +411,7 @@ def write_report(report: dict, prompts: list[Prompt], out: Path, run_dir: Path |
     for p in report["points"]:
         text = "".join(json.dumps(r) + "\n" for r in answer_records(report, p, prompts))
         paths[p["point"]] = write_text_atomic(out / ANSWER_DIR / f"{p['model_id']}.jsonl", text)
-    report["mlflow_run_id"] = log_to_mlflow(
-        run_dir, metrics_of(report), report["step"] or 0, list(paths.values())
-    )
+    log_to_mlflow(run_dir, metrics_of(report), report["step"] or 0, list(paths.values()))
     return paths
 
 
