@@ -2,6 +2,7 @@
 
     maskscale eval ppl RUN... [--corpus DIR] [--splits ...] [--rows N] [--mc-samples n]
     maskscale eval temporal RUN... [--match] [--max-degradation NATS]
+    maskscale eval gen RUN --prompts FILE.jsonl --steps 16,32,64 [--judge ARM_RUN]
     torchrun --nproc_per_node 8 -m pipeline.cli eval ppl RUN ...   # data-parallel
 
 The parsers live here and import nothing heavy, so ``maskscale --help`` stays fast; each
@@ -81,6 +82,37 @@ def _add_temporal(sub) -> None:
     p.set_defaults(func=_lazy("eval.temporal", "cmd_temporal"))
 
 
+def _add_gen(sub) -> None:
+    p = sub.add_parser(
+        "gen",
+        help="conditional generation: time per answer vs judge perplexity and distinct-n",
+        description="For each MDM step count (an ARM run: one KV-cache pass), sample an answer "
+        "to every prompt, time it (median over batches after a warm-up batch) and score it: "
+        "perplexity under the --judge ARM run given the prompt, distinct-1/2. Writes gen.md, "
+        "gen.json, gen.png and MT-Bench answer files (model_answer/<model_id>.jsonl) to --out "
+        "(default RUN_DIR/eval/gen) and logs them to the run's MLflow run.",
+    )
+    p.add_argument("run", metavar="RUN", help="run directory or export folder")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help='JSONL: {"prompt": ...} or MT-Bench questions (question_id, turns)',
+    )
+    p.add_argument("--steps", metavar="N,N,...", help="MDM step counts (default L,L/2,L/4,L/8)")
+    p.add_argument("--length", type=int, default=64, help="new tokens L per answer (64)")
+    p.add_argument("--strategy", default="low-confidence", choices=("low-confidence", "random"))
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per timed batch (8)")
+    p.add_argument("--seed", type=int, default=SEED, help="sampling seed (hashed per prompt)")
+    p.add_argument("--judge", metavar="ARM_RUN", help="ARM run whose perplexity rates answers")
+    p.add_argument("--out", metavar="DIR", help="report folder (default RUN_DIR/eval/gen)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="export checkpoint STEP first")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+    p.set_defaults(func=_lazy("eval.gen", "cmd_gen"))
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -91,6 +123,7 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     _add_ppl(sub)
     _add_temporal(sub)
+    _add_gen(sub)
     try:
         harness = importlib.import_module("eval.harness_cli")
     except ModuleNotFoundError as e:
