@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "trainer.cli",
     "eval.cli",
     "eval.sample_cli",
+    "eval.reverse_study",
     "eval.sweep_cli",
     "eval.demo",
 ]

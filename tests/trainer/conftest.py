@@ -31,15 +31,21 @@ from pipeline.shards import (
 EOS = "<|endoftext|>"
 
 
-def write_tokenizer(path: Path, vocab_size: int) -> tuple[str, int]:
-    """A word-level tokenizer with exactly ``vocab_size`` tokens (id 0 = EOS, 1 = <unk>).
+def write_tokenizer(
+    path: Path, vocab_size: int, words: Sequence[str] | None = None
+) -> tuple[str, int]:
+    """A word-level tokenizer with exactly ``vocab_size`` tokens (id 0 = EOS, 1 = <unk>);
+    ids 2.. are ``w2 w3 ...`` or, given, ``words`` (then vocab_size = len(words) + 2).
 
     Returns (sha256 of the file, eos id).
     """
     if vocab_size < 3:
         raise ValueError("vocab_size must be >= 3")
+    if words is not None and len(set(words)) != vocab_size - 2:
+        raise ValueError(f"{len(set(words))} distinct words for vocab_size {vocab_size}")
     vocab = {EOS: 0, "<unk>": 1}
-    vocab.update({f"w{i}": i for i in range(2, vocab_size)})
+    names = words if words is not None else [f"w{i}" for i in range(2, vocab_size)]
+    vocab.update({w: i for i, w in enumerate(names, start=2)})
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
     tok.save(str(path))
@@ -78,6 +84,7 @@ def make_corpus(
     rows_per_shard: int = 40,
     batch_rows: int = 16,
     kind: str = "random",
+    words: Sequence[str] | None = None,
 ) -> Path:
     """Write a complete corpus directory at ``root`` and return it.
 
@@ -87,11 +94,12 @@ def make_corpus(
     rows_per_shard / batch_rows: shard and Arrow record-batch sizes (small ones exercise the
         reader's boundaries).
     kind: "random" token ids, or "ramp" rows a tiny model can learn (loss goes down fast).
+    words: the tokenizer's words for ids 2.. (default w2 w3 ...; see ``write_tokenizer``).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     splits = {"train": 256, "validation": 32} if splits is None else dict(splits)
-    tok_sha, eos_id = write_tokenizer(root / TOKENIZER, vocab_size)
+    tok_sha, eos_id = write_tokenizer(root / TOKENIZER, vocab_size, words)
     rng = np.random.default_rng(seed)
     manifest_splits: dict[str, dict] = {}
     source_totals: dict[str, dict[str, int]] = {}

@@ -1,0 +1,436 @@
+"""``maskscale study reverse``: the reversal-curse study (paper-notes.md, claim 5).
+
+    maskscale study reverse --arm runs/arm --mdm runs/mdm --generate --seed 0 --epochs 10 \
+        --out studies/reverse [--config configs/train/tiny-cpu.yaml] [key=value ...]
+    maskscale study reverse --arm ... --mdm ... --data reversal_curse/data/june_version
+
+Why: an ARM fine-tuned on "<name> is <description>" cannot answer "who is <description>?",
+while an MDM, which learns every conditional of the sequence, can. The study runs that
+experiment end to end from two pretrained runs:
+
+1. data: Berglund et al.'s layout, written by :mod:`eval.reversal_data` (``--generate``,
+   seeded) or read from ``--data`` (the original files work: same names and fields);
+2. fine-tune each family on ``all_prompts_train.jsonl`` for ``--epochs`` with
+   ``python -m pipeline.cli train task=sft`` in a subprocess, so each is an ordinary run
+   directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
+   trains with the unconditional loss on prompt + completion (``sft.target=all``), as the
+   paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
+   on the same training file) is skipped; an unfinished one resumes from its checkpoint;
+3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0; ARM greedy with a
+   KV cache (:mod:`eval.sampling`); answers of ``--length`` tokens (default: the longest
+   reference + 4);
+4. score each question type and direction (:mod:`eval.reverse_score`) and write
+   ``OUT/answers.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and ``OUT/reverse.png``; log
+   the metrics and files to an MLflow run ``study-reverse`` (in the fine-tunes' tracking store
+   and experiment).
+
+``key=value`` overrides go to both fine-tunes (after the study's own, so they win), e.g.
+``optim.lr=1e-3 batch.global_batch=32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.configlib import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FILE = "all_prompts_train.jsonl"
+FAMILIES = ("arm", "mdm")
+STUDY_RUN = "study-reverse"
+
+
+@dataclass
+class ReverseStudyConfig:
+    """Settings of one reversal-curse study (the CLI's options)."""
+
+    arm: str
+    """Pretrained ARM run directory (or export) the ARM fine-tune starts from."""
+    mdm: str
+    """Pretrained MDM run directory (or export) the MDM fine-tune starts from."""
+    out: str = "studies/reverse"
+    """Study folder: data/, runs/<family>-sft, answers, table, plot, results."""
+    data: str | None = None
+    """Folder with Berglund et al.'s files; None = generate into OUT/data."""
+    seed: int = 0
+    """Generator seed (with ``data`` None)."""
+    people: int = 30
+    """Generated people per group (30 = the paper's 3600 training prompts)."""
+    train_templates: int = 30
+    """Generated training templates per direction."""
+    test_templates: int = 10
+    """Generated held-out test templates per direction."""
+    epochs: float = 10.0
+    """Fine-tuning passes over the training file (the paper: 10)."""
+    config: str | None = None
+    """Training recipe YAML for both fine-tunes (default: the trainer's paper recipe)."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides for both fine-tunes."""
+    steps: int = 32
+    """MDM reverse-process steps (low-confidence, temperature 0)."""
+    length: int | None = None
+    """Answer tokens; None = longest tokenised reference + 4."""
+    batch_size: int = 32
+    """Prompts per sampling batch."""
+    tracking_uri: str | None = None
+    """MLflow URI for the fine-tunes and the study run; None = the ARM init run's, else
+    sqlite:///OUT/mlflow.db."""
+    experiment: str = "study-reverse"
+    """MLflow experiment of the fine-tunes and the study run."""
+    mlflow: bool = True
+    """False: no MLflow for the fine-tunes nor the study run."""
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self) -> None:
+        for key in ("arm", "mdm"):
+            if not Path(getattr(self, key)).exists():
+                raise ConfigError(f"--{key} {getattr(self, key)}: no such run directory")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data}: no such folder")
+        if not self.epochs > 0:
+            raise ConfigError(f"--epochs: must be > 0, got {self.epochs}")
+        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
+        if self.length is not None and self.length < 1:
+            raise ConfigError(f"--length: must be >= 1, got {self.length}")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+
+
+def say(text: str) -> None:
+    print(f"[study reverse] {text}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: ReverseStudyConfig) -> Path:
+    """The data folder: ``--data`` checked, or generated (deterministic) into OUT/data."""
+    from eval.reversal_data import write_dataset
+
+    if cfg.data is not None:
+        folder = Path(cfg.data)
+    else:
+        folder = Path(cfg.out) / "data"
+        write_dataset(folder, cfg.seed, cfg.people, cfg.train_templates, cfg.test_templates)
+    read_tests(folder)  # fail before any training on a malformed test file
+    if not (folder / TRAIN_FILE).is_file():
+        raise ConfigError(f"{folder / TRAIN_FILE}: missing (Berglund et al.'s training file)")
+    return folder
+
+
+def read_tests(folder: Path) -> dict[str, list[dict]]:
+    """Test file stem -> prompt/completion records; errors name file, line and field."""
+    from eval.reverse_score import TEST_FILES
+
+    missing = [f"{s}.jsonl" for s in TEST_FILES if not (folder / f"{s}.jsonl").is_file()]
+    if missing:
+        raise ConfigError(
+            f"{folder}: missing {', '.join(missing)}; pass a folder in Berglund et al.'s layout "
+            "or --generate"
+        )
+    tests = {}
+    for stem in TEST_FILES:
+        path, records = folder / f"{stem}.jsonl", []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            for key in ("prompt", "completion"):
+                if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+                    raise ConfigError(f"{path}:{number}: field {key!r} missing or not a string")
+            records.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+        if not records:
+            raise ConfigError(f"{path}: no records")
+        tests[stem] = records
+    return tests
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def resolve_uri(cfg: ReverseStudyConfig) -> str:
+    from eval.outputs import mlflow_target
+
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    target = mlflow_target(Path(cfg.arm))
+    return target[0] if target else f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
+
+
+def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path) -> list[str]:
+    """The ``python -m pipeline.cli train task=sft`` command of one fine-tune."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "train"]
+    cmd += ["--config", str(cfg.config)] if cfg.config else []
+    init = Path(getattr(cfg, family)).resolve()
+    cmd += [
+        "task=sft", f"init={init}", f"objective={family}", f"sft.data={data / TRAIN_FILE}",
+        f"sft.epochs={cfg.epochs:g}", "budget.steps=null", "sft.val_fraction=0", f"run_dir={run_dir.resolve()}",
+        f"sft.target={'all' if family == 'mdm' else 'answer'}", "checkpoint.resume=auto",
+        f"tracking.experiment={cfg.experiment}", f"tracking.run_name={family}-sft-reverse",
+    ]  # fmt: skip
+    cmd += [f"tracking.uri={resolve_uri(cfg)}"] if cfg.mlflow else ["tracking.enabled=false"]
+    return cmd + list(cfg.overrides)
+
+
+def finished(run_dir: Path, data_sha: str) -> bool:
+    """Whether a fine-tune ran to its end on this training file."""
+    stamp = run_dir / "study_data.sha256"
+    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
+    if stamp.is_file() and stamp.read_text().strip() != data_sha:
+        raise ConfigError(
+            f"{run_dir} was fine-tuned on another training file; use another --out or delete it"
+        )
+    return done and stamp.is_file()
+
+
+def fine_tune(cfg: ReverseStudyConfig, family: str, data: Path) -> Path:
+    """Fine-tune one family (skipped when finished); returns its run directory."""
+    run_dir = Path(cfg.out) / "runs" / f"{family}-sft"
+    sha = file_sha256(data / TRAIN_FILE)
+    if finished(run_dir, sha):
+        say(f"{family.upper()} fine-tune finished already: {run_dir} (skipped)")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "study_data.sha256").write_text(sha + "\n")
+    cmd = sft_command(cfg, family, data, run_dir)
+    say(f"fine-tuning {family.upper()}: {' '.join(cmd[1:])}")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise ConfigError(
+            f"{family.upper()} fine-tune failed (exit {result.returncode}); see its output above; "
+            f"rerunning the study resumes it from {run_dir}"
+        )
+    if not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{family.upper()} fine-tune ended without {run_dir}/summary.json")
+    say(f"{family.upper()} fine-tune done in {time.perf_counter() - start:.0f} s")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def prompt_template(overrides: list[str]) -> str:
+    """The fine-tunes' ``sft.prompt_template`` (prompts are sampled in the trained format)."""
+    template = "{prompt}"
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "sft.prompt_template":
+            template = value
+    return template
+
+
+def answer_length(tokenizer, tests: dict[str, list[dict]]) -> int:
+    longest = max(
+        len(tokenizer.encode(r["completion"], add_special_tokens=False).ids)
+        for rows in tests.values()
+        for r in rows
+    )
+    return longest + 4
+
+
+def sample_family(
+    cfg: ReverseStudyConfig, family: str, run_dir: Path, tests: dict[str, list[dict]]
+) -> tuple[dict[str, list[dict]], dict]:
+    """Answers to every test prompt from one fine-tune, and the sampling settings used."""
+    from eval.loading import load_model
+    from eval.sampling import Sampler, SamplingConfig
+
+    loaded = load_model(run_dir, None, cfg.device, cfg.dtype)
+    tok = loaded.tokenizer
+    length = cfg.length or answer_length(tok, tests)
+    scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
+                          temperature=0.0, batch_size=cfg.batch_size, cache=True)  # fmt: skip
+    sampler = Sampler.from_loaded(loaded, scfg)
+    template = prompt_template(cfg.overrides)
+    settings = {"length": length, "temperature": 0.0, "prompt_template": template}
+    settings |= {"steps": cfg.steps, "strategy": "low-confidence"} if family == "mdm" else {}
+    settings |= {"kv_cache": True} if family == "arm" else {}
+    out = {}
+    start = time.perf_counter()
+    for stem, rows in tests.items():
+        prompts = [
+            tok.encode(template.format(prompt=r["prompt"]), add_special_tokens=False).ids
+            for r in rows
+        ]
+        samples = sampler.generate(prompts, progress=True)
+        out[stem] = [
+            {**r, "family": family, "file": stem, "answer": tok.decode(s.tokens)}
+            for r, s in zip(rows, samples, strict=True)
+        ]
+    settings["seconds"] = round(time.perf_counter() - start, 2)
+    say(f"{family.upper()} sampled {sum(map(len, tests.values()))} prompts in "
+        f"{settings['seconds']:.1f} s ({_describe(family, settings)})")  # fmt: skip
+    return out, settings
+
+
+def _describe(family: str, s: dict) -> str:
+    if family == "mdm":
+        return f"L={s['length']}, {s['steps']} steps low-confidence, temperature 0"
+    return f"L={s['length']}, greedy, KV cache"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(
+    cfg: ReverseStudyConfig, data: Path, answers: list[dict], settings: dict, runs: dict
+) -> tuple[list, list[Path]]:
+    """Score the answers; write answers.jsonl, results.json, table.md and reverse.png."""
+    from eval.outputs import write_json_atomic, write_text_atomic
+    from eval.reverse_score import TEST_FILES, bar_plot, markdown_table, metrics_of, score_file
+
+    out = Path(cfg.out)
+    cells = [
+        score_file(fam, stem, [a for a in answers if a["family"] == fam and a["file"] == stem])
+        for fam in FAMILIES
+        for stem in TEST_FILES
+    ]
+    text = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+    files = [write_text_atomic(out / "answers.jsonl", text)]
+    results = {
+        "data": str(data), "train_sha256": file_sha256(data / TRAIN_FILE),
+        "config": asdict(cfg), "runs": {k: str(v) for k, v in runs.items()},
+        "sampling": settings, "cells": [asdict(c) | {"label": c.label} for c in cells],
+        "metrics": metrics_of(cells),
+    }  # fmt: skip
+    files.append(write_json_atomic(out / "results.json", results))
+    head = (
+        f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
+        + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
+        + f", {cfg.epochs:g} epochs.\nSampling: "
+        + "; ".join(f"{k.upper()} {_describe(k, s)}" for k, s in settings.items())
+        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n\n"
+    )
+    files.append(write_text_atomic(out / "table.md", head + markdown_table(cells)))
+    files.append(bar_plot(cells, out / "reverse.png", f"Reversal curse ({cfg.epochs:g} epochs)"))
+    return cells, files
+
+
+def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Path]) -> str | None:
+    """An MLflow run ``study-reverse`` with the metrics and the report files."""
+    import warnings
+
+    uri = resolve_uri(cfg)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+        tags = {"study": "reverse", "arm_init": str(cfg.arm), "mdm_init": str(cfg.mdm)}
+        rid = client.create_run(exp_id, run_name=STUDY_RUN, tags=tags).info.run_id
+        for key in ("epochs", "steps", "seed", "data", "people"):
+            client.log_param(rid, key, str(getattr(cfg, key)))
+        for key, value in metrics.items():
+            client.log_metric(rid, key.replace("→", "-"), float(value))
+        for path in files:
+            client.log_artifact(rid, str(path))
+        client.set_terminated(rid)
+        return rid
+    except Exception as e:  # the report on disk is what matters; MLflow is a copy
+        warnings.warn(f"could not log the study to MLflow at {uri}: {e}", RuntimeWarning, 2)
+        return None
+
+
+def run_study(cfg: ReverseStudyConfig) -> dict:
+    """The whole study (module docstring); returns results.json's content plus the run id."""
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg)
+    tests = read_tests(data)
+    say(f"data {data}: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
+    runs = {fam: fine_tune(cfg, fam, data) for fam in FAMILIES}
+    answers, settings = [], {}
+    for fam in FAMILIES:
+        by_file, settings[fam] = sample_family(cfg, fam, runs[fam], tests)
+        answers += [a for rows in by_file.values() for a in rows]
+    cells, files = write_report(cfg, data, answers, settings, runs)
+    results = json.loads((out / "results.json").read_text())
+    results["mlflow_run_id"] = log_study(cfg, results["metrics"], files) if cfg.mlflow else None
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    study = subparsers.add_parser("study", help="generation studies (reversal curse)")
+    sub = study.add_subparsers(dest="study_command", metavar="STUDY")
+    p = sub.add_parser(
+        "reverse",
+        help="reversal-curse study: fine-tune an ARM and an MDM, test both directions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--arm", required=True, metavar="RUN", help="pretrained ARM run")
+    p.add_argument("--mdm", required=True, metavar="RUN", help="pretrained MDM run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="Berglund et al.'s files (their layout)")
+    src.add_argument("--generate", action="store_true", help="generate the data offline")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--people", type=int, default=30, help="generated people per group (30)")
+    p.add_argument("--train-templates", type=int, default=30, help="per direction (30)")
+    p.add_argument("--test-templates", type=int, default=10, help="per direction (10)")
+    p.add_argument("--epochs", type=float, default=10.0, help="fine-tuning epochs (10)")
+    p.add_argument("--out", default="studies/reverse", help="study folder")
+    p.add_argument("--config", help="training recipe YAML for the fine-tunes")
+    p.add_argument("--steps", type=int, default=32, help="MDM sampling steps (32)")
+    p.add_argument("--length", type=int, help="answer tokens (default: longest reference + 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: the ARM init run's)")
+    p.add_argument("--experiment", default="study-reverse", help="MLflow experiment")
+    p.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
+    p.add_argument("--device", default="auto", help="sampling device: auto, cpu, cuda:N")
+    p.add_argument("--dtype", default="auto", help="sampling dtype: auto, fp32, bf16")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="for both fine-tunes")
+    p.set_defaults(func=cmd_reverse)
+    study.set_defaults(func=lambda args: study.print_help() or 2)
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    from eval.loading import EvalError
+
+    cfg = ReverseStudyConfig(
+        arm=args.arm, mdm=args.mdm, out=args.out, data=args.data, seed=args.seed,
+        people=args.people, train_templates=args.train_templates,
+        test_templates=args.test_templates, epochs=args.epochs, config=args.config,
+        overrides=list(args.overrides or []), steps=args.steps, length=args.length,
+        batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
+        dtype=args.dtype,
+    )  # fmt: skip
+    try:
+        results = run_study(cfg)
+    except (EvalError, ConfigError, ValueError) as e:
+        print(f"maskscale study reverse: {e}", file=sys.stderr)
+        return 2
+    print((Path(cfg.out) / "table.md").read_text())
+    if results["mlflow_run_id"]:
+        say(f"logged to MLflow run {results['mlflow_run_id']} ({STUDY_RUN})")
+    say(f"results: {Path(cfg.out) / 'results.json'}, plot: {Path(cfg.out) / 'reverse.png'}")
+    return 0

@@ -1,0 +1,178 @@
+"""``maskscale study reverse``: the metrics on hand examples, the data checks, and (slow) the
+whole study on tiny runs: real pretraining, real ``train task=sft`` subprocesses, real
+sampling, a real MLflow sqlite store; a rerun skips the finished fine-tunes.
+
+The tiny runs use a word-level tokenizer whose words are exactly those of the generated data,
+so prompts and answers round-trip through it like text through a BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.reversal_data import write_dataset
+from eval.reverse_score import (
+    D2N,
+    N2D,
+    TEST_FILES,
+    bleu,
+    contained,
+    markdown_table,
+    metrics_of,
+    score_file,
+)
+from eval.reverse_study import read_tests
+from pipeline.configlib import ConfigError
+from tests.eval.conftest import run_cli
+from tests.trainer.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_contained_normalises_case_whitespace_and_edge_punctuation():
+    ref = ' the famed poet who wrote the saga "The Iron Reef".'
+    assert contained(ref, 'The famed  poet who wrote the saga\n"the iron reef" and more')
+    assert contained(" Ada Lovelace", "it was ada lovelace.")
+    assert not contained(" Ada Lovelace", "it was ada")
+    assert not contained(ref, "the famed poet who wrote the saga")
+    assert not contained(" .", "anything")  # an empty reference never matches
+
+
+def test_bleu_on_hand_examples():
+    assert bleu("the cat sat on the mat.", "The cat  sat on the mat.") == pytest.approx(100)
+    assert bleu("a b c d", "x y z") == 0
+    partial = bleu("the famed poet who wrote the saga", "the famed poet who built a bridge")
+    assert 0 < partial < 100
+    # 4 of 7 unigrams, 3 of 6 bigrams, 2 of 5 trigrams, 1 of 4 4-grams, no brevity penalty
+    assert partial == pytest.approx(100 * (4 / 7 * 3 / 6 * 2 / 5 * 1 / 4) ** 0.25, rel=1e-6)
+
+
+def test_score_file_table_and_metrics():
+    n2d = [
+        {"completion": " the famed poet.", "answer": "the famed poet and more"},
+        {"completion": " the daring pilot.", "answer": "someone else"},
+    ]
+    d2n = [{"completion": " Ada Lovelace", "answer": "Ada Lovelace"}]
+    cells = [
+        score_file("arm", "p2d_prompts_test", n2d),
+        score_file("arm", "p2d_reverse_prompts_test", d2n),
+        score_file("mdm", "p2d_reverse_prompts_test", d2n),
+    ]
+    assert cells[0].question == N2D and cells[0].direction == "trained"
+    assert cells[0].contained == 0.5 and cells[0].n == 2 and 0 < cells[0].bleu < 100
+    assert cells[1].question == D2N and cells[1].bleu is None and cells[1].contained == 1
+    metrics = metrics_of(cells)
+    assert metrics["arm/p2d_prompts_test/contained"] == 0.5
+    assert "arm/p2d_reverse_prompts_test/bleu" not in metrics
+    assert metrics["mdm/reverse/contained"] == 1
+    table = markdown_table(cells)
+    assert "| name→description (trained) | `p2d_prompts_test` | 2 | 50.0 |" in table
+    assert (
+        "| description→name (reverse) | `p2d_reverse_prompts_test` | 1 | 100.0 | - | 100.0 |"
+        in (table)
+    )
+
+
+def test_test_files_are_checked_with_file_and_line(tmp_path):
+    write_dataset(tmp_path, seed=1, people=2, train_templates=2, test_templates=2)
+    tests = read_tests(tmp_path)
+    assert set(tests) == set(TEST_FILES) and all(len(v) == 4 for v in tests.values())
+    path = tmp_path / "d2p_prompts_test.jsonl"
+    path.write_text(path.read_text() + '{"prompt": "x"}\n')
+    with pytest.raises(ConfigError, match=r"d2p_prompts_test.jsonl:5: field 'completion'"):
+        read_tests(tmp_path)
+    (tmp_path / "p2d_reverse_prompts_test.jsonl").unlink()
+    with pytest.raises(ConfigError, match="missing p2d_reverse_prompts_test.jsonl"):
+        read_tests(tmp_path)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def data_words(folder: Path) -> list[str]:
+    words = set()
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            words.update(f"{rec['prompt']} {rec['completion']}".split())
+    return sorted(words)
+
+
+def pretrain(root: Path, data: Path) -> dict[str, Path]:
+    from trainer.cli import load_train_config
+    from trainer.loop import train
+
+    words = data_words(data)
+    corpus = make_corpus(root / "corpus", vocab_size=len(words) + 2, seq_len=48, words=words)
+    runs = {}
+    for obj in ("arm", "mdm"):
+        overrides = [
+            f"corpus={corpus}", f"objective={obj}", f"run_dir={root / obj}", "steps=2",
+            "model=tiny-0.3M", "model_overrides.n_layer=2", "model_overrides.n_head=2",
+            "model_overrides.d_model=32", "batch.global_batch=8", "batch.micro_batch=8",
+            "tracking.enabled=false", "eval.max_rows=8", "eval.n_samples=2",
+        ]  # fmt: skip
+        train(load_train_config(str(ROOT / "configs/train/tiny-cpu.yaml"), overrides))
+        runs[obj] = root / obj
+    return runs
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    sizes = ["--seed", "3", "--people", "2", "--train-templates", "2", "--test-templates", "2"]
+    write_dataset(tmp_path / "words", 3, 2, 2, 2)  # the same data the study generates
+    runs = pretrain(tmp_path / "pre", tmp_path / "words")
+    out, uri = tmp_path / "study", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [
+        "study", "reverse", "--arm", runs["arm"], "--mdm", runs["mdm"], "--generate", *sizes,
+        "--epochs", "2", "--out", out, "--config", ROOT / "configs/train/tiny-cpu.yaml",
+        "--steps", "4", "--tracking-uri", uri, "batch.global_batch=8", "batch.micro_batch=8",
+        "checkpoint.every=0", "log.every=1", "optim.warmup_min=1",
+    ]  # fmt: skip
+    code, stdout, stderr = run_cli(capsys, *argv)
+    assert code == 0, stderr
+    assert "| name→description (reverse) | `d2p_reverse_prompts_test` | 4 |" in stdout
+    for name in ("table.md", "results.json", "answers.jsonl", "reverse.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 8 and results["sampling"]["mdm"]["steps"] == 4
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 * 16 and {a["family"] for a in answers} == {"arm", "mdm"}
+    sft = {f: json.loads((out / "runs" / f"{f}-sft/summary.json").read_text()) for f in runs}
+    assert sft["arm"]["steps"] == sft["mdm"]["steps"] == 4  # ceil(2 epochs * 16 rows / 8)
+    cfg = (out / "runs/mdm-sft/config.yaml").read_text()
+    assert "target: all" in cfg and "task: sft" in cfg
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("study-reverse")
+    by_name = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"arm-sft-reverse", "mdm-sft-reverse", "study-reverse"} <= set(by_name)
+    study = by_name["study-reverse"]
+    assert "mdm/reverse/contained" in study.data.metrics
+    assert "arm/p2d_prompts_test/bleu" in study.data.metrics
+    logged = {f.path for f in client.list_artifacts(study.info.run_id)}
+    assert {"table.md", "results.json", "reverse.png", "answers.jsonl"} <= logged
+
+    stamps = {f: (out / "runs" / f"{f}-sft/summary.json").stat().st_mtime_ns for f in runs}
+    code, stdout, stderr = run_cli(capsys, *argv)
+    assert code == 0, stderr
+    assert stderr.count("fine-tune finished already") == 2
+    assert stamps == {f: (out / "runs" / f"{f}-sft/summary.json").stat().st_mtime_ns for f in runs}
+    again = json.loads((out / "results.json").read_text())
+    assert again["cells"] == results["cells"]  # temperature 0: the same answers
+
+
+def test_missing_run_is_a_clear_error(tmp_path, capsys):
+    code, _, stderr = run_cli(
+        capsys, "study", "reverse", "--arm", tmp_path / "nope", "--mdm", tmp_path,
+        "--generate", "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert code == 2 and "--arm" in stderr and "no such run directory" in stderr
