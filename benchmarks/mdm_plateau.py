@@ -8,9 +8,12 @@ baseline on the same validation rows. Results are appended to ``OUT/results.json
 run is not trained again) and printed as a markdown table (benchmarks/mdm_plateau.md).
 
 Columns: ``val`` is the trainer's validation loss over all validation rows (MDM: the Monte Carlo
-ELBO, an upper bound on the NLL; ARM: exact next-token loss); ``ctx gain`` is, for an MDM, the
-unigram's cross-entropy minus the model's on the same masked tokens at a 15% mask rate (> 0
-means the model uses context; 0 means it predicts token frequencies).
+ELBO, an upper bound on the NLL; ARM: exact next-token loss); ``unigram`` is the baseline scored
+the same way (ARM: its exact cross-entropy; MDM: the same ELBO estimator on the same draws, see
+:func:`unigram_elbo`); ``ctx gain`` is, for an MDM, the unigram's cross-entropy minus the
+model's on the same masked tokens at a 15% mask rate (> 0 means the model uses context; 0 means
+it predicts token frequencies). On a shared machine set OMP_NUM_THREADS=1: two intra-op threads
+competing with other processes made a step several times slower here.
 
     python benchmarks/mdm_plateau.py --corpus demo/corpus --out /tmp/plateau \\
         --run mdm:lr=3e-3:batch=16:steps=400:t=stratified:seed=0 --run arm:lr=3e-3:steps=400
@@ -40,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 from trainer.data import iter_eval_batches  # noqa: E402
 from trainer.objectives import MDMObjective, row_generator  # noqa: E402
 
+EVAL_SAMPLES = 4
+"""Monte Carlo times per validation row of the MDM ELBO (the unigram ELBO uses the same draws)."""
 PROBE_MASK = 0.15
 """Mask rate of the context probe: low enough that most of a token's context is visible."""
 PROBE_DRAWS = 2
@@ -105,6 +110,22 @@ def unigram_loss(corpus: Path, log_q: torch.Tensor) -> float:
     return total / count
 
 
+def unigram_elbo(corpus: Path, log_q: torch.Tensor, n_samples: int) -> float:
+    """The validation ELBO estimate the trainer computes, for the unigram "model": the same
+    rows, keys, times and masks (``MDMObjective.eval_draws``), each masked token scored by the
+    unigram. Its expectation is :func:`unigram_loss`; with the same draws it carries the same
+    Monte Carlo noise as the MDMs' ``val``, so the two compare draw for draw."""
+    objective, totals, rows = MDMObjective(mask_id=len(log_q)), 0.0, 0
+    for tokens, keys in iter_eval_batches(corpus, "validation", batch_size=64):
+        x = tokens[:, :-1]
+        times, masks = objective.eval_draws(keys, n_samples, x.shape[1])
+        p = (1 - objective.eps) * times + objective.eps  # [B, n]
+        nll = -log_q[x][:, None, :] * masks  # [B, n, T]
+        totals += float((nll.sum(-1) / (p * x.shape[1])).mean(1).sum())
+        rows += x.shape[0]
+    return totals / rows
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -117,7 +138,7 @@ def train(spec: Spec, corpus: Path, out: Path) -> float:
         f"optim.warmup_min={spec.warmup}", f"batch.global_batch={spec.batch}",
         f"batch.micro_batch={spec.batch}", f"mdm.t_sampling={spec.t}",
         f"seed={spec.seed}", f"run_dir={run_dir}", "tracking.enabled=false",
-        "eval.every=0", "eval.max_rows=null", "eval.n_samples=4", "eval.splits=[validation]",
+        "eval.every=0", "eval.max_rows=null", f"eval.n_samples={EVAL_SAMPLES}", "eval.splits=[validation]",
         "checkpoint.every=0", "checkpoint.keep=1", "log.every=10",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "pipeline.cli", "train"]
@@ -152,7 +173,11 @@ def context_gain(run_dir: Path, corpus: Path, log_q: torch.Tensor) -> float:
     return (uni_ce - model_ce) / count
 
 
-def measure(spec: Spec, corpus: Path, out: Path, log_q: torch.Tensor, unigram: float) -> dict:
+def measure(
+    spec: Spec, corpus: Path, out: Path, log_q: torch.Tensor, unigram: dict[str, float]
+) -> dict:
+    """Train (unless done) and measure one run; ``unigram``: the baseline per objective (ARM:
+    exact cross-entropy, MDM: the ELBO estimate on the same draws as the MDM's)."""
     run_dir = out / spec.name
     summary_path = run_dir / "summary.json"
     wall = None if summary_path.is_file() else train(spec, corpus, out)
@@ -164,8 +189,8 @@ def measure(spec: Spec, corpus: Path, out: Path, log_q: torch.Tensor, unigram: f
         "name": spec.name,
         "tokens": summary["tokens"],
         "val": val,
-        "unigram": unigram,
-        "below_unigram": unigram - val,
+        "unigram": unigram[spec.objective],
+        "below_unigram": unigram[spec.objective] - val,
         "ctx_gain": gain,
         "train_wall_s": summary["wall_s"],
         "wall_s": wall if wall is not None else summary["wall_s"],
@@ -200,15 +225,16 @@ def loss_spread(run_dir: Path, corpus: Path, batch: int, draws: int) -> dict[str
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | model | lr | batch | steps | tokens | t | seed | val | unigram | "
+        "| run | model | lr | warmup | batch | steps | tokens | t | seed | val | unigram | "
         "unigram - val | ctx gain | wall s |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         t = r["t"] if r["objective"] == "mdm" else "-"
         gain = "-" if math.isnan(r["ctx_gain"]) else f"{r['ctx_gain']:+.3f}"
         lines.append(
-            f"| {r['objective']} | {r['model']} | {r['lr']:g} | {r['batch']} | {r['steps']} | "
+            f"| {r['objective']} | {r['model']} | {r['lr']:g} | {r['warmup']} | {r['batch']} | "
+            f"{r['steps']} | "
             f"{r['tokens'] / 1e6:.2f}M | {t} | {r['seed']} | {r['val']:.3f} | "
             f"{r['unigram']:.3f} | {r['below_unigram']:+.3f} | {gain} | {r['wall_s']:.0f} |"
         )
@@ -222,21 +248,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", default=[], help="a run spec (see module doc)")
     ap.add_argument("--table", action="store_true", help="print the table of results.jsonl")
     ap.add_argument("--variance", metavar="RUN", help="loss spread iid vs stratified of a run")
-    ap.add_argument("--draws", type=int, default=64, help="--variance: key sets per mode")
+    ap.add_argument("--draws", type=int, default=32, help="--variance: key sets per mode")
+    ap.add_argument("--batches", default="16", help="--variance: micro-batch sizes, e.g. 16,64")
     args = ap.parse_args(argv)
     corpus, out = Path(args.corpus).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     if args.variance:
-        for batch in (16, 64):
+        for batch in map(int, args.batches.split(",")):
             spread = loss_spread(out / args.variance, corpus, batch, args.draws)
             print(json.dumps({"run": args.variance, "batch": batch, **spread}))
         return 0
     if args.run:
         vocab = json.loads((corpus / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         log_q = unigram_log_probs(corpus, vocab)
-        unigram = unigram_loss(corpus, log_q)
-        print(f"unigram baseline on validation: {unigram:.4f} nats", flush=True)
+        unigram = {"arm": unigram_loss(corpus, log_q)}
+        unigram["mdm"] = unigram_elbo(corpus, log_q, EVAL_SAMPLES)
+        print(f"unigram on validation: {unigram['arm']:.4f} nats, as an ELBO on the MDM's "
+              f"draws: {unigram['mdm']:.4f}", flush=True)  # fmt: skip
         for text in args.run:
             row = measure(Spec.parse(text), corpus, out, log_q, unigram)
             with open(results, "a") as f:
