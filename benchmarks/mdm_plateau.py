@@ -63,10 +63,13 @@ class Spec:
     t: str = "iid"
     seed: int = 0
     warmup: int = 10
+    cut: float = 0.01
+    """MDM: mdm.random_length_prob, the share of rows cut to a random length (paper: 0.01)."""
 
     @property
     def name(self) -> str:
         t = f"-{self.t}" if self.objective == "mdm" else ""
+        t += f"-cut{self.cut:g}" if self.cut != 0.01 else ""
         return (
             f"{self.objective}-{self.model}-lr{self.lr:g}-b{self.batch}-s{self.steps}"
             f"-w{self.warmup}{t}-seed{self.seed}"
@@ -74,7 +77,7 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str) -> Spec:
-        """``objective[:key=value...]``, keys: model lr batch steps t seed warmup."""
+        """``objective[:key=value...]``, keys: model lr batch steps t seed warmup cut."""
         head, *items = text.split(":")
         spec = cls(objective=head)
         for item in items:
@@ -137,6 +140,7 @@ def train(spec: Spec, corpus: Path, out: Path) -> float:
         f"steps={spec.steps}", f"optim.lr={spec.lr}", f"optim.lr_min={spec.lr / 10}",
         f"optim.warmup_min={spec.warmup}", f"batch.global_batch={spec.batch}",
         f"batch.micro_batch={spec.batch}", f"mdm.t_sampling={spec.t}",
+        f"mdm.random_length_prob={spec.cut}",
         f"seed={spec.seed}", f"run_dir={run_dir}", "tracking.enabled=false",
         "eval.every=0", "eval.max_rows=null", f"eval.n_samples={EVAL_SAMPLES}", "eval.splits=[validation]",
         "checkpoint.every=0", "checkpoint.keep=1", "log.every=10",
@@ -225,17 +229,18 @@ def loss_spread(run_dir: Path, corpus: Path, batch: int, draws: int) -> dict[str
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | model | lr | warmup | batch | steps | tokens | t | seed | val | unigram | "
+        "| run | model | lr | warmup | batch | steps | tokens | t | cut | seed | val | unigram | "
         "unigram - val | ctx gain | wall s |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         t = r["t"] if r["objective"] == "mdm" else "-"
+        cut = f"{r.get('cut', 0.01):g}" if r["objective"] == "mdm" else "-"
         gain = "-" if math.isnan(r["ctx_gain"]) else f"{r['ctx_gain']:+.3f}"
         lines.append(
             f"| {r['objective']} | {r['model']} | {r['lr']:g} | {r['warmup']} | {r['batch']} | "
             f"{r['steps']} | "
-            f"{r['tokens'] / 1e6:.2f}M | {t} | {r['seed']} | {r['val']:.3f} | "
+            f"{r['tokens'] / 1e6:.2f}M | {t} | {cut} | {r['seed']} | {r['val']:.3f} | "
             f"{r['unigram']:.3f} | {r['below_unigram']:+.3f} | {gain} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)

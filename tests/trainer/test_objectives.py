@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.configlib import ConfigError
-from trainer.config import MDMConfig
+from trainer.config import MDMConfig, TrainConfig
 from trainer.model import ModelConfig, Transformer
 from trainer.objectives import (
     OBJECTIVES,
@@ -18,6 +18,7 @@ from trainer.objectives import (
     build_objective,
     stratified_times,
 )
+from trainer.sft_config import SFTConfig
 
 torch.set_num_threads(1)
 
@@ -391,6 +392,13 @@ def test_t_sampling_option_is_validated():
         MDMConfig(t_sampling="sobol").validate()
     with pytest.raises(ConfigError, match="t_sampling"):
         build_objective("arm", V, t_sampling="stratified")
+    sft = TrainConfig(
+        task="sft", init="run", sft=SFTConfig(data="d.jsonl", epochs=1), objective="mdm"
+    )
+    sft.validate()
+    sft.mdm.t_sampling = "stratified"  # the SFT objective draws its own t: refused, not ignored
+    with pytest.raises(ConfigError, match="t_sampling.*sft"):
+        sft.validate()
 
 
 def test_trainer_uses_mdm_t_sampling(corpus_factory, tmp_path):
