@@ -65,11 +65,14 @@ class Spec:
     warmup: int = 10
     cut: float = 0.01
     """MDM: mdm.random_length_prob, the share of rows cut to a random length (paper: 0.01)."""
+    every: int = 0
+    """Also evaluate every this many steps (0 = only at the end): the val curve of the run."""
 
     @property
     def name(self) -> str:
         t = f"-{self.t}" if self.objective == "mdm" else ""
         t += f"-cut{self.cut:g}" if self.cut != 0.01 else ""
+        t += f"-every{self.every}" if self.every else ""
         return (
             f"{self.objective}-{self.model}-lr{self.lr:g}-b{self.batch}-s{self.steps}"
             f"-w{self.warmup}{t}-seed{self.seed}"
@@ -77,7 +80,8 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str) -> Spec:
-        """``objective[:key=value...]``, keys: model lr batch steps t seed warmup cut."""
+        """``objective[:key=value...]``, keys: model lr batch steps t seed warmup cut
+        every."""
         head, *items = text.split(":")
         spec = cls(objective=head)
         for item in items:
@@ -142,7 +146,7 @@ def train(spec: Spec, corpus: Path, out: Path) -> float:
         f"batch.micro_batch={spec.batch}", f"mdm.t_sampling={spec.t}",
         f"mdm.random_length_prob={spec.cut}",
         f"seed={spec.seed}", f"run_dir={run_dir}", "tracking.enabled=false",
-        "eval.every=0", "eval.max_rows=null", f"eval.n_samples={EVAL_SAMPLES}", "eval.splits=[validation]",
+        f"eval.every={spec.every}", "eval.max_rows=null", f"eval.n_samples={EVAL_SAMPLES}", "eval.splits=[validation]",
         "checkpoint.every=0", "checkpoint.keep=1", "log.every=10",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "pipeline.cli", "train"]
@@ -187,6 +191,8 @@ def measure(
     wall = None if summary_path.is_file() else train(spec, corpus, out)
     summary = json.loads(summary_path.read_text())
     val = summary["val"]["val/validation/loss"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: r["val/validation/loss"] for r in records if "val/validation/loss" in r}
     gain = context_gain(run_dir, corpus, log_q) if spec.objective == "mdm" else math.nan
     return {
         **asdict(spec),
@@ -196,6 +202,7 @@ def measure(
         "unigram": unigram[spec.objective],
         "below_unigram": unigram[spec.objective] - val,
         "ctx_gain": gain,
+        "val_curve": curve,
         "train_wall_s": summary["wall_s"],
         "wall_s": wall if wall is not None else summary["wall_s"],
     }
