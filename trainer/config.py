@@ -226,10 +226,17 @@ class MDMConfig:
     """Mask probability p = (1 - eps) t + eps, t ~ U[0, 1)."""
     random_length_prob: float = 0.01
     """Probability that a micro-batch is cut to a random length in [1, seq_len]."""
+    t_sampling: Literal["iid", "stratified"] = "iid"
+    """iid = each row draws its own t (the paper's objective); stratified = the rows of a
+    micro-batch share one random offset and cover [0, 1) one per 1/B stratum (MDLM's
+    low-discrepancy sampler: same expected loss, less variance; trainer/objectives.py,
+    measurements in benchmarks/mdm_plateau.md). Pretraining only."""
 
     def validate(self) -> None:
         if not 0 < self.eps < 1 or not 0 <= self.random_length_prob <= 1:
             raise ConfigError("mdm.eps: in (0, 1); mdm.random_length_prob: in [0, 1]")
+        if self.t_sampling not in ("iid", "stratified"):
+            raise ConfigError(f"mdm.t_sampling: iid or stratified, got {self.t_sampling!r}")
 
 
 @dataclass
@@ -406,6 +413,8 @@ class TrainConfig:
                 f"sft.epochs={self.sft.epochs} and budget.{given[0]} both set the length of "
                 "the run; keep one"
             )
+        if self.mdm.t_sampling != "iid":
+            raise ConfigError("mdm.t_sampling: only iid is implemented for task=sft; drop it")
         if self.corpus:
             raise ConfigError(
                 "corpus: not used with task=sft (validation holds out part of sft.data or "

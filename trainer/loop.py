@@ -399,6 +399,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     cfg, dist = s.cfg, s.dist
     seed_everything(cfg.seed)
     kw = {"eps": cfg.mdm.eps, "random_length_prob": cfg.mdm.random_length_prob}
+    kw["t_sampling"] = cfg.mdm.t_sampling
     objective = build_objective(
         cfg.objective,
         s.model_cfg.mask_id,

@@ -16,6 +16,17 @@ token with probability p = (1 - eps) t + eps (replace it by ``mask_id``), and sc
 ``sum over masked tokens of CE / p``, divided by the row length; the batch loss is the mean over
 rows, i.e. ``sum / (B * T)`` when no row is shortened.
 
+Low-discrepancy t (``t_sampling="stratified"``, off by default; the paper draws t iid): as in
+MDLM, the B rows of a micro-batch share one offset u and row i gets t = (u + r_i / B) mod 1,
+where r_i is the rank of its key among the micro-batch's keys. Every interval [j/B, (j+1)/B)
+then holds exactly one t, so a step no longer sees, by chance, only lightly or only heavily
+masked rows; each t is still uniform on [0, 1) (u is), so the loss stays an unbiased estimate of
+the same ELBO. u comes from a hash of the sorted keys: it is the same on every rank, after a
+resume and for any order of the rows. The strata span a micro-batch, not the global batch (the
+objective sees one micro-batch); the loader cuts a step into the same micro-batches for any world
+size when ``batch.micro_batch`` is fixed, so 1- and N-process runs agree exactly then, while
+``micro_batch: null`` (global_batch / world) regroups rows, and so their t, with the world size.
+
 Stochastic sequence length: the paper cuts a whole micro-batch to a random length in [1, T] with
 probability 1%. A per-micro-batch decision would depend on which rows share a micro-batch and so
 on the world size; here each row is shortened independently with that probability (decision and
@@ -38,9 +49,11 @@ gradients up to float rounding (tests/trainer/test_objectives.py).
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +65,29 @@ from trainer.losses import HeadLoss
 def row_generator(key: int) -> torch.Generator:
     """The CPU generator all of a row's random draws come from."""
     return torch.Generator(device="cpu").manual_seed(int(key))
+
+
+T_SAMPLING = ("iid", "stratified")
+"""How the MDM's training times t are drawn across the rows of a micro-batch."""
+
+
+def micro_batch_offset(keys: torch.Tensor) -> float:
+    """The shared offset u in [0, 1) of a stratified micro-batch: a pure function of the set of
+    its row keys (a hash of the sorted keys seeds the draw), whatever their order."""
+    sorted_keys = np.sort(keys.cpu().numpy().astype(np.int64))
+    digest = hashlib.blake2b(sorted_keys.astype("<i8").tobytes(), digest_size=8).digest()
+    seed = int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return float(torch.rand(1, generator=row_generator(seed), dtype=torch.float64))
+
+
+def stratified_times(keys: torch.Tensor) -> list[float]:
+    """t per row, in row order: (u + r / B) mod 1 with r the rank of the row's key among the
+    micro-batch's keys (ties, which distinct loader keys never have, keep row order)."""
+    batch = keys.shape[0]
+    u = micro_batch_offset(keys)
+    ranks = torch.empty(batch, dtype=torch.long)
+    ranks[torch.argsort(keys.cpu(), stable=True)] = torch.arange(batch)
+    return [(u + r / batch) % 1.0 for r in ranks.tolist()]
 
 
 def _check_loss_chunk(loss_chunk: int) -> int:
@@ -168,10 +204,15 @@ class MDMObjective(Objective):
         eps: float = 1e-3,
         random_length_prob: float = 0.01,
         loss_chunk: int = 0,
+        t_sampling: str = "iid",
     ) -> None:
         """``loss_chunk``: tokens per chunk of the head's cross-entropy, over masked positions
-        only; 0 = plain (all logits, dense weighted cross-entropy)."""
+        only; 0 = plain (all logits, dense weighted cross-entropy). ``t_sampling``: "iid" (the
+        paper: each row's own t) or "stratified" (one t per 1/B stratum of a micro-batch)."""
         self.loss_chunk = _check_loss_chunk(loss_chunk)
+        if t_sampling not in T_SAMPLING:
+            raise ConfigError(f"mdm.t_sampling: one of {list(T_SAMPLING)}, got {t_sampling!r}")
+        self.t_sampling = t_sampling
         if not 0 < eps <= 1:
             raise ConfigError(f"objective eps: must be in (0, 1], got {eps!r}")
         if not 0 <= random_length_prob <= 1:
@@ -180,10 +221,13 @@ class MDMObjective(Objective):
             )
         self.mask_id, self.eps, self.random_length_prob = int(mask_id), eps, random_length_prob
 
-    def draw_row(self, key: int, seq_len: int) -> RowDraw:
-        """Random choices of one training row; a pure function of ``key`` (draw order fixed)."""
+    def draw_row(self, key: int, seq_len: int, t: float | None = None) -> RowDraw:
+        """Random choices of one training row; a pure function of ``key`` (draw order fixed).
+        ``t`` given (stratified sampling) replaces the row's own draw of t; the draws after it
+        (cut length, mask uniforms) stay the same."""
         g = row_generator(key)
-        cut_u, t = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        cut_u, own_t = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        t = own_t if t is None else t
         cut_len = int(torch.randint(1, seq_len + 1, (1,), generator=g))
         uniforms = torch.rand(seq_len, generator=g)
         length = cut_len if cut_u < self.random_length_prob else seq_len
@@ -245,7 +289,11 @@ class MDMObjective(Objective):
         """Per-position loss weights float32[B, T] and row lengths (int64[B], or None when no
         row is cut), both on CPU: row b weighs ``1 / (p_b * l_b)`` at its masked positions
         ``< l_b`` and 0 elsewhere, so ``sum(CE * weight) / B`` is the mean of the row losses."""
-        draws = [self.draw_row(k, seq_len) for k in keys.tolist()]
+        times = stratified_times(keys) if self.t_sampling == "stratified" else None
+        draws = [
+            self.draw_row(k, seq_len, None if times is None else times[i])
+            for i, k in enumerate(keys.tolist())
+        ]
         weight = torch.zeros(len(draws), seq_len, dtype=torch.float32)
         for row, d in enumerate(draws):
             weight[row, : d.length] = d.mask.float() / (d.p * d.length)
@@ -305,8 +353,9 @@ class MDMObjective(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}
 
 
-def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float) -> Objective:
-    """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob);
+def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float | str) -> Objective:
+    """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob,
+    t_sampling);
     ``loss_chunk`` (both): tokens per chunk of the head's cross-entropy, 0 = plain.
 
     ARM takes no other options: passing any raises ConfigError rather than silently ignoring it.
@@ -317,7 +366,7 @@ def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float) -
         if kw:
             raise ConfigError(f"objective arm takes no options, got {sorted(kw)}")
         return ARMObjective(loss_chunk)
-    allowed = {"eps", "random_length_prob"}
+    allowed = {"eps", "random_length_prob", "t_sampling"}
     if set(kw) - allowed:
         raise ConfigError(
             f"objective mdm: unknown option(s) {sorted(set(kw) - allowed)}; valid: {sorted(allowed)}"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.configlib import ConfigError
+from trainer.config import MDMConfig, TrainConfig
 from trainer.model import ModelConfig, Transformer
 from trainer.objectives import (
     OBJECTIVES,
     ARMObjective,
     MDMObjective,
     build_objective,
+    stratified_times,
 )
+from trainer.sft_config import SFTConfig
 
 torch.set_num_threads(1)
 
@@ -314,3 +319,105 @@ def test_eval_row_losses_average_to_eval_loss(objective):
         objective.eval_row_losses(model, tokens[i : i + 1], keys[i : i + 1], 4) for i in range(3)
     ]
     assert torch.allclose(torch.cat(alone), rows, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stratified t
+
+
+def _keys(b: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 2**62, (b,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("b", [1, 5, 16])
+def test_stratified_times_hold_one_t_per_stratum(b):
+    for seed in range(20):
+        times = torch.tensor(stratified_times(_keys(b, seed)), dtype=torch.float64)
+        assert ((times >= 0) & (times < 1)).all()
+        assert sorted((times * b).floor().long().tolist()) == list(range(b))
+    # the shared offset u = min(t) * b is itself uniform: different per micro-batch, spread out
+    offsets = torch.tensor([min(stratified_times(_keys(b, s))) * b for s in range(400)])
+    assert len(set(offsets.tolist())) == 400
+    assert abs(offsets.mean().item() - 0.5) < 0.05 and offsets.min() < 0.05 < 0.95 < offsets.max()
+
+
+def test_stratified_draws_are_keyed_and_order_free():
+    """A row's t depends on its key and the set of keys it shares a micro-batch with, not on
+    their order (ranks and resumes see the same set); only t changes versus iid draws."""
+    keys = _keys(8, 3)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    by_key = dict(zip(keys.tolist(), stratified_times(keys), strict=True))
+    assert dict(zip(keys[perm].tolist(), stratified_times(keys[perm]), strict=True)) == by_key
+    assert stratified_times(keys) == stratified_times(keys.clone())
+    assert stratified_times(_keys(8, 4)) != stratified_times(keys)
+    strat = MDMObjective(V, random_length_prob=0.0, t_sampling="stratified")
+    iid = MDMObjective(V, random_length_prob=0.0)
+    w_strat, _ = strat.train_weights(keys, 64)
+    w_perm, _ = strat.train_weights(keys[perm], 64)
+    assert torch.equal(w_perm, w_strat[perm])
+    w_iid, _ = iid.train_weights(keys, 64)
+    assert not torch.equal(w_iid, w_strat)
+    for row, (key, t) in enumerate(by_key.items()):  # same uniforms, stratified t
+        d_iid, d_strat = iid.draw_row(key, 64), strat.draw_row(key, 64, t)
+        assert d_strat.t == t and d_strat.p == pytest.approx((1 - strat.eps) * t + strat.eps)
+        w = w_strat[row]
+        assert torch.equal(w > 0, d_strat.mask)
+        torch.testing.assert_close(w[w > 0], torch.full_like(w[w > 0], 1 / (d_strat.p * 64)))
+        small, big = sorted((d_iid, d_strat), key=lambda d: d.p)  # a larger p masks a superset
+        assert not (small.mask & ~big.mask).any()
+
+
+def test_stratified_loss_is_unbiased_with_lower_variance():
+    """Mean of the training loss over many micro-batches: iid and stratified estimate the same
+    ELBO; stratified t spreads less (the loss depends strongly on t, as a trained model's)."""
+    model, tokens = MaskFractionModel(), torch.zeros(8, 33, dtype=torch.long)
+    est = {}
+    for mode in ("iid", "stratified"):
+        obj = MDMObjective(V, random_length_prob=0.0, t_sampling=mode)
+        est[mode] = torch.stack([obj.train_loss(model, tokens, _keys(8, s)) for s in range(300)])
+    iid, strat = est["iid"], est["stratified"]
+    assert strat.var() < 0.3 * iid.var()
+    se = (iid.var() / len(iid) + strat.var() / len(strat)) ** 0.5
+    assert abs(iid.mean() - strat.mean()) < 3 * se
+    # and both match the validation ELBO (stratified over 256 times per row)
+    elbo = MDMObjective(V).eval_loss(model, tokens[:2], torch.tensor([1, 2]), n_samples=256)
+    assert abs(strat.mean() - elbo) < 3 * (strat.var() / len(strat)) ** 0.5 + 0.02
+
+
+def test_t_sampling_option_is_validated():
+    assert build_objective("mdm", V, t_sampling="stratified").t_sampling == "stratified"
+    assert MDMObjective(V).t_sampling == "iid" and MDMConfig().t_sampling == "iid"
+    with pytest.raises(ConfigError, match="t_sampling"):
+        MDMObjective(V, t_sampling="sobol")
+    with pytest.raises(ConfigError, match="t_sampling"):
+        MDMConfig(t_sampling="sobol").validate()
+    with pytest.raises(ConfigError, match="t_sampling"):
+        build_objective("arm", V, t_sampling="stratified")
+    sft = TrainConfig(
+        task="sft", init="run", sft=SFTConfig(data="d.jsonl", epochs=1), objective="mdm"
+    )
+    sft.validate()
+    sft.mdm.t_sampling = "stratified"  # the SFT objective draws its own t: refused, not ignored
+    with pytest.raises(ConfigError, match="t_sampling.*sft"):
+        sft.validate()
+
+
+def test_trainer_uses_mdm_t_sampling(corpus_factory, tmp_path):
+    """Real trainer, one step from the same init and rows: only t differs between the runs."""
+    from trainer.cli import load_train_config
+    from trainer.loop import train
+
+    corpus = corpus_factory(vocab_size=64, seq_len=16, kind="ramp")
+    base = [
+        f"corpus={corpus}", "objective=mdm", "model=tiny-0.3M", "model_overrides.n_layer=1",
+        "model_overrides.d_model=32", "model_overrides.n_head=2", "precision=fp32",
+        "zero_stage=0", "batch.global_batch=8", "steps=1", "optim.warmup_min=0", "eval.every=0",
+        "eval.at_end=false", "checkpoint.export=false", "tracking.enabled=false",
+        "mdm.random_length_prob=0",
+    ]  # fmt: skip
+    loss = {}
+    for mode in ("iid", "stratified"):
+        run = tmp_path / mode
+        train(load_train_config(None, [*base, f"run_dir={run}", f"mdm.t_sampling={mode}"]))
+        assert f"t_sampling: {mode}" in (run / "config.yaml").read_text()
+        loss[mode] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert loss["iid"] != pytest.approx(loss["stratified"], rel=1e-4)
