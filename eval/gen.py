@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.loading import EvalError, LoadedModel, dtype_name, load_model
+from eval.loading import EvalError, LoadedModel, dtype_name, jsonl_records, load_model
 from eval.outputs import log_to_mlflow, save_figure_atomic, write_json_atomic, write_text_atomic
 from eval.sampling import STRATEGIES, Sample, Sampler, SamplingConfig
 
@@ -125,31 +125,18 @@ def _prompt_of(obj, where: str) -> tuple[str, object]:
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts of a JSONL file (blank lines skipped); errors name file:line and the field.
     A record without ``question_id`` gets its 1-based position in the file's prompts."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"--prompts {path}: no such file")
     prompts: list[Prompt] = []
-    seen: dict[object, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(
-                    f"{where}: not valid JSON ({e.msg}); fix or remove the line"
-                ) from None
-            text, qid = _prompt_of(obj, where)
-            qid = len(prompts) + 1 if qid is None else qid
-            if not isinstance(qid, int | str) or isinstance(qid, bool):
-                raise EvalError(f"{where}: field 'question_id' must be an integer or a string")
-            if qid in seen:
-                raise EvalError(f"{where}: question_id {qid!r} repeats line {seen[qid]}")
-            seen[qid] = lineno
-            category = obj.get("category")
-            prompts.append(Prompt(qid, text, category if isinstance(category, str) else None))
+    seen: dict[object, str] = {}
+    for where, obj in jsonl_records(path, "--prompts"):
+        text, qid = _prompt_of(obj, where)
+        qid = len(prompts) + 1 if qid is None else qid
+        if not isinstance(qid, int | str) or isinstance(qid, bool):
+            raise EvalError(f"{where}: field 'question_id' must be an integer or a string")
+        if qid in seen:
+            raise EvalError(f"{where}: question_id {qid!r} repeats line {seen[qid]}")
+        seen[qid] = where.rsplit(":", 1)[1]
+        category = obj.get("category")
+        prompts.append(Prompt(qid, text, category if isinstance(category, str) else None))
     if not prompts:
         raise EvalError(f"{path}: no prompts (every line is empty)")
     return prompts

@@ -42,6 +42,27 @@ class EvalError(Exception):
     """A user error in an eval command; the message says what to do (exit code 2)."""
 
 
+def jsonl_records(path: str | Path, flag: str):
+    """(``file:line``, parsed object) for each non-blank line of a JSONL input given as ``flag``
+    (``--prompts``, ``--input``); a missing file or a line that is not JSON is an EvalError
+    naming it. Callers validate the fields and name ``file:line`` in their own errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{flag} {path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(
+                    f"{where}: not valid JSON ({e.msg}); fix or remove the line"
+                ) from None
+            yield where, obj
+
+
 @dataclass
 class LoadedModel:
     """An exported model on its device, with everything evaluation needs to know about it."""

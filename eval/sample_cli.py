@@ -53,32 +53,19 @@ def register(subparsers) -> None:
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Records of a prompt JSONL file (blank lines skipped); errors name file:line and field."""
-    from eval.loading import EvalError
+    from eval.loading import EvalError, jsonl_records
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"--input {path}: no such file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(
-                    f"{where}: not valid JSON ({e.msg}); fix or remove the line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise EvalError(f"{where}: expected a JSON object with a 'prompt' field")
-            if not isinstance(obj.get("prompt"), str):
-                what = "is missing" if "prompt" not in obj else "must be a string"
-                raise EvalError(f"{where}: field 'prompt' {what}")
-            seed = obj.get("seed")
-            if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-                raise EvalError(f"{where}: field 'seed' must be an integer, got {seed!r}")
-            records.append(obj)
+    for where, obj in jsonl_records(path, "--input"):
+        if not isinstance(obj, dict):
+            raise EvalError(f"{where}: expected a JSON object with a 'prompt' field")
+        if not isinstance(obj.get("prompt"), str):
+            what = "is missing" if "prompt" not in obj else "must be a string"
+            raise EvalError(f"{where}: field 'prompt' {what}")
+        seed = obj.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise EvalError(f"{where}: field 'seed' must be an integer, got {seed!r}")
+        records.append(obj)
     if not records:
         raise EvalError(f"{path}: no prompts (every line is empty)")
     return records
