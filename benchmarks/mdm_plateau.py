@@ -67,12 +67,15 @@ class Spec:
     """MDM: mdm.random_length_prob, the share of rows cut to a random length (paper: 0.01)."""
     every: int = 0
     """Also evaluate every this many steps (0 = only at the end): the val curve of the run."""
+    weighting: str = "elbo"
+    """MDM: mdm.loss_weighting, elbo (the paper's 1/p-weighted loss) or masked_mean."""
 
     @property
     def name(self) -> str:
         t = f"-{self.t}" if self.objective == "mdm" else ""
         t += f"-cut{self.cut:g}" if self.cut != 0.01 else ""
         t += f"-every{self.every}" if self.every else ""
+        t += f"-{self.weighting}" if self.weighting != "elbo" else ""
         return (
             f"{self.objective}-{self.model}-lr{self.lr:g}-b{self.batch}-s{self.steps}"
             f"-w{self.warmup}{t}-seed{self.seed}"
@@ -81,7 +84,7 @@ class Spec:
     @classmethod
     def parse(cls, text: str) -> Spec:
         """``objective[:key=value...]``, keys: model lr batch steps t seed warmup cut
-        every."""
+        every weighting."""
         head, *items = text.split(":")
         spec = cls(objective=head)
         for item in items:
@@ -144,7 +147,7 @@ def train(spec: Spec, corpus: Path, out: Path) -> float:
         f"steps={spec.steps}", f"optim.lr={spec.lr}", f"optim.lr_min={spec.lr / 10}",
         f"optim.warmup_min={spec.warmup}", f"batch.global_batch={spec.batch}",
         f"batch.micro_batch={spec.batch}", f"mdm.t_sampling={spec.t}",
-        f"mdm.random_length_prob={spec.cut}",
+        f"mdm.random_length_prob={spec.cut}", f"mdm.loss_weighting={spec.weighting}",
         f"seed={spec.seed}", f"run_dir={run_dir}", "tracking.enabled=false",
         f"eval.every={spec.every}", "eval.max_rows=null", f"eval.n_samples={EVAL_SAMPLES}", "eval.splits=[validation]",
         "checkpoint.every=0", "checkpoint.keep=1", "log.every=10",

@@ -231,12 +231,22 @@ class MDMConfig:
     micro-batch share one random offset and cover [0, 1) one per 1/B stratum (MDLM's
     low-discrepancy sampler: same expected loss, less variance; trainer/objectives.py,
     measurements in benchmarks/mdm_plateau.md). Pretraining only."""
+    loss_weighting: Literal["elbo", "masked_mean"] = "elbo"
+    """elbo = the paper's objective: each masked token's CE weighted 1/p, per row (an unbiased
+    estimate of the ELBO, the number validation reports); masked_mean = the plain mean CE over
+    the micro-batch's masked tokens (BERT-style; NOT the ELBO, biased towards heavily masked
+    rows, but without the 1/p weights' variance, which keeps tiny CPU models on the unigram
+    plateau for longer: benchmarks/mdm_plateau.md). Validation is the ELBO either way."""
 
     def validate(self) -> None:
         if not 0 < self.eps < 1 or not 0 <= self.random_length_prob <= 1:
             raise ConfigError("mdm.eps: in (0, 1); mdm.random_length_prob: in [0, 1]")
         if self.t_sampling not in ("iid", "stratified"):
             raise ConfigError(f"mdm.t_sampling: iid or stratified, got {self.t_sampling!r}")
+        if self.loss_weighting not in ("elbo", "masked_mean"):
+            raise ConfigError(
+                f"mdm.loss_weighting: elbo or masked_mean, got {self.loss_weighting!r}"
+            )
 
 
 @dataclass
@@ -415,6 +425,8 @@ class TrainConfig:
             )
         if self.mdm.t_sampling != "iid":
             raise ConfigError("mdm.t_sampling: only iid is implemented for task=sft; drop it")
+        if self.mdm.loss_weighting != "elbo":
+            raise ConfigError("mdm.loss_weighting: only elbo is implemented for task=sft; drop it")
         if self.corpus:
             raise ConfigError(
                 "corpus: not used with task=sft (validation holds out part of sft.data or "

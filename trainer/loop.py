@@ -400,6 +400,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     seed_everything(cfg.seed)
     kw = {"eps": cfg.mdm.eps, "random_length_prob": cfg.mdm.random_length_prob}
     kw["t_sampling"] = cfg.mdm.t_sampling
+    kw["loss_weighting"] = cfg.mdm.loss_weighting
     objective = build_objective(
         cfg.objective,
         s.model_cfg.mask_id,

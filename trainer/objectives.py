@@ -68,6 +68,7 @@ def row_generator(key: int) -> torch.Generator:
 
 
 T_SAMPLING = ("iid", "stratified")
+LOSS_WEIGHTING = ("elbo", "masked_mean")
 """How the MDM's training times t are drawn across the rows of a micro-batch."""
 
 
@@ -205,6 +206,7 @@ class MDMObjective(Objective):
         random_length_prob: float = 0.01,
         loss_chunk: int = 0,
         t_sampling: str = "iid",
+        loss_weighting: str = "elbo",
     ) -> None:
         """``loss_chunk``: tokens per chunk of the head's cross-entropy, over masked positions
         only; 0 = plain (all logits, dense weighted cross-entropy). ``t_sampling``: "iid" (the
@@ -213,6 +215,11 @@ class MDMObjective(Objective):
         if t_sampling not in T_SAMPLING:
             raise ConfigError(f"mdm.t_sampling: one of {list(T_SAMPLING)}, got {t_sampling!r}")
         self.t_sampling = t_sampling
+        if loss_weighting not in LOSS_WEIGHTING:
+            raise ConfigError(
+                f"mdm.loss_weighting: one of {list(LOSS_WEIGHTING)}, got {loss_weighting!r}"
+            )
+        self.loss_weighting = loss_weighting
         if not 0 < eps <= 1:
             raise ConfigError(f"objective eps: must be in (0, 1], got {eps!r}")
         if not 0 <= random_length_prob <= 1:
@@ -297,6 +304,9 @@ class MDMObjective(Objective):
         weight = torch.zeros(len(draws), seq_len, dtype=torch.float32)
         for row, d in enumerate(draws):
             weight[row, : d.length] = d.mask.float() / (d.p * d.length)
+        if self.loss_weighting == "masked_mean":  # train_loss divides by B: B / masked tokens
+            masked = weight > 0
+            weight = masked.float() * (len(draws) / max(int(masked.sum()), 1))
         lengths = [d.length for d in draws]
         if all(n == seq_len for n in lengths):
             return weight, None
@@ -355,7 +365,7 @@ OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjecti
 
 def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float | str) -> Objective:
     """Objective ``name`` ("arm" or "mdm"); ``kw`` are MDM options (eps, random_length_prob,
-    t_sampling);
+    t_sampling, loss_weighting);
     ``loss_chunk`` (both): tokens per chunk of the head's cross-entropy, 0 = plain.
 
     ARM takes no other options: passing any raises ConfigError rather than silently ignoring it.
@@ -366,7 +376,7 @@ def build_objective(name: str, mask_id: int, loss_chunk: int = 0, **kw: float | 
         if kw:
             raise ConfigError(f"objective arm takes no options, got {sorted(kw)}")
         return ARMObjective(loss_chunk)
-    allowed = {"eps", "random_length_prob", "t_sampling"}
+    allowed = {"eps", "random_length_prob", "t_sampling", "loss_weighting"}
     if set(kw) - allowed:
         raise ConfigError(
             f"objective mdm: unknown option(s) {sorted(set(kw) - allowed)}; valid: {sorted(allowed)}"

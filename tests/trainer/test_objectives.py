@@ -421,3 +421,30 @@ def test_trainer_uses_mdm_t_sampling(corpus_factory, tmp_path):
         assert f"t_sampling: {mode}" in (run / "config.yaml").read_text()
         loss[mode] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert loss["iid"] != pytest.approx(loss["stratified"], rel=1e-4)
+
+
+def test_masked_mean_weighting_is_the_mean_ce_over_masked_tokens():
+    """loss_weighting=masked_mean: the same masks as the ELBO, every masked token weighted
+    equally (the mean CE over the micro-batch's masked tokens); the default stays the ELBO."""
+    torch.manual_seed(0)
+    model = _model(causal=False)
+    tokens, keys = _batch(b=4, t=16)
+    elbo = MDMObjective(V, random_length_prob=0.0)
+    mean = build_objective("mdm", V, random_length_prob=0.0, loss_weighting="masked_mean")
+    assert MDMObjective(V).loss_weighting == "elbo" and MDMConfig().loss_weighting == "elbo"
+    w_elbo, _ = elbo.train_weights(keys, 16)
+    w_mean, _ = mean.train_weights(keys, 16)
+    masked = w_elbo > 0
+    assert torch.equal(w_mean > 0, masked)  # same masks
+    assert torch.allclose(w_mean[masked], torch.full_like(w_mean[masked], 4 / masked.sum()))
+    x = tokens[:, :-1]
+    with torch.no_grad():
+        logits = model(torch.where(masked, V, x))
+        ce = F.cross_entropy(logits.flatten(0, 1), x.reshape(-1), reduction="none").view(4, 16)
+        expected = ce[masked].mean()
+        assert float(mean.train_loss(model, tokens, keys)) == pytest.approx(float(expected))
+        assert float(elbo.train_loss(model, tokens, keys)) != pytest.approx(float(expected))
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        MDMConfig(loss_weighting="uniform").validate()
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        MDMObjective(V, loss_weighting="uniform")
