@@ -244,13 +244,12 @@ class SFTEvaluator:
 
     def run(self, engine, objective) -> dict[str, float]:
         from trainer.engine import all_reduce_sum
+        from trainer.validation import evaluating, loss_metrics
 
         if not self.batches:
             return {}
-        was_training = engine.module.training
-        engine.eval()
         loss_sum, rows = 0.0, 0
-        with torch.no_grad():
+        with evaluating(engine):
             for i in range(math.ceil(len(self.batches) / self.world)):
                 index = i * self.world + self.rank
                 weight = 1 if index < len(self.batches) else 0
@@ -258,7 +257,5 @@ class SFTEvaluator:
                 loss = objective.eval_loss(engine, batch.to(self.device), keys, self.n_samples)
                 loss_sum += weight * float(loss) * len(keys)
                 rows += weight * len(keys)
-        engine.train(was_training)
         total, count = all_reduce_sum([loss_sum, rows], self.device)
-        loss = total / max(count, 1)
-        return {"val/sft/loss": loss, "val/sft/ppl": math.exp(min(loss, 700.0))}
+        return loss_metrics("sft", total / max(count, 1))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +30,23 @@ from trainer.engine import all_reduce_sum
 EVAL_ROWS = "eval_rows.json"
 """File in run_dir recording which rows each split was validated on."""
 FORMAT = "maskscale-eval-rows/1"
+
+
+@contextmanager
+def evaluating(engine) -> Iterator[None]:
+    """Eval mode and no autograd for a validation pass; the previous mode comes back after."""
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        engine.train(was_training)
+
+
+def loss_metrics(name: str, loss: float) -> dict[str, float]:
+    """{"val/<name>/loss": loss (nats), "val/<name>/ppl": exp(loss)}."""
+    return {f"val/{name}/loss": loss, f"val/{name}/ppl": math.exp(min(loss, 700.0))}
 
 
 class Evaluator:
@@ -75,18 +94,13 @@ class Evaluator:
 
     def run(self, engine, objective) -> dict[str, float]:
         """{"val/<split>/loss": mean per-token loss (nats), "val/<split>/ppl": exp(loss)}."""
-        was_training = engine.module.training
-        engine.eval()
         out: dict[str, float] = {}
-        with torch.no_grad():
+        with evaluating(engine):
             for split in self.splits:
                 total, count = all_reduce_sum(
                     list(self.split_sums(engine, objective, split)), self.device
                 )
-                loss = total / max(count, 1)
-                out[f"val/{split}/loss"] = loss
-                out[f"val/{split}/ppl"] = math.exp(min(loss, 700.0))
-        engine.train(was_training)
+                out.update(loss_metrics(split, total / max(count, 1)))
         return out
 
     def params(self) -> dict[str, dict]:
