@@ -185,6 +185,7 @@ def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path)
         "task=sft", f"init={init}", f"objective={family}", f"sft.data={data / TRAIN_FILE}",
         f"sft.epochs={cfg.epochs:g}", "budget.steps=null", "sft.val_fraction=0", f"run_dir={run_dir.resolve()}",
         f"sft.target={'all' if family == 'mdm' else 'answer'}", "checkpoint.resume=auto",
+        "sft.seq_len=auto",  # rows as long as the longest fact, not the pretraining context
         f"tracking.experiment={cfg.experiment}", f"tracking.run_name={family}-sft-reverse",
     ]  # fmt: skip
     cmd += [f"tracking.uri={resolve_uri(cfg)}"] if cfg.mlflow else ["tracking.enabled=false"]

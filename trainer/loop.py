@@ -114,7 +114,8 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
         model_cfg = resolve_model(cfg, manifest)
     micro, accum = batch_geometry(cfg.batch, dist.world_size)
     n = non_embedding_params(model_cfg)
-    budget = resolve_budget(budget_cfg, n, cfg.batch.global_batch, model_cfg.seq_len)
+    rows_len = manifest["seq_len"]  # = model_cfg.seq_len, except for shorter SFT rows
+    budget = resolve_budget(budget_cfg, n, cfg.batch.global_batch, rows_len)
     identity = {
         "objective": cfg.objective,
         "model": to_dict(model_cfg),
@@ -206,7 +207,7 @@ class Meter:
 
     def __init__(self, s: Setup):
         self.tokens_per_step = s.budget.tokens_per_step
-        self.flops_per_token = flops_per_token(s.model_cfg, s.model_cfg.seq_len)
+        self.flops_per_token = flops_per_token(s.model_cfg, s.manifest["seq_len"])
         name = torch.cuda.get_device_name(s.dist.device) if s.dist.device.type == "cuda" else None
         self.peak, self.world = peak_flops(name), s.dist.world_size
         self.window: list[float] = []

@@ -142,6 +142,19 @@ def _check_model(cfg: TrainConfig, init: InitSource) -> ModelConfig:
     return model_cfg
 
 
+def _row_width(cfg: TrainConfig, model_len: int) -> int | None:
+    """``sft.seq_len`` as a row width (None = auto, known after reading the file)."""
+    width = cfg.sft.seq_len
+    if width == "auto":
+        return None
+    if width is not None and width > model_len:
+        raise ConfigError(
+            f"sft.seq_len={width} exceeds the init model's seq_len {model_len} (its rotary "
+            f"table); pass sft.seq_len<={model_len}, auto or null"
+        )
+    return width or model_len
+
+
 def prepare_sft(cfg: TrainConfig) -> SFTSource:
     """Resolve the init, tokenize the SFT file(s), hold out validation rows."""
     from tokenizers import Tokenizer
@@ -153,8 +166,11 @@ def prepare_sft(cfg: TrainConfig) -> SFTSource:
     eos = tok.token_to_id(EOS_TOKEN) if eos is None else int(eos)
     if eos is None:
         raise ConfigError(f"init={cfg.init} records no eos_id and {EOS_TOKEN!r} is unknown")
-    seq_len = model_cfg.seq_len
-    rows, report = read_sft_file(cfg.sft.data, tok, eos, seq_len, cfg.sft)
+    seq_len = _row_width(cfg, model_cfg.seq_len)
+    rows, report = read_sft_file(cfg.sft.data, tok, eos, seq_len or model_cfg.seq_len, cfg.sft)
+    if seq_len is None:  # auto: the longest record, rounded up to a multiple of 8
+        seq_len = min(model_cfg.seq_len, -(-report.longest // 8) * 8)
+        rows = rows.narrow(seq_len)
     reports = {"train": report}
     if cfg.sft.validation:
         train, (val, reports["validation"]) = (
@@ -192,6 +208,7 @@ def describe(src: SFTSource) -> dict:
         "init_step": src.init.info.get("step"),
         "train_rows": len(src.train),
         "val_rows": 0 if src.val is None else len(src.val),
+        "seq_len": src.manifest["seq_len"],
     }
     for name, report in src.reports.items():
         out[name] = {"path": str(Path(report.path).resolve()), "sha256": file_sha256(report.path)}

@@ -34,6 +34,11 @@ class SFTConfig:
     all = every token is a target (the unconditional loss on prompt + answer)."""
     prompt_template: str = "{prompt}"
     """Format of each prompt / user turn before tokenization, e.g. "Q: {prompt}\\nA:"."""
+    seq_len: int | Literal["auto"] | None = None
+    """Row width in tokens, at most the init model's seq_len (rotary positions are relative,
+    so shorter rows need no new weights). null = the model's; auto = the longest record
+    (prompt + answer + EOS) rounded up to a multiple of 8. Short records padded to a long
+    context waste the step, and with ``target=all`` make EOS padding most of the targets."""
     cfg_prompt_drop: float = 0.0
     """MDM: probability that a row's whole prompt is replaced by mask tokens (standard
     classifier-free-guidance training; the paper uses 0.1)."""
@@ -47,6 +52,10 @@ class SFTConfig:
             raise ConfigError(f"sft.epochs: a number > 0 (or null), got {self.epochs}")
         if not 0 <= self.cfg_prompt_drop <= 1:
             raise ConfigError(f"sft.cfg_prompt_drop: in [0, 1], got {self.cfg_prompt_drop}")
+        if self.seq_len not in (None, "auto") and (
+            not isinstance(self.seq_len, int) or self.seq_len < 1
+        ):
+            raise ConfigError(f"sft.seq_len: an integer >= 1, auto or null, got {self.seq_len!r}")
         if "{prompt}" not in self.prompt_template:
             raise ConfigError(
                 f"sft.prompt_template: must contain {{prompt}}, got {self.prompt_template!r}"

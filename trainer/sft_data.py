@@ -159,6 +159,8 @@ class ReadReport:
     records: int = 0
     kept: int = 0
     cut: int = 0
+    longest: int = 0
+    """Longest kept row before cutting and padding (prompt + answers + their EOS), tokens."""
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -180,7 +182,7 @@ class ReadReport:
 
     def as_dict(self) -> dict:
         return {"records": self.records, "kept": self.kept, "cut": self.cut,
-                "skipped": dict(self.skipped)}  # fmt: skip
+                "longest": self.longest, "skipped": dict(self.skipped)}  # fmt: skip
 
 
 @dataclass
@@ -197,6 +199,12 @@ class SFTRows:
 
     def take(self, index: np.ndarray) -> SFTRows:
         return SFTRows(self.tokens[index], self.targets[index], self.lines[index])
+
+    def narrow(self, seq_len: int) -> SFTRows:
+        """The first ``seq_len + 1`` columns (exact when every row's content fits: the rest
+        is EOS padding, the same at any width)."""
+        width = seq_len + 1
+        return SFTRows(self.tokens[:, :width], self.targets[:, :width], self.lines)
 
     def stacked(self, index: np.ndarray) -> np.ndarray:
         """int64[len(index), 2, T+1]: tokens and the 0/1 answer mask."""
@@ -259,6 +267,7 @@ def read_sft_file(
             masks.append(built[1])
             lines.append(number)
             report.cut += built[2]
+            report.longest = max(report.longest, sum(len(s) + a for s, a in ids))
     report.kept = len(rows)
     if report.skipped or report.cut:
         warnings.warn(report.summary(), SFTDataWarning, stacklevel=2)

@@ -344,6 +344,25 @@ def test_mdm_sft_with_prompt_drop_learns(runs, tmp_path):
     assert info["objective"] == "mdm" and info["causal"] is False
 
 
+def test_short_rows_auto_width_and_a_width_beyond_the_model(runs, tmp_path):
+    """sft.seq_len=auto narrows rows to the longest record (rounded up to 8): the step holds
+    fewer tokens, the targets are the same, and the MDM still learns the answers."""
+    run_dir = tmp_path / "mdm-short"
+    extra = ["sft.epochs=12", "sft.seq_len=auto", "checkpoint.every=0"]
+    with pytest.warns(SFTDataWarning):
+        summary = train(sft_config(runs, "mdm", run_dir, *extra))
+    recorded = json.loads((run_dir / "sft_data.json").read_text())
+    longest = recorded["train"]["longest"]  # 2 prompt words + 3 answer words + EOS
+    assert longest == 6 and recorded["seq_len"] == 8 < SEQ_LEN
+    assert summary["tokens"] == summary["steps"] * 8 * 8  # global_batch 8 x 8 positions
+    init_loss = answer_loss(runs / "mdm" / "export", runs, SFTMDMObjective(VOCAB))
+    assert answer_loss(run_dir / "export", runs, SFTMDMObjective(VOCAB)) < 0.6 * init_loss
+    with pytest.raises(ConfigError, match="sft.seq_len=32 exceeds the init model's seq_len 16"):
+        train(sft_config(runs, "mdm", tmp_path / "x", "steps=2", "sft.seq_len=32"))
+    with pytest.raises(ConfigError, match="sft.seq_len: an integer"):
+        sft_config(runs, "mdm", tmp_path / "x", "steps=2", "sft.seq_len=0")
+
+
 def test_init_from_a_checkpoint_and_objective_mismatch(runs, tmp_path):
     ckpt = runs / "arm" / CKPT_DIR / tag_for(6)
     from_ckpt, from_run = resolve_init(str(ckpt)), resolve_init(str(runs / "arm"))
