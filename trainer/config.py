@@ -231,21 +231,24 @@ class MDMConfig:
     micro-batch share one random offset and cover [0, 1) one per 1/B stratum (MDLM's
     low-discrepancy sampler: same expected loss, less variance; trainer/objectives.py,
     measurements in benchmarks/mdm_plateau.md). Pretraining only."""
-    loss_weighting: Literal["elbo", "masked_mean"] = "elbo"
+    loss_weighting: Literal["elbo", "masked_mean", "row_mean"] = "elbo"
     """elbo = the paper's objective: each masked token's CE weighted 1/p, per row (an unbiased
     estimate of the ELBO, the number validation reports); masked_mean = the plain mean CE over
     the micro-batch's masked tokens (BERT-style; NOT the ELBO, biased towards heavily masked
     rows, but without the 1/p weights' variance, which keeps tiny CPU models on the unigram
-    plateau for longer: benchmarks/mdm_plateau.md). Validation is the ELBO either way."""
+    plateau for longer: benchmarks/mdm_plateau.md); row_mean = per row the mean CE over its
+    masked tokens, then the mean over rows: the ELBO's 1/p replaced by 1/(masked count), its
+    sample estimate, so every t keeps the ELBO's weight while a lightly masked row can no
+    longer outweigh the batch. Validation is the ELBO in every case."""
 
     def validate(self) -> None:
         if not 0 < self.eps < 1 or not 0 <= self.random_length_prob <= 1:
             raise ConfigError("mdm.eps: in (0, 1); mdm.random_length_prob: in [0, 1]")
         if self.t_sampling not in ("iid", "stratified"):
             raise ConfigError(f"mdm.t_sampling: iid or stratified, got {self.t_sampling!r}")
-        if self.loss_weighting not in ("elbo", "masked_mean"):
+        if self.loss_weighting not in ("elbo", "masked_mean", "row_mean"):
             raise ConfigError(
-                f"mdm.loss_weighting: elbo or masked_mean, got {self.loss_weighting!r}"
+                f"mdm.loss_weighting: elbo, masked_mean or row_mean, got {self.loss_weighting!r}"
             )
 
 

@@ -68,7 +68,7 @@ def row_generator(key: int) -> torch.Generator:
 
 
 T_SAMPLING = ("iid", "stratified")
-LOSS_WEIGHTING = ("elbo", "masked_mean")
+LOSS_WEIGHTING = ("elbo", "masked_mean", "row_mean")
 """How the MDM's training times t are drawn across the rows of a micro-batch."""
 
 
@@ -307,6 +307,9 @@ class MDMObjective(Objective):
         if self.loss_weighting == "masked_mean":  # train_loss divides by B: B / masked tokens
             masked = weight > 0
             weight = masked.float() * (len(draws) / max(int(masked.sum()), 1))
+        elif self.loss_weighting == "row_mean":  # each row: the mean CE of its masked tokens
+            masked = (weight > 0).float()
+            weight = masked / masked.sum(dim=1, keepdim=True).clamp(min=1.0)
         lengths = [d.length for d in draws]
         if all(n == seq_len for n in lengths):
             return weight, None

@@ -448,3 +448,28 @@ def test_masked_mean_weighting_is_the_mean_ce_over_masked_tokens():
         MDMConfig(loss_weighting="uniform").validate()
     with pytest.raises(ConfigError, match="loss_weighting"):
         MDMObjective(V, loss_weighting="uniform")
+
+
+def test_row_mean_weighting_is_the_mean_over_rows_of_each_rows_masked_mean():
+    """loss_weighting=row_mean: the ELBO's masks, each row's masked tokens weighted 1/count, so
+    the loss is the mean over rows of each row's mean masked CE (a row without a masked token
+    adds 0, as in the ELBO); cut rows keep their cut."""
+    torch.manual_seed(0)
+    model = _model(causal=False)
+    tokens, keys = _batch(b=6, t=16)
+    elbo = MDMObjective(V, random_length_prob=0.5)
+    rows = build_objective("mdm", V, random_length_prob=0.5, loss_weighting="row_mean")
+    w_elbo, len_elbo = elbo.train_weights(keys, 16)
+    w_rows, len_rows = rows.train_weights(keys, 16)
+    masked = w_elbo > 0
+    assert torch.equal(w_rows > 0, masked) and torch.equal(len_elbo, len_rows)
+    counts = masked.sum(dim=1)
+    assert torch.allclose(w_rows.sum(dim=1), (counts > 0).float())
+    x = tokens[:, :-1]
+    with torch.no_grad():
+        logits = model(torch.where(masked, V, x), lengths=len_rows)
+        ce = F.cross_entropy(logits.flatten(0, 1), x.reshape(-1), reduction="none").view(6, 16)
+        per_row = [float(ce[i][masked[i]].mean()) if counts[i] else 0.0 for i in range(6)]
+        got = float(rows.train_loss(model, tokens, keys))
+        assert got == pytest.approx(sum(per_row) / 6, rel=1e-5)
+    MDMConfig(loss_weighting="row_mean").validate()
