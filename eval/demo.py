@@ -89,12 +89,13 @@ def build_default_corpus(work: Path, cfg, quiet: bool = False) -> Path:
 
 
 def train_pair(work: Path, corpus: Path, cfg) -> dict[str, dict]:
-    """Train (or resume, or find finished) the ARM and the MDM; {family: summary}."""
-    from trainer.cli import load_train_config
-    from trainer.loop import train
+    """Train (or resume, or find finished) the ARM and the MDM; {family: summary}. Side by side
+    in two processes when ``train.parallel`` allows (eval/demo_train.py), else in turn here."""
+    from eval.demo_train import cpu_cores, train_side_by_side
 
-    results = {}
     tracking = f"sqlite:///{(work / 'mlflow.db').resolve()}"
+    recipe = recipe_path(cfg.train.recipe)
+    jobs = {}
     for family in ("arm", "mdm"):
         overrides = [
             f"corpus={corpus}", f"objective={family}", f"flops={cfg.train.flops}",
@@ -102,9 +103,20 @@ def train_pair(work: Path, corpus: Path, cfg) -> dict[str, dict]:
             f"tracking.experiment={cfg.experiment}", "checkpoint.resume=auto",
             *cfg.train.overrides(family),
         ]  # fmt: skip
-        train_cfg = load_train_config(str(recipe_path(cfg.train.recipe)), overrides)
+        jobs[family] = (recipe, overrides, work / "runs" / family)
+    cores = cpu_cores()
+    parallel = cores >= 2 if cfg.train.parallel is None else cfg.train.parallel
+    if parallel:
+        say(f"training a tiny ARM and a tiny MDM side by side at C = {cfg.train.flops:.2g} "
+            f"FLOPs each ({max(1, cores // 2)} thread(s) each; logs: runs/*/train.log)")  # fmt: skip
+        return train_side_by_side(jobs, cores)
+    from trainer.cli import load_train_config
+    from trainer.loop import train
+
+    results = {}
+    for family, (recipe, overrides, _) in jobs.items():
         say(f"training a tiny {family.upper()} at C = {cfg.train.flops:.2g} FLOPs")
-        results[family] = train(train_cfg)
+        results[family] = train(load_train_config(str(recipe), overrides))
     return results
 
 
@@ -280,6 +292,7 @@ def evaluate(work: Path, corpus: Path, runs: dict[str, str], cfg) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from eval.demo_config import DEFAULT, load_demo_config
+    from eval.demo_train import TrainingFailed
     from pipeline.configdir import config_path
 
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
@@ -295,7 +308,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.skip_train:
         return 0
     with stage(2, "a tiny ARM and a tiny MDM at the same FLOP budget"):
-        results = train_pair(work, corpus, cfg)
+        try:
+            results = train_pair(work, corpus, cfg)
+        except TrainingFailed as e:
+            say(str(e))
+            return 1
         runs = {family: summary["run_dir"] for family, summary in results.items()}
         try:
             say(f"loss curves: {plot_comparison(results, work / 'arm_vs_mdm.png')}")

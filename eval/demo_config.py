@@ -35,6 +35,10 @@ class DemoTrain:
     """Overrides for the ARM run only (applied after ``set``)."""
     mdm: dict[str, Any] = field(default_factory=dict)
     """Overrides for the MDM run only (applied after ``set``)."""
+    parallel: bool | None = None
+    """Train the two runs at once, one process and half the cores each (eval/demo_train.py);
+    null = when this process may use at least 2 cores. false = one after the other, in this
+    process."""
 
     def overrides(self, family: str) -> list[str]:
         """``key=value`` strings for ``family``'s run."""
