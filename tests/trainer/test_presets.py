@@ -48,14 +48,14 @@ PAPER_GRID = {
     "1678M": (25, 16, 2048, 8192, 1_677_826_048),
     "2121M": (28, 17, 2176, 8704, 2_121_393_280),
 }
-TINY = ["tiny-0.3M", "tiny-1M", "tiny-3M"]
+TINY = ["tiny-0.07M", "tiny-0.13M", "tiny-0.3M", "tiny-1M", "tiny-3M"]
 
 
 def test_all_presets_listed_smallest_first():
     names = list_presets()
     assert set(names) == set(PAPER_GRID) | set(TINY)
-    assert names[:3] == TINY
-    assert names[3:] == list(PAPER_GRID)  # the grid is listed in increasing size
+    assert names[: len(TINY)] == TINY
+    assert names[len(TINY) :] == list(PAPER_GRID)  # the grid is listed in increasing size
 
 
 @pytest.mark.parametrize("name", list(PAPER_GRID))
