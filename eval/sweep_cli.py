@@ -82,7 +82,9 @@ def _add_fit(sub) -> None:
         help="IsoFLOP optima, power laws L_opt(C) and N_opt(C), the ARM/MDM compute gap",
         description="Fits the finished runs (missing and failed ones are listed, budgets with "
         "fewer than 3 points reported as not fittable) and writes report.md, fit.json, "
-        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit.",
+        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit. Every loss is "
+        "shown next to the unigram baseline of the training split on the same validation rows "
+        "(run_dir/eval_rows.json).",
     )
     p.add_argument("sweep", nargs="?", help="sweep folder (the planned grid)")
     p.add_argument("--mlflow-experiment", help="read final losses from this MLflow experiment")
@@ -91,6 +93,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--split", default="validation", help="loss of this split (validation)")
     p.add_argument("--out", help="report folder (default SWEEP/fit, or ./fit)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the fit to MLflow")
+    p.add_argument("--no-unigram", action="store_true",
+                   help="skip the unigram baseline of the runs' corpus on their validation rows")  # fmt: skip
     p.set_defaults(func=_lazy("eval.sweep_fit", "cmd_fit"))
 
 

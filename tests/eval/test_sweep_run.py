@@ -97,6 +97,12 @@ def test_local_runs_skips_finished_resumes_interrupted_and_tags(tmp_path, capsys
     fit = json.loads((tmp_path / "fit2/fit.json").read_text())
     assert sorted(p["name"] for p in fit["points"]) == sorted(p["name"] for p in sweep["points"])
     assert all(p["loss"] > 0 for p in fit["points"])
+    # the unigram baseline from the runs' MLflow params (corpus, run_dir -> eval_rows.json)
+    from eval.unigram import unigram_baseline
+
+    expected = unigram_baseline(tmp_path / "corpus", ["validation"])["validation"]  # all 16 rows
+    assert fit["unigram"]["value"] == pytest.approx(expected, abs=1e-12)
+    assert fit["unigram"]["groups"][0]["rows_source"] == "every row, per eval_rows.json"
 
 
 @pytest.mark.slow
