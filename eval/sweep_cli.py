@@ -3,7 +3,7 @@
     maskscale sweep plan --budgets 1e15,3e15,1e16 --sizes tiny-0.3M,tiny-1M,tiny-3M \\
         --families arm,mdm --corpus data/corpus --out sweeps/cpu \\
         [--config configs/train/tiny-cpu.yaml] [KEY=VALUE ...]
-    maskscale sweep run sweeps/cpu --launcher local|slurm|ray [--gpus-per-run G ...]
+    maskscale sweep run sweeps/cpu --launcher local|slurm|ray [--parallel K] [--gpus-per-run G]
     maskscale sweep fit sweeps/cpu [--mlflow-experiment NAME]
 
 ``plan`` writes sweeps/cpu/runs/<family>-<size>-C<budget>/config.yaml per point and
@@ -64,7 +64,11 @@ def _add_run(sub) -> None:
     p.add_argument("--gpus-per-run", type=int, default=0,
                    help="GPUs per node per run (0: one process on the default device)")  # fmt: skip
     p.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
-    p.add_argument("--cpus-per-run", type=int, default=1, help="CPU cores per run")
+    p.add_argument("--cpus-per-run", type=int,
+                   help="CPU cores per run (default 1); local: OMP/MKL threads of each run "
+                   "(default: 1 with --parallel > 1, else inherited)")  # fmt: skip
+    p.add_argument("--parallel", type=int, default=1,
+                   help="local: runs at once, in the planned order (default 1)")  # fmt: skip
     p.add_argument("--partition", help="slurm partition")
     p.add_argument("--time", help="slurm time limit per run, e.g. 24:00:00")
     p.add_argument("--max-parallel", type=int, help="slurm: array tasks at once")
@@ -78,7 +82,9 @@ def _add_fit(sub) -> None:
         help="IsoFLOP optima, power laws L_opt(C) and N_opt(C), the ARM/MDM compute gap",
         description="Fits the finished runs (missing and failed ones are listed, budgets with "
         "fewer than 3 points reported as not fittable) and writes report.md, fit.json, "
-        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit.",
+        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit. Every loss is "
+        "shown next to the unigram baseline of the training split on the same validation rows "
+        "(run_dir/eval_rows.json).",
     )
     p.add_argument("sweep", nargs="?", help="sweep folder (the planned grid)")
     p.add_argument("--mlflow-experiment", help="read final losses from this MLflow experiment")
@@ -87,6 +93,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--split", default="validation", help="loss of this split (validation)")
     p.add_argument("--out", help="report folder (default SWEEP/fit, or ./fit)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the fit to MLflow")
+    p.add_argument("--no-unigram", action="store_true",
+                   help="skip the unigram baseline of the runs' corpus on their validation rows")  # fmt: skip
     p.set_defaults(func=_lazy("eval.sweep_fit", "cmd_fit"))
 
 

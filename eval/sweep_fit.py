@@ -10,7 +10,10 @@ Losses come from each run's ``summary.json`` (final ``val/<split>/loss``) or, wi
 ``--mlflow-experiment``, from MLflow (runs tagged by ``maskscale sweep plan``: sweep, family,
 N, sweep.C; without a sweep folder, the runs found there are the grid). The numbers are fitted
 by eval/scaling_fit.py; this module writes ``fit.json``, ``report.md``, ``isoflop.png`` and
-``scaling.png`` and logs them as artifacts of an MLflow run named ``sweep-fit``.
+``scaling.png`` and logs them as artifacts of an MLflow run named ``sweep-fit``. Next to every
+loss stands the unigram baseline of the runs' corpus on the same validation rows
+(eval/sweep_unigram.py; ``--no-unigram`` skips it), so a point that has learned nothing but
+token frequencies is visible as such.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from eval.outputs import save_figure_atomic, write_json_atomic, write_text_atomic
 from eval.scaling_fit import MIN_POINTS, fit_study, to_json
 from eval.sweep_run import FAILED_FILE, load_sweep, run_state
+from eval.sweep_unigram import mlflow_metrics, report_lines, skipped, sweep_unigram
 from pipeline.configlib import ConfigError
 
 FAMILIES = ("arm", "mdm")
@@ -38,7 +42,10 @@ def points_from_sweep(sweep: dict, split: str) -> list[dict]:
     """Every planned point with its status and (if finished) its final validation loss."""
     out = []
     for p in sweep["points"]:
-        row = {k: p[k] for k in ("name", "family", "size", "N", "C")}
+        row = {k: p[k] for k in ("name", "family", "size", "N", "C", "run_dir")}
+        config = sweep.get("configs", {}).get(p["name"], {})
+        row["corpus"] = config.get("corpus") or sweep.get("corpus")
+        row["train_split"] = (config.get("data") or {}).get("split")
         run_dir = Path(p["run_dir"])
         state = run_state(p)
         if state == "finished":
@@ -68,8 +75,11 @@ def mlflow_runs(uri: str, experiment: str, sweep: str | None) -> list:
     return [r for r in runs if "sweep.fit" not in r.data.tags]
 
 
-def points_from_mlflow(runs: list, split: str, planned: list[dict] | None) -> list[dict]:
-    """Points from MLflow runs; with a plan, matched by the sweep.point tag (the newest wins)."""
+def points_from_mlflow(
+    runs: list, split: str, planned: list[dict] | None, uri: str | None = None
+) -> list[dict]:
+    """Points from MLflow runs; with a plan, matched by the sweep.point tag (the newest wins).
+    Each keeps its corpus, run_dir and data.split params (for the unigram baseline)."""
     found: dict[str, dict] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         tags = r.data.tags
@@ -83,13 +93,19 @@ def points_from_mlflow(runs: list, split: str, planned: list[dict] | None) -> li
         )
         if status == "finished" and loss is None:
             status = f"finished without {loss_key(split)}"
+        params = r.data.params
         found[name] = {"name": name, "family": tags["family"], "size": tags.get("model", "?"),
-                       "N": int(tags["N"]), "C": c, "loss": loss, "status": status}  # fmt: skip
+                       "N": int(tags["N"]), "C": c, "loss": loss, "status": status,
+                       "corpus": params.get("corpus"), "run_dir": params.get("run_dir"),
+                       "train_split": params.get("data.split"), "run_id": r.info.run_id,
+                       "tracking_uri": uri}  # fmt: skip
     if planned is None:
         return list(found.values())
     out = []
     for p in planned:
         got = found.get(p["name"])
+        if got is not None and not got["corpus"]:
+            got["corpus"] = p.get("corpus")
         refused = p["status"].startswith("refused")
         out.append(
             got or {**p, "loss": None, "status": p["status"] if refused else "not in MLflow"}
@@ -101,7 +117,7 @@ def fittable(points: list[dict]) -> list[dict]:
     return [p for p in points if p["status"] == "finished" and p.get("loss") is not None]
 
 
-def isoflop_figure(points: list[dict], result: dict):
+def isoflop_figure(points: list[dict], result: dict, unigram: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,6 +146,7 @@ def isoflop_figure(points: list[dict], result: dict):
                     s = o.N_opt_log_std
                     err = [[o.N_opt * (1 - np.exp(-s))], [o.N_opt * (np.exp(s) - 1)]]
                 ax.errorbar([o.N_opt], [o.L_opt], xerr=err, color=color, marker="*", ms=12)
+        draw_unigram(ax, unigram, {p["name"] for p in points if p["family"] == fam})
         ax.set_xscale("log")
         ax.set_title(f"{fam.upper()}: IsoFLOP profiles")
         ax.set_xlabel("non-embedding parameters N")
@@ -139,6 +156,16 @@ def isoflop_figure(points: list[dict], result: dict):
     axes[0].set_ylabel("final validation loss (nats)")
     fig.tight_layout()
     return fig
+
+
+def draw_unigram(ax, unigram: dict | None, names: set[str]) -> None:
+    """A dashed line at each unigram baseline that some of the panel's points are scored on."""
+    groups = [g for g in (unigram or {}).get("groups", []) if names & set(g["runs"])]
+    for i, g in enumerate(groups):
+        label = f"unigram {g['loss']:.3f}" + (
+            f" ({len(g['runs'])} runs)" if len(groups) > 1 else ""
+        )
+        ax.axhline(g["loss"], color="grey", ls="--", lw=1, label=label if i < 4 else None)
 
 
 def scaling_figure(result: dict):
@@ -191,17 +218,22 @@ def report_markdown(source: str, points: list[dict], data: dict) -> str:
     if bad:
         lines += ["", "## Missing or failed runs (not fitted)", "", "| run | status |", "|---|---|"]
         lines += [f"| {p['name']} | {p['status']} |" for p in bad]
-    lines += [
-        "",
-        "## Runs",
-        "",
-        "| family | size | N | C | loss | status |",
-        "|---|---|---|---|---|---|",
-    ]
+    unigram = data.get("unigram") or skipped("", "")
+    shown = not unigram.get("skipped")
+    extra = " unigram | below unigram |" if shown else ""
+    lines += ["", "## Runs", "", "| family | size | N | C | loss |" + extra + " status |",
+              "|---|---|---|---|---|" + ("---|---|" if shown else "") + "---|"]  # fmt: skip
     for p in sorted(points, key=lambda p: (p["family"], p["C"], p["N"])):
         loss = "-" if p.get("loss") is None else f"{p['loss']:.4f}"
-        lines.append(f"| {p['family']} | {p['size']} | {p['N']:,} | {p['C']:.3g} | {loss} | "
-                     f"{p['status']} |")  # fmt: skip
+        cells = ""
+        if shown:
+            base, margin = p.get("unigram"), p.get("below_unigram")
+            cells = (f" {'-' if base is None else f'{base:.4f}'} |"
+                     f" {'-' if margin is None else f'{margin:+.4f}'} |")  # fmt: skip
+        lines.append(f"| {p['family']} | {p['size']} | {p['N']:,} | {p['C']:.3g} | {loss} |"
+                     f"{cells} {p['status']} |")  # fmt: skip
+    if shown:
+        lines += ["", *report_lines(unigram)]
     lines += ["", "## IsoFLOP optima (parabola in ln N)", "",
               "| family | C | points | N_opt | L_opt | note |", "|---|---|---|---|---|---|"]  # fmt: skip
     for fam, fit in data["families"].items():
@@ -260,6 +292,8 @@ def log_to_mlflow(uri: str, experiment: str, sweep: str, out: Path, data: dict) 
                     client.log_metric(rid, f"{fam}_{key}_coef", fit[key]["coef"])
         if data["gap_geomean"] is not None:
             client.log_metric(rid, "compute_gap_geomean", data["gap_geomean"])
+        for key, value in mlflow_metrics(data["unigram"]).items():
+            client.log_metric(rid, key, value)
         for name in ("report.md", "fit.json", "isoflop.png", "scaling.png"):
             client.log_artifact(rid, str(out / name))
         client.set_terminated(rid)
@@ -269,15 +303,20 @@ def log_to_mlflow(uri: str, experiment: str, sweep: str, out: Path, data: dict) 
         return None
 
 
-def fit_and_report(points: list[dict], out: Path, source: str) -> dict:
-    """Fit the finished points; write fit.json, report.md and the two plots into ``out``."""
+def fit_and_report(
+    points: list[dict], out: Path, source: str, split: str = "validation", unigram: bool = True
+) -> dict:
+    """Fit the finished points; write fit.json, report.md and the two plots into ``out``.
+    With ``unigram``, every point with a loss is compared with its corpus's unigram baseline
+    on the same rows first."""
     import matplotlib.pyplot as plt
 
+    base = sweep_unigram(points, split) if unigram else skipped(split, "skipped (--no-unigram)")
     good = fittable(points)
     result = fit_study(good)
-    data = {"source": source, "points": points, **to_json(result)}
+    data = {"source": source, "points": points, **to_json(result), "unigram": base}
     write_json_atomic(out / "fit.json", data)
-    for name, fig in (("isoflop.png", isoflop_figure(good, result)),
+    for name, fig in (("isoflop.png", isoflop_figure(good, result, base)),
                       ("scaling.png", scaling_figure(result))):  # fmt: skip
         save_figure_atomic(fig, out / name)
         plt.close(fig)
@@ -300,7 +339,7 @@ def cmd_fit(args) -> int:
             uri = resolve_uri(TrackingConfig())
         planned = points_from_sweep(sweep, args.split) if sweep else None
         runs = mlflow_runs(uri, experiment, sweep["name"] if sweep else args.sweep_tag)
-        points = points_from_mlflow(runs, args.split, planned)
+        points = points_from_mlflow(runs, args.split, planned, uri)
         source = f"MLflow {uri} experiment {experiment}"
     else:
         points = points_from_sweep(sweep, args.split)
@@ -308,7 +347,7 @@ def cmd_fit(args) -> int:
     if not points:
         raise ConfigError(f"no runs found in {source}")
     out = Path(args.out) if args.out else (sweep_dir or Path(".")) / "fit"
-    data = fit_and_report(points, out, source)
+    data = fit_and_report(points, out, source, args.split, not args.no_unigram)
     print((out / "report.md").read_text())
     if not args.no_mlflow and uri and experiment:
         rid = log_to_mlflow(uri, experiment, name, out, data)

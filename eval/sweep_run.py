@@ -9,9 +9,15 @@ the rest start fresh. Before anything is launched, every config is loaded and va
 typo fails in seconds rather than hours into a job array.
 
 Launchers:
-- ``local``: one run after another in a subprocess (``torchrun --standalone`` when a run has
-  more than one GPU); a failed run is recorded in ``runs/<name>/failed.json`` and the sweep
-  goes on with the next; exit status 1 if any failed.
+- ``local``: each run a subprocess (``torchrun --standalone`` when a run has more than one GPU),
+  one after another, or ``--parallel K`` at once in the planned order (the cheap runs of the
+  smallest budget first; a run that ends makes room for the next). With K > 1 each run gets
+  ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--cpus-per-run`` (default 1): tiny models gain
+  little from a second intra-op thread, so two one-thread runs on two cores finish in about the
+  time of one two-thread run. Each launch is appended to ``runs/<name>/launches.jsonl`` (start,
+  end, exit status, threads). A failed run is recorded in ``runs/<name>/failed.json``, shown
+  with its log tail, and the others go on; exit status 1 if any failed. Ctrl-C stops the
+  running subprocesses (rerunning the sweep resumes them from their checkpoints).
 - ``slurm``: one ``sbatch`` job array (``slurm/sweep.sbatch``, one array index per unfinished
   run, each a ``srun torchrun`` over ``--nodes`` x ``--gpus-per-run``), submitted with sbatch.
 - ``ray``: each run is a Ray task asking for its GPUs (``--gpus-per-run``) and CPUs, on the
@@ -26,8 +32,10 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
@@ -37,6 +45,13 @@ from pipeline.configlib import ConfigError
 
 FAILED_FILE = "failed.json"
 LOG_FILE = "train.log"
+LAUNCHES_FILE = "launches.jsonl"
+"""One line per local launch of a run: start and end (unix seconds), exit status, threads."""
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+POLL_S = 0.5
+"""Seconds between two looks at the running subprocesses (local launcher)."""
+STOP_S = 30.0
+"""Seconds a stopped run gets to exit after SIGTERM before it is killed."""
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The folder holding the eval/trainer/pipeline packages (put on the runs' PYTHONPATH)."""
 
@@ -57,12 +72,18 @@ class Resources:
     """Slurm time limit, e.g. 24:00:00."""
     max_parallel: int | None = None
     """Slurm: at most this many array tasks at once."""
+    parallel: int = 1
+    """Local: runs at once (1 = one after another)."""
+    threads: int | None = None
+    """Local: OMP_NUM_THREADS / MKL_NUM_THREADS of each run (None = inherited)."""
 
     def validate(self) -> None:
         if self.gpus_per_run < 0 or self.nodes < 1 or self.cpus_per_run < 1:
             raise ConfigError("--gpus-per-run >= 0, --nodes >= 1, --cpus-per-run >= 1")
         if self.max_parallel is not None and self.max_parallel < 1:
             raise ConfigError("--max-parallel: >= 1")
+        if self.parallel < 1 or (self.threads is not None and self.threads < 1):
+            raise ConfigError("--parallel >= 1 and --cpus-per-run >= 1")
 
 
 def load_sweep(path: str | Path) -> tuple[Path, dict]:
@@ -110,24 +131,60 @@ def train_command(config: str, gpus: int, python: str = sys.executable) -> list[
     return [python, "-m", "pipeline.cli", "train", "--config", config]
 
 
-def run_env() -> dict[str, str]:
+def run_env(threads: int | None = None) -> dict[str, str]:
+    """The runs' environment: this project first on PYTHONPATH, offline HF, and (when
+    ``threads`` is given) the intra-op thread count."""
     path = os.environ.get("PYTHONPATH")
     pythonpath = f"{PROJECT_ROOT}:{path}" if path else str(PROJECT_ROOT)
-    return dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1")
+    if threads is not None:
+        env.update({var: str(threads) for var in THREAD_VARS})
+    return env
 
 
-def train_one(point: dict, gpus: int) -> int:
-    """Train (or resume) one run in a subprocess, output appended to runs/<name>/train.log."""
+@dataclass
+class LocalRun:
+    """One training subprocess of the local launcher."""
+
+    point: dict
+    proc: subprocess.Popen
+    log: IO[str]
+    threads: int | None
+    started: float
+
+
+def start_run(point: dict, gpus: int, threads: int | None = None) -> LocalRun:
+    """Start training (or resuming) one run, its output appended to runs/<name>/train.log."""
     run_dir = Path(point["run_dir"])
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     cmd = train_command(point["config"], gpus)
-    with open(run_dir / LOG_FILE, "a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env()).returncode
-    if rc != 0:
+    env_prefix = "" if threads is None else "".join(f"{v}={threads} " for v in THREAD_VARS)
+    log = open(run_dir / LOG_FILE, "a")
+    log.write(f"$ {env_prefix}{shlex.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env(threads))
+    return LocalRun(point, proc, log, threads, time.time())
+
+
+def finish_run(run: LocalRun, interrupted: bool = False) -> int:
+    """Record an exited run: launches.jsonl always, failed.json when it failed (not when it
+    was stopped by Ctrl-C: that run is interrupted and resumes)."""
+    run.log.close()
+    run_dir, rc = Path(run.point["run_dir"]), run.proc.returncode
+    record = {"started": run.started, "ended": time.time(), "returncode": rc,
+              "threads": run.threads, "pid": run.proc.pid, "interrupted": interrupted}  # fmt: skip
+    with open(run_dir / LAUNCHES_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if rc != 0 and not interrupted:
         write_json_atomic(run_dir / FAILED_FILE, {"returncode": rc, "log": str(run_dir / LOG_FILE)})
     return rc
+
+
+def train_one(point: dict, gpus: int, threads: int | None = None) -> int:
+    """Train (or resume) one run in a subprocess and wait for it; its exit status."""
+    run = start_run(point, gpus, threads)
+    run.proc.wait()
+    return finish_run(run)
 
 
 def log_tail(point: dict, lines: int = 15) -> str:
@@ -136,17 +193,52 @@ def log_tail(point: dict, lines: int = 15) -> str:
     return "\n".join("    " + x for x in text[-lines:])
 
 
+def stop_runs(running: list[LocalRun]) -> None:
+    """SIGTERM every running subprocess, wait up to STOP_S for each, then SIGKILL."""
+    for run in running:
+        if run.proc.poll() is None:
+            run.proc.terminate()
+    deadline = time.monotonic() + STOP_S
+    for run in running:
+        try:
+            run.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
+        finish_run(run, interrupted=True)
+
+
 def run_local(points: list[dict], res: Resources) -> int:
-    failed = []
-    bar = tqdm(points, desc="sweep", unit="run", file=sys.stdout)
-    for p in bar:
-        bar.set_postfix_str(p["name"])
-        rc = train_one(p, res.gpus_per_run)
-        if rc != 0:
-            failed.append(p["name"])
-            tqdm.write(f"FAILED {p['name']} (exit {rc}); last lines of its train.log:")
-            tqdm.write(log_tail(p))
-    bar.close()
+    """Up to ``res.parallel`` runs at once, started in the planned order; the bar counts
+    finished runs. A failure is reported and the others go on; Ctrl-C stops them all (130)."""
+    queue, running, failed = list(points), [], []
+    bar = tqdm(total=len(points), desc="sweep", unit="run", file=sys.stdout)
+    try:
+        while queue or running:
+            if queue and len(running) < res.parallel:
+                while queue and len(running) < res.parallel:
+                    running.append(start_run(queue.pop(0), res.gpus_per_run, res.threads))
+                bar.set_postfix_str(", ".join(r.point["name"] for r in running))
+            ended = [r for r in running if r.proc.poll() is not None]
+            if not ended:
+                time.sleep(POLL_S)
+            for run in ended:
+                running.remove(run)
+                rc = finish_run(run)
+                if rc != 0:
+                    failed.append(run.point["name"])
+                    tqdm.write(f"FAILED {run.point['name']} (exit {rc}); last lines of its "
+                               "train.log:")  # fmt: skip
+                    tqdm.write(log_tail(run.point))
+                bar.update(1)
+    except KeyboardInterrupt:
+        names = ", ".join(r.point["name"] for r in running)
+        tqdm.write(f"interrupted: stopping {len(running)} running run(s) {names}")
+        stop_runs(running)
+        print("stopped; rerun `maskscale sweep run` to resume", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
     if failed:
         print(f"{len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -237,13 +329,24 @@ def run_ray(points: list[dict], res: Resources, address: str | None) -> int:
     return 1 if failed else 0
 
 
+def local_threads(cpus_per_run: int | None, parallel: int) -> int | None:
+    """Threads per local run: --cpus-per-run if given, else 1 with --parallel > 1, else the
+    inherited setting (None)."""
+    if cpus_per_run is not None:
+        return cpus_per_run
+    return 1 if parallel > 1 else None
+
+
 def cmd_run(args) -> int:
     sweep_dir, sweep = load_sweep(args.sweep)
     res = Resources(
-        gpus_per_run=args.gpus_per_run, nodes=args.nodes, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run, nodes=args.nodes, cpus_per_run=args.cpus_per_run or 1,
         partition=args.partition, time=args.time, max_parallel=args.max_parallel,
+        parallel=args.parallel, threads=local_threads(args.cpus_per_run, args.parallel),
     )  # fmt: skip
     res.validate()
+    if args.parallel > 1 and args.launcher != "local":
+        raise ConfigError("--parallel is for --launcher local (slurm: --max-parallel)")
     points = sweep["points"]
     if args.only:
         wanted = set(args.only.split(","))
@@ -259,6 +362,9 @@ def cmd_run(args) -> int:
         return 0
     check_configs(todo)
     if args.launcher == "local":
+        if res.parallel > 1 or res.threads is not None:
+            print(f"local: up to {res.parallel} run(s) at once, {res.threads or 'default'} "
+                  f"thread(s) each")  # fmt: skip
         return run_local(todo, res)
     if args.launcher == "slurm":
         return run_slurm(sweep_dir, todo, res)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +108,121 @@ def test_fit_recovers_paper_exponents_gap_and_lists_missing_runs(tmp_path, capsy
     assert "not run" in stdout
     for png in ("isoflop.png", "scaling.png"):
         assert (out / "fit" / png).stat().st_size > 10_000
+
+
+TINY_03M_N = 295_392
+
+
+def tiny_sweep(tmp_path, capsys, corpus, mlflow: bool = False):
+    """A planned 3-budget x 2-family sweep on ``corpus`` (tiny-0.3M) whose run folders hold
+    the summary.json and eval_rows.json of the fixture's trained ARM or MDM."""
+    budgets = ",".join(f"{s * 6 * TINY_03M_N * 16 * 32:.6e}" for s in (20, 40, 80))
+    extra = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"] if mlflow else []
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(
+        capsys, "sweep", "plan", "--budgets", budgets, "--sizes", "tiny-0.3M", "--corpus",
+        corpus, "--out", out, "--config", ROOT / "configs/train/tiny-cpu.yaml",
+        "eval.max_rows=32", *extra,
+    )  # fmt: skip
+    assert code == 0, err
+    return out, json.loads((out / "sweep.json").read_text())
+
+
+def fill_runs(sweep: dict, eval_runs) -> None:
+    for p in sweep["points"]:
+        src = eval_runs.arm if p["family"] == "arm" else eval_runs.mdm
+        for name in ("summary.json", "eval_rows.json"):
+            shutil.copy(src / name, Path(p["run_dir"]) / name)
+
+
+def validated_rows(run_dir) -> np.ndarray:
+    record = json.loads((Path(run_dir) / "eval_rows.json").read_text())
+    return np.asarray(record["splits"]["validation"]["row_index"], dtype=np.int64)
+
+
+def direct_unigram(corpus, rows=None) -> float:
+    from eval.unigram import unigram_baseline
+
+    return unigram_baseline(corpus, ["validation"], {"validation": rows} if rows is not None
+                            else None)["validation"]  # fmt: skip
+
+
+def test_fit_reports_the_unigram_on_the_runs_rows(eval_runs, tmp_path, capsys):
+    out, sweep = tiny_sweep(tmp_path, capsys, eval_runs.corpus, mlflow=True)
+    fill_runs(sweep, eval_runs)
+    rows = validated_rows(eval_runs.arm)
+    assert len(rows) == 32 and np.array_equal(rows, validated_rows(eval_runs.mdm))
+    expected = direct_unigram(eval_runs.corpus, rows)
+
+    code, stdout, err = run_cli(capsys, "sweep", "fit", out)
+    assert code == 0, err
+    fit = json.loads((out / "fit/fit.json").read_text())
+    uni = fit["unigram"]
+    assert uni["value"] == pytest.approx(expected, abs=1e-12)
+    assert [(g["rows"], g["rows_source"], len(g["runs"])) for g in uni["groups"]] == [
+        (32, "sample from eval_rows.json", 6)
+    ]
+    for p in fit["points"]:
+        assert p["unigram"] == pytest.approx(expected, abs=1e-12)
+        assert p["below_unigram"] == pytest.approx(expected - p["loss"], abs=1e-12)
+    report = (out / "fit/report.md").read_text()
+    assert "| family | size | N | C | loss | unigram | below unigram | status |" in report
+    mdm_loss = json.loads((eval_runs.mdm / "summary.json").read_text())["val"]
+    mdm_loss = mdm_loss["val/validation/loss"]
+    assert f"| {mdm_loss:.4f} | {expected:.4f} | {expected - mdm_loss:+.4f} | finished |" in report
+    below = 3 if mdm_loss < expected else 0
+    assert f"- MDM: {below} of 3 points below the unigram; smallest margin" in report
+    assert f"**{expected:.4f}** nats over 32 rows (sample from eval_rows.json; all runs" in stdout
+    assert (out / "fit/isoflop.png").stat().st_size > 10_000
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(sweep["tracking"]["experiment"])
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`sweep.fit` = '1'")
+    assert run.data.metrics["unigram_loss"] == pytest.approx(expected, abs=1e-12)
+    assert run.data.metrics["mdm_points_below_unigram"] == below
+
+
+def test_unigram_per_run_when_rows_differ_and_all_rows_without_a_record(
+    eval_runs, tmp_path, capsys
+):
+    out, sweep = tiny_sweep(tmp_path, capsys, eval_runs.corpus)
+    fill_runs(sweep, eval_runs)
+    mdm = [p for p in sweep["points"] if p["family"] == "mdm"]
+    other = Path(mdm[0]["run_dir"]) / "eval_rows.json"  # another sample of 10 rows
+    record = json.loads(other.read_text())
+    record["splits"]["validation"]["row_index"] = list(range(0, 100, 10))
+    other.write_text(json.dumps(record))
+    (Path(mdm[1]["run_dir"]) / "eval_rows.json").unlink()
+
+    code, stdout, err = run_cli(capsys, "sweep", "fit", out, "--no-mlflow")
+    assert code == 0, err
+    fit = json.loads((out / "fit/fit.json").read_text())
+    assert fit["unigram"]["value"] is None and len(fit["unigram"]["groups"]) == 3
+    got = {p["name"]: p["unigram"] for p in fit["points"]}
+    assert got[mdm[0]["name"]] == pytest.approx(
+        direct_unigram(eval_runs.corpus, np.arange(0, 100, 10)), abs=1e-12
+    )
+    assert got[mdm[1]["name"]] == pytest.approx(direct_unigram(eval_runs.corpus), abs=1e-12)
+    shared = direct_unigram(eval_runs.corpus, validated_rows(eval_runs.arm))
+    assert got[mdm[2]["name"]] == pytest.approx(shared, abs=1e-12)
+    assert "over 100 rows (every row: no eval_rows.json; " + mdm[1]["name"] in stdout
+
+
+def test_missing_corpus_is_a_note_and_no_unigram_skips(eval_runs, tmp_path, capsys):
+    corpus = shutil.copytree(eval_runs.corpus, tmp_path / "gone")
+    out, sweep = tiny_sweep(tmp_path, capsys, corpus)
+    fill_runs(sweep, eval_runs)
+    shutil.rmtree(corpus)
+    code, stdout, err = run_cli(capsys, "sweep", "fit", out, "--no-mlflow")
+    assert code == 0, err
+    assert f"corpus {corpus} not found on disk (no manifest.json); 6 run(s)" in stdout
+    fit = json.loads((out / "fit/fit.json").read_text())
+    assert fit["unigram"]["value"] is None and len(fit["unigram"]["without_baseline"]) == 6
+    assert "| - | - | finished |" in (out / "fit/report.md").read_text()
+
+    code, stdout, err = run_cli(capsys, "sweep", "fit", out, "--no-mlflow", "--no-unigram")
+    assert code == 0, err
+    assert "unigram" not in (out / "fit/report.md").read_text()
+    assert json.loads((out / "fit/fit.json").read_text())["unigram"]["skipped"]

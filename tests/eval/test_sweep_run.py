@@ -24,14 +24,17 @@ FAST = ["checkpoint.every=2", "eval.every=0", "eval.max_rows=16", "eval.n_sample
         "checkpoint.export=false"]  # fmt: skip
 
 
-def plan(tmp_path: Path, capsys, families: str, steps: int = 4) -> tuple[Path, dict, str]:
+def plan(
+    tmp_path: Path, capsys, families: str, steps: int | tuple[int, ...] = 4
+) -> tuple[Path, dict, str]:
     corpus = make_corpus(tmp_path / "corpus", vocab_size=64, seq_len=16, kind="ramp",
                          splits={"train": 64, "validation": 16})  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    budget = steps * 6 * TINY_03M_N * 8 * 16
+    steps = (steps,) if isinstance(steps, int) else steps
+    budgets = ",".join(f"{s * 6 * TINY_03M_N * 8 * 16:.8e}" for s in steps)
     out = tmp_path / "sweep"
     code, _, err = run_cli(
-        capsys, "sweep", "plan", "--budgets", f"{budget:.8e}", "--sizes", "tiny-0.3M",
+        capsys, "sweep", "plan", "--budgets", budgets, "--sizes", "tiny-0.3M",
         "--families", families, "--corpus", corpus, "--out", out, "--config",
         ROOT / "configs/train/tiny-cpu.yaml", f"tracking.uri={uri}", *FAST,
     )  # fmt: skip
@@ -94,6 +97,12 @@ def test_local_runs_skips_finished_resumes_interrupted_and_tags(tmp_path, capsys
     fit = json.loads((tmp_path / "fit2/fit.json").read_text())
     assert sorted(p["name"] for p in fit["points"]) == sorted(p["name"] for p in sweep["points"])
     assert all(p["loss"] > 0 for p in fit["points"])
+    # the unigram baseline from the runs' MLflow params (corpus, run_dir -> eval_rows.json)
+    from eval.unigram import unigram_baseline
+
+    expected = unigram_baseline(tmp_path / "corpus", ["validation"])["validation"]  # all 16 rows
+    assert fit["unigram"]["value"] == pytest.approx(expected, abs=1e-12)
+    assert fit["unigram"]["groups"][0]["rows_source"] == "every row, per eval_rows.json"
 
 
 @pytest.mark.slow
@@ -161,3 +170,96 @@ def test_ray_local_cluster(tmp_path, capsys):
         ray.shutdown()
     assert code == 0, err + stdout
     assert (Path(sweep["points"][0]["run_dir"]) / "summary.json").is_file()
+
+
+class ChildWatch:
+    """Polls this process's child processes (the sweep's trainers) for their environment."""
+
+    def __init__(self):
+        import threading
+
+        self.env: dict[int, str | None] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for child in psutil.Process().children():
+                try:
+                    if "pipeline.cli" in child.cmdline() and child.pid not in self.env:
+                        self.env[child.pid] = child.environ().get("OMP_NUM_THREADS")
+                except psutil.Error:  # exited between listing and reading
+                    pass
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def launch_records(point: dict) -> list[dict]:
+    path = Path(point["run_dir"]) / "launches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_local_parallel_overlaps_sets_threads_and_survives_a_failure(tmp_path, capsys):
+    out, sweep, _ = plan(tmp_path, capsys, "arm,mdm", steps=(2, 4))
+    by_name = {p["name"]: p for p in sweep["points"]}
+    arm2, arm4, mdm2, mdm4 = (p["name"] for p in sweep["points"])
+    broken = Path(by_name[arm4]["config"])  # loads, but its trainer fails on a missing corpus
+    broken.write_text(broken.read_text().replace(str(tmp_path / "corpus"), "/nonexistent/c"))
+    only = ",".join((arm2, arm4, mdm2))
+    with ChildWatch() as watch:
+        code, stdout, err = run_cli(capsys, "sweep", "run", out, "--parallel", "2", "--only", only)
+    assert code == 1 and "1 of 3 runs failed" in err, err
+    assert "up to 2 run(s) at once, 1 thread(s) each" in stdout
+    assert f"FAILED {arm4} (exit 1)" in stdout and "nonexistent" in stdout  # with its log tail
+    assert (Path(by_name[arm4]["run_dir"]) / "failed.json").is_file()
+    for name in (arm2, mdm2):  # the failure stopped neither of the others
+        assert json.loads((Path(by_name[name]["run_dir"]) / "summary.json").read_text())
+    assert not (Path(by_name[mdm4]["run_dir"]) / "train.log").exists()  # not in --only
+
+    spans = {n: launch_records(by_name[n])[0] for n in (arm2, arm4, mdm2)}
+    assert all(s["threads"] == 1 for s in spans.values())
+    assert spans[arm2]["started"] < spans[arm4]["ended"]  # the first two started together
+    assert spans[arm4]["started"] < spans[arm2]["ended"]
+    # the failed run's slot went to the next planned run while the first still trained
+    assert spans[arm4]["ended"] <= spans[mdm2]["started"] < spans[arm2]["ended"]
+    assert "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " in (out / "runs" / arm2 / "train.log").read_text()
+    assert set(watch.env.values()) == {"1"} and len(watch.env) >= 2, watch.env  # as the OS saw it
+
+
+@pytest.mark.slow
+def test_local_ctrl_c_stops_the_running_subprocesses(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out, sweep, _ = plan(tmp_path, capsys, "arm,mdm", steps=400)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "run", str(out), "--parallel", "2"]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    parent = psutil.Process(launcher.pid)
+    deadline = time.monotonic() + 120
+    while len(parent.children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    trainers = parent.children()
+    assert len(trainers) == 2, launcher.communicate()[0].decode()
+    launcher.send_signal(signal.SIGINT)  # to the launcher alone: it must stop its runs itself
+    output = launcher.communicate(timeout=90)[0].decode()
+    assert launcher.returncode == 130, output
+    assert "interrupted: stopping 2 running run(s)" in output
+    assert not any(t.is_running() and t.status() != psutil.STATUS_ZOMBIE for t in trainers)
+    for p in sweep["points"]:
+        record = launch_records(p)[0]
+        assert record["interrupted"] and not (Path(p["run_dir"]) / "failed.json").exists()
