@@ -428,8 +428,10 @@ class TrainConfig:
             )
         if self.mdm.t_sampling != "iid":
             raise ConfigError("mdm.t_sampling: only iid is implemented for task=sft; drop it")
-        if self.mdm.loss_weighting != "elbo":
-            raise ConfigError("mdm.loss_weighting: only elbo is implemented for task=sft; drop it")
+        if self.mdm.loss_weighting == "row_mean":
+            raise ConfigError(
+                "mdm.loss_weighting: task=sft implements elbo and masked_mean; drop row_mean"
+            )
         if self.corpus:
             raise ConfigError(
                 "corpus: not used with task=sft (validation holds out part of sft.data or "

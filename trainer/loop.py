@@ -412,7 +412,9 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
         from trainer.sft_objectives import build_sft_objective
 
         drop = cfg.sft.cfg_prompt_drop
-        objective = build_sft_objective(cfg.objective, s.model_cfg.mask_id, cfg.mdm.eps, drop)
+        objective = build_sft_objective(
+            cfg.objective, s.model_cfg.mask_id, cfg.mdm.eps, drop, cfg.mdm.loss_weighting
+        )
     universal = ref is not None and ckpt.needs_universal(ref, cfg.zero_stage)
     model = build_model(cfg, s.model_cfg, objective.causal, dist.world_size)
     if s.sft is not None and ref is None:  # a resume restores the fine-tuned weights instead

@@ -13,6 +13,10 @@ every random draw comes from the row's key (``trainer.objectives.row_generator``
   probability ``cfg_prompt_drop`` every prompt token is replaced by the mask token as well (no
   loss on it): standard classifier-free-guidance training. Validation uses the same loss with
   stratified times (no prompt drop), from the draws of :meth:`MDMObjective.eval_draws`.
+  ``loss_weighting="masked_mean"`` (``mdm.loss_weighting``) replaces the 1/p weights by the plain
+  mean CE over the micro-batch's masked answer tokens, as in pretraining (benchmarks/
+  mdm_plateau.md: the 1/p-weighted loss learns far more slowly at tiny sizes); validation is
+  the 1/p-weighted loss either way.
 """
 
 from __future__ import annotations
@@ -67,11 +71,20 @@ class SFTMDMObjective(Objective):
     name = "mdm"
     causal = False
 
-    def __init__(self, mask_id: int, eps: float = 1e-3, cfg_prompt_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        mask_id: int,
+        eps: float = 1e-3,
+        cfg_prompt_drop: float = 0.0,
+        loss_weighting: str = "elbo",
+    ) -> None:
         if not 0 <= cfg_prompt_drop <= 1:
             raise ValueError(f"cfg_prompt_drop must be in [0, 1], got {cfg_prompt_drop}")
+        if loss_weighting not in ("elbo", "masked_mean"):
+            raise ValueError(f"SFT loss_weighting: elbo or masked_mean, got {loss_weighting!r}")
         self.base = MDMObjective(mask_id, eps=eps, random_length_prob=0.0)
         self.mask_id, self.eps, self.cfg_prompt_drop = int(mask_id), eps, cfg_prompt_drop
+        self.loss_weighting = loss_weighting
 
     def train_draws(
         self, keys: torch.Tensor, answer: torch.Tensor
@@ -90,6 +103,9 @@ class SFTMDMObjective(Objective):
             hit = answer[row] & (uniforms < p)
             weight[row] = hit.float() / (p * max(int(answer[row].sum()), 1))
             masked[row] = hit | (~answer[row] if drop_u < self.cfg_prompt_drop else False)
+        if self.loss_weighting == "masked_mean":  # train_loss averages rows: B / masked tokens
+            hits = weight > 0
+            weight = hits.float() * (batch / max(int(hits.sum()), 1))
         return weight, masked
 
     def _loss_sum(self, model, x, weight, masked) -> torch.Tensor:
@@ -132,11 +148,15 @@ class SFTMDMObjective(Objective):
 
 
 def build_sft_objective(
-    name: str, mask_id: int, eps: float = 1e-3, cfg_prompt_drop: float = 0.0
+    name: str,
+    mask_id: int,
+    eps: float = 1e-3,
+    cfg_prompt_drop: float = 0.0,
+    loss_weighting: str = "elbo",
 ) -> Objective:
     """The SFT objective for ``objective=arm|mdm``."""
     if name == "arm":
         return SFTARMObjective()
     if name == "mdm":
-        return SFTMDMObjective(mask_id, eps=eps, cfg_prompt_drop=cfg_prompt_drop)
+        return SFTMDMObjective(mask_id, eps, cfg_prompt_drop, loss_weighting)
     raise ValueError(f"objective: unknown {name!r}; choose arm or mdm")

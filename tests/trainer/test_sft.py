@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from pipeline.configlib import ConfigError
@@ -191,6 +192,27 @@ def test_mdm_sft_never_masks_the_prompt_and_weighs_only_answers(tmp_path):
         masked.any(1)
     ].all()
     assert abs(float(weight.sum(dim=1).mean()) - 1) < 0.08
+
+
+def test_mdm_sft_masked_mean_weighs_every_masked_answer_token_alike(tmp_path):
+    """mdm.loss_weighting=masked_mean in SFT: the same masks as the 1/p loss, the loss the mean
+    CE over the batch's masked answer tokens; the prompt stays clean."""
+    batch = sft_batch(tmp_path)
+    tokens, answer = split_batch(batch)
+    x, answer = tokens[:, :-1], answer[:, :-1]
+    keys = torch.arange(len(batch)) + 7
+    elbo, mean = SFTMDMObjective(VOCAB), SFTMDMObjective(VOCAB, loss_weighting="masked_mean")
+    w_elbo, m_elbo = elbo.train_draws(keys, answer)
+    w_mean, m_mean = mean.train_draws(keys, answer)
+    assert torch.equal(m_elbo, m_mean) and torch.equal(w_mean > 0, w_elbo > 0)
+    model = tiny_model(causal=False)
+    with torch.no_grad():
+        logits = model(torch.where(m_mean, VOCAB, x))
+        ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+        expected = float(ce[w_mean > 0].mean())
+        assert float(mean.train_loss(model, batch, keys)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="elbo or masked_mean"):
+        SFTMDMObjective(VOCAB, loss_weighting="row_mean")
 
 
 def test_mdm_prompt_drop_masks_the_whole_prompt_without_loss_on_it(tmp_path):
