@@ -213,26 +213,31 @@ def main(argv: list[str] | None = None) -> int:
         f"load {load_before[0]:.2f}",
         flush=True,
     )
-    results = []
+    out = {
+        "benchmark": "sampling",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "clock": clock,
+        "load_1min": [load_before[0]],
+        "results": [],
+    }
     for batch in args.batch:
-        results.append(bench_batch(models, args, batch, device, clock))
-        print_batch(results[-1], args.length)
-    load_after = os.getloadavg()
-    print(f"\nload average (1 min): {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    if args.json is not None:
-        setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        out = {
-            "benchmark": "sampling",
-            "args": setup,
-            "device_name": device_name(device),
-            "threads": torch.get_num_threads(),
-            "clock": clock,
-            "load_1min": [load_before[0], load_after[0]],
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        out["results"].append(bench_batch(models, args, batch, device, clock))
+        print_batch(out["results"][-1], args.length)
+        write_json(args.json, out)  # after every batch: a time limit keeps what is done
+    out["load_1min"].append(os.getloadavg()[0])
+    print(
+        f"\nload average (1 min): {out['load_1min'][0]:.2f} before, {out['load_1min'][1]:.2f} after"
+    )
+    write_json(args.json, out)
     return 0
+
+
+def write_json(path: Path | None, out: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 def device_name(device: torch.device) -> str:
