@@ -183,10 +183,10 @@ def verdict(crossover: int | None, length: int) -> str:
 
 def print_batch(result: dict, length: int) -> None:
     print(f"\nbatch {result['batch']}:")
-    print(f"{'sampler':<26} {'seconds':>9} {'tokens/s':>10} {'vs ARM':>8}")
+    print(f"{'sampler':<28} {'seconds':>9} {'tokens/s':>10} {'vs ARM':>8}")
     for r in result["rows"]:
         name = r["sampler"] if r["family"] == "arm" else f"MDM {r['strategy']} {r['steps']} steps"
-        print(f"{name:<26} {r['seconds']:>9.3f} {r['tokens_per_s']:>10.1f} {r['vs_arm']:>7.2f}x")
+        print(f"{name:<28} {r['seconds']:>9.3f} {r['tokens_per_s']:>10.1f} {r['vs_arm']:>7.2f}x")
     for strategy, steps in result["crossover"].items():
         print(f"crossover ({strategy}): the MDM is {verdict(steps, length)}")
 

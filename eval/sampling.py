@@ -21,7 +21,9 @@ whatever is still masked (otherwise a fraction 1e-5/t of slots could stay masked
 ``steps = L`` and low-confidence unmasking exactly one token is revealed per step. Unsupervised
 classifier-free guidance (``cfg_scale = w``, as in eval/likelihood.py): the unconditional twin of
 each row has its prompt replaced by masks, runs in the same forward, and the logits are
-``uncond + (w + 1) (cond - uncond)``. The output head runs only at still-masked slots.
+``uncond + (w + 1) (cond - uncond)``. The output head runs only at still-masked slots
+(``random``: only at the slots revealed this step), and a step's token choice, confidences and
+reveals run for the whole batch at once (per row only where a row's own noise is drawn).
 
 ARM: prompts are left-padded and decoded with a KV cache (eval/kv_cache.py); ``cache=False``
 recomputes the full forward for every new token through ``Transformer.forward`` (the reference
@@ -34,7 +36,8 @@ temperature 0 is plain argmax. Every row draws its noise from its own generator 
 hash of (seed, its prompt tokens), so a prompt's sample does not depend on what shares its batch
 or on the batch size. Batches of prompts of unequal length are right-padded (MDM: per-row
 ``lengths`` hide pad keys) or left-padded (ARM cache: pad keys masked); padding never becomes a
-generation slot and never reaches the answer.
+generation slot and never reaches the answer. Both families apply the head through
+``eval.kv_cache.OutputHead`` (a faster layout for one-row products on a CPU).
 """
 
 from __future__ import annotations
