@@ -39,7 +39,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class OutputHead:
     """``head(hidden)`` -> fp32 logits [..., vocab] through the model's head weight (see the
     module docstring); the transposed CPU copy is rebuilt when the weight changes in place
-    (its version counter) or is replaced."""
+    (its version counter) or is replaced. A weight created under ``torch.inference_mode`` has
+    no version counter, so it goes through the plain head (correct, just slower)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.head = model.head
@@ -56,7 +57,7 @@ class OutputHead:
         return self._weight_t
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.device.type != "cpu":
+        if hidden.device.type != "cpu" or self.head.weight.is_inference():
             return self.head(hidden).float()
         return (hidden @ self._transposed()).float()
 
