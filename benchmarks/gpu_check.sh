@@ -8,7 +8,11 @@
 #      bf16 dense peak, MDM/ARM step-time ratio, peak memory (AC=K env: activation
 #      checkpointing every K-th block if 80 GB is not enough);
 #   3. 170M: chunked vs plain loss and per-row fused vs dense-mask attention for cut rows;
-#   4. one markdown table of all of it (benchmarks/gpu_table.py) -> $OUT/table.md.
+#   4. sampling speed (benchmarks/sampling_bench.py): 113M, vocab 32000, bf16, prompt 64,
+#      L = 256, batch 1 and 16, low-confidence MDM at L..L/8 steps vs ARM KV cache;
+#   5. one markdown table of all of it (benchmarks/gpu_table.py) -> $OUT/table.md, the
+#      sampling numbers as its "MDM vs ARM sampling" section.
+# Time caps: 100 + 330 + 85 + 45 s.
 #
 #   bash benchmarks/gpu_check.sh            # on the device machine, from the repo root
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: CPU, tiny sizes, seconds
@@ -41,7 +45,9 @@ if [[ $DRY == 1 ]]; then
     "$PY" benchmarks/trainer_bench.py --tiny --device cpu --skip-plain --compile-compare \
         --loss-compare --json "$OUTDIR/bench_dry.json" 2>&1 | grep -v -i warning
     status=${PIPESTATUS[0]}
-    "$PY" benchmarks/gpu_table.py "$OUTDIR/bench_dry.json" || status=1
+    "$PY" benchmarks/sampling_bench.py --smoke --batch 1,2 --strategy low-confidence \
+        --json "$OUTDIR/sampling_dry.json" || status=1
+    "$PY" benchmarks/gpu_table.py "$OUTDIR/bench_dry.json" "$OUTDIR/sampling_dry.json" || status=1
     exit "$status"
 fi
 
@@ -54,7 +60,7 @@ deepspeed.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_
 }
 
 echo "== pytest -m gpu"
-timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/trainer/test_gpu.py 2>&1 |
+timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/trainer/test_gpu.py 2>&1 |
     tee "$OUTDIR/pytest_gpu.log"
 status_tests=${PIPESTATUS[0]}
 
@@ -69,16 +75,27 @@ timeout 330 "$PY" benchmarks/trainer_bench.py --device cuda --models 1028M:8 \
 status_1b=${PIPESTATUS[0]}
 
 echo "== 170M: chunked vs plain loss, cut rows fused vs dense mask (eager)"
-timeout 110 "$PY" benchmarks/trainer_bench.py --device cuda --models 170M:8 \
+timeout 85 "$PY" benchmarks/trainer_bench.py --device cuda --models 170M:8 \
     --seq-len 2048 --vocab 32000 --accum 1 --precision bf16 --zero-stage 2 \
     --compile false --loss-compare --cut-compare --warmup 2 --steps 5 --skip-plain \
     --loader-rows 4096 --json "$OUTDIR/bench_170m.json" 2>&1 | grep -v -i warning |
     tee "$OUTDIR/bench_170m.log"
 status_170m=${PIPESTATUS[0]}
 
-echo "== table (goals: MFU >= 45% at 1028M, stretch 55%; MDM/ARM step time <= 1.05)"
-"$PY" benchmarks/gpu_table.py "$OUTDIR/bench_1b.json" "$OUTDIR/bench_170m.json" |
-    tee "$OUTDIR/table.md"
+# The MDM's speed claim (issue 9): tokens/s at L, L/2, L/4, L/8 steps vs ARM KV-cache decoding
+# of the same length and batch; low-confidence only and 3 repeats to fit 45 s (the JSON is
+# written after each batch size, so batch 1 survives the cap).
+echo "== sampling: MDM steps vs ARM KV cache (113M, bf16, prompt 64, L 256, batch 1 and 16)"
+timeout 45 "$PY" benchmarks/sampling_bench.py --device cuda --dtype bf16 --model 113M \
+    --vocab 32000 --seq-len 512 --prompt 64 --length 256 --batch 1,16 \
+    --strategy low-confidence --repeats 3 --threads 0 --json "$OUTDIR/sampling.json" 2>&1 |
+    tee "$OUTDIR/sampling.log"
+status_sampling=${PIPESTATUS[0]}
 
-echo "== exit codes: pytest=$status_tests bench_1b=$status_1b bench_170m=$status_170m"
-exit $((status_tests != 0 || status_1b != 0 || status_170m != 0))
+echo "== table (goals: MFU >= 45% at 1028M, stretch 55%; MDM/ARM step time <= 1.05)"
+"$PY" benchmarks/gpu_table.py "$OUTDIR/bench_1b.json" "$OUTDIR/bench_170m.json" \
+    "$OUTDIR/sampling.json" | tee "$OUTDIR/table.md"
+
+echo "== exit codes: pytest=$status_tests bench_1b=$status_1b bench_170m=$status_170m" \
+    "sampling=$status_sampling"
+exit $((status_tests != 0 || status_1b != 0 || status_170m != 0 || status_sampling != 0))

@@ -4,9 +4,10 @@ Why a separate printer: the device check runs several trainer_bench invocations 
 with compiled-vs-eager, a smaller one with loss and cut-row comparisons); the issue note and
 the README want one table with tokens/s, MFU, MDM/ARM step time, peak memory and the
 compiled/eager ratio side by side. MFU of a comparison variant is scaled from the main run's
-MFU by the step-time ratio (same model, tokens and device).
+MFU by the step-time ratio (same model, tokens and device). A sampling_bench.py JSON (MDM vs ARM
+sampling speed) becomes its own section after the trainer table.
 
-    python benchmarks/gpu_table.py OUT/bench_1b.json OUT/bench_170m.json
+    python benchmarks/gpu_table.py OUT/bench_1b.json OUT/bench_170m.json OUT/sampling.json
 """
 
 from __future__ import annotations
@@ -81,13 +82,61 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+def sampling_table(result: dict) -> str:
+    """Markdown section of one sampling_bench.py result: per batch size and MDM strategy, the
+    ARM's tokens/s, the MDM's at each step count (and its ratio to the ARM) and the crossover
+    (largest MDM step count faster than the ARM)."""
+    a = result["args"]
+    length = a["length"]
+    steps = sorted({r["steps"] for b in result["results"] for r in b["rows"] if r["steps"]})
+    steps.reverse()
+    lines = [
+        "## MDM vs ARM sampling",
+        "",
+        f"{a['model']} (vocab {a['vocab']}), {result['device_name']} {a['dtype']}, "
+        f"{result['threads']} thread(s), prompt {a['prompt']}, L = {length}, temperature "
+        f"{a['temperature']:g}, median of {a['repeats']} ({result['clock']} time); answer "
+        "tokens/s, MDM as a ratio to the ARM KV cache in brackets.",
+        "",
+        "| batch | ARM kv-cache | MDM strategy | "
+        + " | ".join(f"{n} steps (L/{length / n:g})" for n in steps)
+        + " | MDM faster at | L/4 goal |",
+        "|" + "---|" * (5 + len(steps)),
+    ]
+    for b in result["results"]:
+        arm = {r["sampler"]: r["tokens_per_s"] for r in b["rows"] if r["family"] == "arm"}
+        arm_cell = "; ".join(
+            f"{v:,.0f}" if name == "ARM kv-cache" else f"{name[4:]} {v:,.0f}"
+            for name, v in arm.items()
+        )
+        for strategy, n in b["crossover"].items():
+            cells = {r["steps"]: r for r in b["rows"] if r["strategy"] == strategy}
+            mdm = [
+                f"{cells[k]['tokens_per_s']:,.0f} ({cells[k]['vs_arm']:.2f}x)"
+                if k in cells
+                else "-"
+                for k in steps
+            ]
+            where = "never" if n is None else f"<= {n} steps"
+            goal = "met" if n is not None and n >= length / 4 else "missed"
+            lines.append(
+                f"| {b['batch']} | {arm_cell} | {strategy} | "
+                + " | ".join(mdm)
+                + f" | {where} | {goal} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
     results = [json.loads(p.read_text()) for p in paths if p.is_file()]
     if not results:
         print("no benchmark JSON found: " + ", ".join(map(str, paths)), file=sys.stderr)
         return 1
-    print(table(results))
+    trainer = [r for r in results if r.get("benchmark") != "sampling"]
+    sections = [table(trainer)] if trainer else []
+    sections += [sampling_table(r) for r in results if r.get("benchmark") == "sampling"]
+    print("\n\n".join(sections))
     return 0
 
 

@@ -21,7 +21,9 @@ whatever is still masked (otherwise a fraction 1e-5/t of slots could stay masked
 ``steps = L`` and low-confidence unmasking exactly one token is revealed per step. Unsupervised
 classifier-free guidance (``cfg_scale = w``, as in eval/likelihood.py): the unconditional twin of
 each row has its prompt replaced by masks, runs in the same forward, and the logits are
-``uncond + (w + 1) (cond - uncond)``. The output head runs only at still-masked slots.
+``uncond + (w + 1) (cond - uncond)``. The output head runs only at still-masked slots
+(``random``: only at the slots revealed this step), and a step's token choice, confidences and
+reveals run for the whole batch at once (per row only where a row's own noise is drawn).
 
 ARM: prompts are left-padded and decoded with a KV cache (eval/kv_cache.py); ``cache=False``
 recomputes the full forward for every new token through ``Transformer.forward`` (the reference
@@ -34,7 +36,8 @@ temperature 0 is plain argmax. Every row draws its noise from its own generator 
 hash of (seed, its prompt tokens), so a prompt's sample does not depend on what shares its batch
 or on the batch size. Batches of prompts of unequal length are right-padded (MDM: per-row
 ``lengths`` hide pad keys) or left-padded (ARM cache: pad keys masked); padding never becomes a
-generation slot and never reaches the answer.
+generation slot and never reaches the answer. Both families apply the head through
+``eval.kv_cache.OutputHead`` (a faster layout for one-row products on a CPU).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from eval.kv_cache import CachedDecoder
+from eval.kv_cache import CachedDecoder, OutputHead
 from eval.likelihood import request_key
 from pipeline.configlib import ConfigError
 
@@ -141,7 +144,18 @@ def pick_tokens(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         z = z.masked_fill(drop, -math.inf)
     u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float64)
-    return (z - torch.log(-torch.log(u))).argmax(dim=-1)
+    return z.sub_(u.log_().neg_().log_()).argmax(dim=-1)  # z - log(-log u), in place
+
+
+def log_confidence(logits: torch.Tensor, x0: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """log softmax(logits)[x0] per row (fp32 [N]); ``greedy``: x0 is each row's argmax, so its
+    logit is the row maximum and one pass of exp over the vocabulary suffices. Overwrites
+    ``logits`` (the one full-vocabulary temporary it needs)."""
+    top = logits.gather(1, x0[:, None])
+    if greedy:
+        return -logits.sub_(top).exp_().sum(dim=-1).log()
+    peak = logits.amax(dim=-1, keepdim=True)
+    return (top - peak)[:, 0] - logits.sub_(peak).exp_().sum(dim=-1).log()
 
 
 class Sampler:
@@ -179,6 +193,7 @@ class Sampler:
                 "diffusion models only; use cfg_scale=0 with an autoregressive (causal) model"
             )
         self.device = next(model.parameters()).device
+        self.head = OutputHead(model)
 
     @classmethod
     def from_loaded(cls, loaded, cfg: SamplingConfig | None = None) -> Sampler:
@@ -246,13 +261,13 @@ class Sampler:
         rows, pos = where
         if self.cfg.cfg_scale == 0:
             hidden = self.model.features(ids, lengths)
-            return self.model.head(hidden[rows, pos]).float()
+            return self.head(hidden[rows, pos])
         uncond = ids.clone()
         prompt_slots = torch.arange(ids.shape[1], device=ids.device)[None] < n_prompt[:, None]
         uncond[prompt_slots] = self.mask_id
         hidden = self.model.features(torch.cat([ids, uncond]), torch.cat([lengths, lengths]))
-        cond = self.model.head(hidden[rows, pos]).float()
-        base = self.model.head(hidden[rows + ids.shape[0], pos]).float()
+        cond = self.head(hidden[rows, pos])
+        base = self.head(hidden[rows + ids.shape[0], pos])
         return torch.lerp(base, cond, self.cfg.cfg_scale + 1.0)
 
     def _random_reveals(self, masked, t: float, s: float, last: bool, gens) -> torch.Tensor:
@@ -269,17 +284,16 @@ class Sampler:
         return chosen
 
     @staticmethod
-    def _most_confident(logits, x0, t: float, s: float, last: bool) -> torch.Tensor:
-        """``low-confidence``: bool[n] over one row's masked slots, the k = round(n (1 - s/t))
-        whose prediction x0 is most probable (all of them at the last step)."""
-        n = x0.numel()
-        k = n if last else int(math.floor(n * (1.0 - s / t) + 0.5))
-        logp = logits.gather(1, x0[:, None])[:, 0] - logits.logsumexp(dim=-1)
-        conf = torch.round(logp.double().exp() / TIE_RESOLUTION)
-        order = torch.sort(conf, descending=True, stable=True).indices
-        chosen = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        chosen[order[:k]] = True
-        return chosen
+    def _most_confident(logp, rows, slots, scored, t: float, s: float) -> torch.Tensor:
+        """``low-confidence``: bool[B, L], in each row the k = round(n (1 - s/t)) of its n
+        scored slots whose prediction is most probable (``logp`` [N] at the slots ``rows,
+        slots``), leftmost first on ties; all rows at once."""
+        conf = torch.full(scored.shape, -1.0, dtype=F64, device=scored.device)  # -1: not scored
+        conf[rows, slots] = torch.round(logp.double().exp() / TIE_RESOLUTION)
+        order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+        k = torch.floor(scored.sum(dim=1).double() * (1.0 - s / t) + 0.5)
+        rank = torch.arange(scored.shape[1], device=scored.device)
+        return torch.zeros_like(scored).scatter_(1, order, rank[None] < k[:, None])
 
     @torch.inference_mode()
     def _mdm(self, prompts: list[list[int]], gens, on_step: StepHook | None):
@@ -309,27 +323,38 @@ class Sampler:
         return [self._cut_eos(row) for row in answer.tolist()]
 
     def _mdm_step(self, state, scored, gens, times) -> None:
-        """Predict the ``scored`` slots, reveal (random: all of them; low-confidence: the
-        most confident k per row) and write the revealed tokens into ``ids`` and ``answer``,
-        clearing them in ``masked`` (``state``; ``times`` = (t, s, last))."""
+        """Predict the ``scored`` slots, reveal (random or the last step: all of them;
+        low-confidence: the most confident k per row) and write the revealed tokens into
+        ``ids`` and ``answer``, clearing them in ``masked`` (``state``; ``times`` = (t, s,
+        last))."""
         ids, lengths, n_prompt, slot_pos, masked, answer = state
         rows, slots = scored.nonzero(as_tuple=True)  # row-major: each row's slots together
         logits = self._mdm_logits(ids, lengths, n_prompt, (rows, slot_pos[rows, slots]))
+        x0 = self._pick_per_row(logits, scored, gens)
+        t, s, last = times
+        reveal = scored
+        if self.cfg.strategy == "low-confidence" and not last:
+            logp = log_confidence(logits, x0, greedy=self.cfg.temperature == 0)
+            reveal = self._most_confident(logp, rows, slots, scored, t, s)
+        keep = reveal[rows, slots]
+        rows, slots, tokens = rows[keep], slots[keep], x0[keep]
+        answer[rows, slots] = tokens
+        ids[rows, slot_pos[rows, slots]] = tokens
+        masked[rows, slots] = False
+
+    def _pick_per_row(self, logits, scored, gens) -> torch.Tensor:
+        """x0 [N] for the scored slots' logits (row-major): one argmax at temperature 0,
+        else each row's Gumbel-max draw from its own generator."""
+        if self.cfg.temperature == 0:
+            return logits.argmax(dim=-1)
+        x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         start = 0
         for i, count in enumerate(scored.sum(dim=1).tolist()):
-            if count == 0:
-                continue
             part = slice(start, start + count)
             start += count
-            x0 = pick_tokens(logits[part], self.cfg.temperature, self.cfg.top_p, gens[i])
-            if self.cfg.strategy == "random":
-                reveal = torch.ones_like(x0, dtype=torch.bool)
-            else:
-                reveal = self._most_confident(logits[part], x0, *times)
-            where = slots[part][reveal]
-            answer[i, where] = x0[reveal]
-            ids[i, slot_pos[i, where]] = x0[reveal]
-            masked[i, where] = False
+            if count:
+                x0[part] = pick_tokens(logits[part], self.cfg.temperature, self.cfg.top_p, gens[i])
+        return x0
 
     def _cut_eos(self, tokens: list[int]) -> tuple[list[int], bool]:
         if self.cfg.stop_at_eos and self.eos_id in tokens:
@@ -348,7 +373,7 @@ class Sampler:
             ids = torch.full((b, width), self.eos_id, dtype=torch.long, device=dev)
             for i, p in enumerate(prompts):
                 ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            decoder = CachedDecoder(self.model)
+            decoder = CachedDecoder(self.model, self.head)
             logits, cache = decoder.prefill(ids, pad, width + self.cfg.length)
             return logits, lambda tokens: decoder.step(tokens, cache)
         seqs = [list(p) for p in prompts]
@@ -361,7 +386,7 @@ class Sampler:
             with torch.inference_mode():
                 hidden = self.model.features(ids.to(dev), lengths)
                 last = hidden[torch.arange(b, device=dev), (lengths - 1).to(dev)]
-                return self.model.head(last).float()
+                return self.head(last)
 
         def feed(tokens: torch.Tensor) -> torch.Tensor:
             for x, tok in zip(seqs, tokens.tolist(), strict=True):

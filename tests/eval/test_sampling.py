@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from eval.harness import MaskscaleLM
+from eval.kv_cache import OutputHead
 from eval.loading import load_model
-from eval.sampling import Sampler, SamplingConfig, pick_tokens
+from eval.sampling import Sampler, SamplingConfig, log_confidence, pick_tokens
 from tests.eval.test_harness import make_run
 from tests.trainer.conftest import make_corpus
 
@@ -68,6 +69,40 @@ def test_gumbel_max_samples_the_softmax_and_top_p_keeps_the_nucleus():
     )
     assert pick_tokens(logits[:3], 1.0, 0.1, g).tolist() == [0, 0, 0]
     assert pick_tokens(torch.tensor([[0.0, 3.0, 3.0]]), 0.0, 1.0, None).tolist() == [1]
+
+
+def test_log_confidence_is_the_log_softmax_of_the_chosen_token():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    want = logits.log_softmax(dim=-1)
+    greedy = logits.argmax(dim=-1)
+    got = log_confidence(logits.clone(), greedy, greedy=True)
+    assert torch.allclose(got, want.gather(1, greedy[:, None])[:, 0], atol=1e-6)
+    other = torch.tensor([0, 5, 7, 9, 11, 49])  # not the argmax: needs the row maximum
+    got = log_confidence(logits.clone(), other, greedy=False)
+    assert torch.allclose(got, want.gather(1, other[:, None])[:, 0], atol=1e-6)
+
+
+def test_output_head_follows_the_weight_and_matches_the_model_head(models):
+    model = models["arm"]
+    head, x = OutputHead(model), torch.randn(5, model.cfg.d_model)
+    for rows in (1, 2, 5):  # one-row products take the transposed copy on a CPU
+        assert torch.allclose(head(x[:rows]), model.head(x[:rows]), atol=1e-5)
+    assert head._weight_t is not None
+    saved = model.head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.head.weight.mul_(-2.0)  # in place: the copy must follow
+        assert torch.allclose(head(x[:1]), model.head(x[:1]), atol=1e-5)
+        model.load_state_dict({**model.state_dict(), "head.weight": saved})
+        assert torch.allclose(head(x[:1]), model.head(x[:1]), atol=1e-5)
+    finally:
+        with torch.no_grad():
+            model.head.weight.copy_(saved)
+    with torch.inference_mode():  # no version counter: the plain head, still right
+        holder = torch.nn.Module()
+        holder.head = torch.nn.Linear(model.cfg.d_model, 7, bias=False)
+        plain = OutputHead(holder)
+        assert torch.equal(plain(x), holder.head(x)) and plain._weight_t is None
 
 
 # ----------------------------------------------------------------------------- MDM
