@@ -181,13 +181,15 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
 def test_mdm_epochs_reach_the_mdm_fine_tune_only_and_the_report(tmp_path):
     from eval.reverse_study import ReverseStudyConfig, sft_command
 
-    cfg = ReverseStudyConfig(arm="a", mdm="m", epochs=30, mdm_epochs=100)
+    (tmp_path / "a").mkdir(), (tmp_path / "m").mkdir()
+    runs = {"arm": str(tmp_path / "a"), "mdm": str(tmp_path / "m")}
+    cfg = ReverseStudyConfig(**runs, epochs=30, mdm_epochs=100)
     cfg.validate()
     arm = sft_command(cfg, "arm", tmp_path, tmp_path / "arm")
     mdm = sft_command(cfg, "mdm", tmp_path, tmp_path / "mdm")
     assert "sft.epochs=30" in arm and "sft.epochs=100" in mdm
     assert "sft.seq_len=auto" in arm and "sft.target=all" in mdm
     assert cfg.epochs_text() == "ARM 30 / MDM 100 epochs"
-    assert ReverseStudyConfig(arm="a", mdm="m", epochs=10).epochs_text() == "10 epochs"
+    assert ReverseStudyConfig(**runs, epochs=10).epochs_text() == "10 epochs"
     with pytest.raises(ConfigError, match="--mdm-epochs"):
-        ReverseStudyConfig(arm="a", mdm="m", mdm_epochs=0).validate()
+        ReverseStudyConfig(**runs, mdm_epochs=0).validate()
