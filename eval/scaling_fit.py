@@ -14,6 +14,12 @@ data and the uncertainty it reports. So this module is plain numpy with nothing 
    the ARM's optimal loss there; the multiple is C'/C.
 
 Budgets with fewer than ``MIN_POINTS`` finished runs are not fitted; the caller reports them.
+
+The envelope, beside the parabolas: per budget the best *measured* point (Hoffmann et al.'s
+approach 1 reads the same lower envelope off training curves), its power law L_env(C) and the
+gap between the two families' envelope laws. It needs no vertex, so it stays available when the
+optimum lies outside the sampled sizes (small CPU studies, where steps are few and the smallest
+model often wins); it overestimates L_opt by how far the best size is from the optimum.
 """
 
 from __future__ import annotations
@@ -137,17 +143,38 @@ def compute_gap(arm: list[Optimum], mdm_loss_law: PowerLaw | None) -> list[dict]
     return rows
 
 
+def envelope_gap(arm_env: list[dict], mdm_law: PowerLaw | None) -> list[dict]:
+    """Per ARM budget: the compute at which the MDM's envelope law reaches the ARM's best
+    measured loss there."""
+    if mdm_law is None or mdm_law.exponent >= 0:
+        return []
+    rows = []
+    for e in arm_env:
+        c_mdm = mdm_law.inverse(e["loss"])
+        rows.append(
+            {"C": e["C"], "arm_loss": e["loss"], "mdm_C": c_mdm, "multiple": c_mdm / e["C"]}
+        )
+    return rows
+
+
 def fit_family(points: list[dict]) -> dict:
-    """Optima per budget and the two power laws of one family's finished points."""
+    """Optima per budget, the two power laws and the envelope of one family's finished
+    points."""
     budgets = sorted({p["C"] for p in points})
-    optima = []
+    optima, envelope = [], []
     for c in budgets:
         pts = sorted((p for p in points if p["C"] == c), key=lambda p: p["N"])
         optima.append(fit_isoflop(c, [p["N"] for p in pts], [p["loss"] for p in pts]))
+        best = min(pts, key=lambda p: p["loss"])
+        edge = best is pts[0] or best is pts[-1]
+        envelope.append({"C": c, "N": best["N"], "loss": best["loss"], "n_points": len(pts),
+                         "at_edge": bool(edge and len(pts) > 1)})  # fmt: skip
     good = [o for o in optima if o.fitted and not o.extrapolated]
     loss_law = fit_power_law([o.C for o in good], [o.L_opt for o in good])
     size_law = fit_power_law([o.C for o in good], [o.N_opt for o in good])
-    return {"optima": optima, "loss_law": loss_law, "size_law": size_law}
+    env_law = fit_power_law([e["C"] for e in envelope], [e["loss"] for e in envelope])
+    return {"optima": optima, "loss_law": loss_law, "size_law": size_law,
+            "envelope": envelope, "envelope_law": env_law}  # fmt: skip
 
 
 def fit_study(points: list[dict]) -> dict:
@@ -161,7 +188,8 @@ def fit_study(points: list[dict]) -> dict:
         size_ratio = [
             {"C": c, "mdm_over_arm_N_opt": float(mdm_size(c) / arm_size(c))} for c in budgets
         ]
-    return {"families": fits, "gap": gap, "size_ratio": size_ratio}
+    env_gap = envelope_gap(fits["arm"]["envelope"], fits["mdm"]["envelope_law"])
+    return {"families": fits, "gap": gap, "size_ratio": size_ratio, "envelope_gap": env_gap}
 
 
 def to_json(study: dict) -> dict:
@@ -172,12 +200,19 @@ def to_json(study: dict) -> dict:
             "optima": [o.as_dict() for o in fit["optima"]],
             "loss_law": fit["loss_law"].as_dict() if fit["loss_law"] else None,
             "size_law": fit["size_law"].as_dict() if fit["size_law"] else None,
+            "envelope": fit["envelope"],
+            "envelope_law": fit["envelope_law"].as_dict() if fit["envelope_law"] else None,
         }
-    gap = study["gap"]
-    geo = float(np.exp(np.mean(np.log([g["multiple"] for g in gap])))) if gap else None
+    gap, env_gap = study["gap"], study["envelope_gap"]
     return {
         "families": fams,
         "gap": gap,
-        "gap_geomean": geo,
+        "gap_geomean": _geomean([g["multiple"] for g in gap]),
         "size_ratio": study["size_ratio"],
+        "envelope_gap": env_gap,
+        "envelope_gap_geomean": _geomean([g["multiple"] for g in env_gap]),
     }
+
+
+def _geomean(values: list[float]) -> float | None:
+    return float(np.exp(np.mean(np.log(values)))) if values else None

@@ -178,6 +178,13 @@ def scaling_figure(result: dict):
     fig, (ax_l, ax_n) = plt.subplots(1, 2, figsize=(12, 4.5))
     for fam, color in zip(FAMILIES, ("tab:blue", "tab:red")):
         fit = result["families"][fam]
+        env, env_law = fit.get("envelope") or [], fit.get("envelope_law")
+        if env:  # the best measured point per budget: hollow markers, dashed law
+            env_c = np.array([e["C"] for e in env])
+            ax_l.scatter(env_c, [e["loss"] for e in env], facecolors="none", edgecolors=color)
+            if env_law is not None:
+                label = f"{fam.upper()}: L_env = {env_law.coef:.3g} C^{env_law.exponent:.4f}"
+                ax_l.plot(env_c, env_law(env_c), color=color, ls="--", label=label)
         good = [o for o in fit["optima"] if o.fitted and not o.extrapolated]
         if not good:
             continue
@@ -270,8 +277,37 @@ def report_markdown(source: str, points: list[dict], data: dict) -> str:
     for ratio in data["size_ratio"] or []:
         lines.append(f"- N_opt(MDM) / N_opt(ARM) at C={ratio['C']:.3g}: "
                      f"{ratio['mdm_over_arm_N_opt']:.3g}")  # fmt: skip
+    lines += envelope_markdown(data)
     lines += ["", "![IsoFLOP profiles](isoflop.png)", "", "![Scaling laws](scaling.png)", ""]
     return "\n".join(lines)
+
+
+def envelope_markdown(data: dict) -> list[str]:
+    """The envelope section: best measured point per budget, its power law and gap."""
+    lines = ["", "## Envelope: the best measured size per budget", "",
+             "No vertex needed, so it stands when the optimum lies outside the sizes (an upper",
+             "bound on L_opt where the best size is at the edge of the grid).", "",
+             "| family | C | best N | loss | note |", "|---|---|---|---|---|"]  # fmt: skip
+    for fam, fit in data["families"].items():
+        for e in fit.get("envelope", []):
+            note = "smallest or largest size: the optimum may lie beyond" if e["at_edge"] else ""
+            lines.append(f"| {fam} | {e['C']:.3g} | {e['N']:,} | {e['loss']:.4f} | {note} |")
+    lines.append("")
+    for fam, fit in data["families"].items():
+        law = fit.get("envelope_law")
+        if law is None:
+            lines.append(f"- {fam.upper()} L_env(C): not fittable (< 2 budgets)")
+        else:
+            lines.append(f"- {fam.upper()} L_env(C) = {law['coef']:.4g} · C^"
+                         f"{_pm(law['exponent'], law['exponent_std'])} "
+                         f"({law['n_points']} budgets)")  # fmt: skip
+    if data.get("envelope_gap"):
+        lines += ["", "| ARM budget C | ARM best loss | MDM compute (envelope law) | multiple |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {g['C']:.3g} | {g['arm_loss']:.4f} | {g['mdm_C']:.3g} | "
+                  f"{g['multiple']:.3g}× |" for g in data["envelope_gap"]]  # fmt: skip
+        lines += ["", f"Geometric mean multiple (envelope): {data['envelope_gap_geomean']:.3g}×"]
+    return lines
 
 
 def log_to_mlflow(uri: str, experiment: str, sweep: str, out: Path, data: dict) -> str | None:
@@ -292,6 +328,11 @@ def log_to_mlflow(uri: str, experiment: str, sweep: str, out: Path, data: dict) 
                     client.log_metric(rid, f"{fam}_{key}_coef", fit[key]["coef"])
         if data["gap_geomean"] is not None:
             client.log_metric(rid, "compute_gap_geomean", data["gap_geomean"])
+        if data.get("envelope_gap_geomean") is not None:
+            client.log_metric(rid, "envelope_gap_geomean", data["envelope_gap_geomean"])
+        for fam, fit in data["families"].items():
+            if fit.get("envelope_law") is not None:
+                client.log_metric(rid, f"{fam}_envelope_exponent", fit["envelope_law"]["exponent"])
         for key, value in mlflow_metrics(data["unigram"]).items():
             client.log_metric(rid, key, value)
         for name in ("report.md", "fit.json", "isoflop.png", "scaling.png"):

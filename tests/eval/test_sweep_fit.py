@@ -226,3 +226,29 @@ def test_missing_corpus_is_a_note_and_no_unigram_skips(eval_runs, tmp_path, caps
     assert code == 0, err
     assert "unigram" not in (out / "fit/report.md").read_text()
     assert json.loads((out / "fit/fit.json").read_text())["unigram"]["skipped"]
+
+
+def test_envelope_law_and_gap_when_the_optimum_is_below_the_smallest_size():
+    """Losses that grow with N at every budget (the smallest size wins, as in small CPU
+    studies): the parabola's vertex is extrapolated, the envelope still gives the planted
+    exponent and the compute gap (45/40)^(1/0.06)."""
+    from eval.scaling_fit import fit_study, to_json
+
+    sizes, budgets = (7e4, 1.3e5, 3e5), (2e12, 2.8e12, 4e12)
+    points = [
+        {"family": fam, "N": n, "C": c, "loss": a * c**-0.06 + 0.1 * np.log(n / sizes[0]) ** 2
+         + 0.05 * np.log(n / sizes[0])}
+        for fam, a in (("arm", 40.0), ("mdm", 45.0)) for c in budgets for n in sizes
+    ]  # fmt: skip
+    data = to_json(fit_study(points))
+    for fam, a in (("arm", 40.0), ("mdm", 45.0)):
+        fit = data["families"][fam]
+        assert all(o["extrapolated"] or not o["fitted"] for o in fit["optima"])
+        assert fit["loss_law"] is None  # no in-range vertex to fit
+        assert [e["N"] for e in fit["envelope"]] == [7e4] * 3
+        assert all(e["at_edge"] for e in fit["envelope"])
+        assert fit["envelope_law"]["exponent"] == pytest.approx(-0.06, abs=1e-9)
+        assert fit["envelope_law"]["coef"] == pytest.approx(a, rel=1e-9)
+    for g in data["envelope_gap"]:
+        assert g["multiple"] == pytest.approx((45 / 40) ** (1 / 0.06), rel=1e-6)
+    assert data["envelope_gap_geomean"] == pytest.approx((45 / 40) ** (1 / 0.06), rel=1e-6)
