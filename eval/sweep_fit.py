@@ -140,7 +140,7 @@ def isoflop_figure(points: list[dict], result: dict, unigram: dict | None = None
                 xs = np.linspace(np.log(pts[0]["N"]), np.log(pts[-1]["N"]), 100) - o.x0
                 a, b, c0 = o.coeffs
                 ax.plot(np.exp(xs + o.x0), a * xs**2 + b * xs + c0, color=color, lw=1)
-            if o is not None and o.fitted:
+            if o is not None and o.fitted and not o.extrapolated:  # beyond the sizes: report only
                 err = None
                 if o.N_opt_log_std is not None:
                     s = o.N_opt_log_std
