@@ -74,8 +74,9 @@ class PowerLaw:
         return self.coef * np.asarray(c, dtype=float) ** self.exponent
 
     def inverse(self, y: float) -> float:
-        """The C at which the law reaches y."""
-        return (y / self.coef) ** (1.0 / self.exponent)
+        """The C at which the law reaches y (inf when beyond float range, e.g. a near-flat law)."""
+        log_c = math.log(y / self.coef) / self.exponent
+        return math.exp(log_c) if log_c < 700 else math.inf
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +139,8 @@ def compute_gap(arm: list[Optimum], mdm_loss_law: PowerLaw | None) -> list[dict]
     for opt in arm:
         if opt.fitted:
             c_mdm = mdm_loss_law.inverse(opt.L_opt)
+            if not math.isfinite(c_mdm):
+                continue
             rows.append({"C": opt.C, "arm_L_opt": opt.L_opt, "mdm_C": c_mdm,
                          "multiple": c_mdm / opt.C})  # fmt: skip
     return rows
@@ -151,6 +154,8 @@ def envelope_gap(arm_env: list[dict], mdm_law: PowerLaw | None) -> list[dict]:
     rows = []
     for e in arm_env:
         c_mdm = mdm_law.inverse(e["loss"])
+        if not math.isfinite(c_mdm):  # a near-flat MDM law never reaches it in float range
+            continue
         rows.append(
             {"C": e["C"], "arm_loss": e["loss"], "mdm_C": c_mdm, "multiple": c_mdm / e["C"]}
         )

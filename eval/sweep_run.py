@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -208,11 +209,18 @@ def stop_runs(running: list[LocalRun]) -> None:
         finish_run(run, interrupted=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local(points: list[dict], res: Resources) -> int:
     """Up to ``res.parallel`` runs at once, started in the planned order; the bar counts
-    finished runs. A failure is reported and the others go on; Ctrl-C stops them all (130)."""
+    finished runs. A failure is reported and the others go on; Ctrl-C or SIGTERM stops them
+    all (130). Both signals are handled explicitly: a launcher started in the background by a
+    non-interactive shell inherits SIGINT ignored, and a scheduler stops jobs with SIGTERM."""
     queue, running, failed = list(points), [], []
     bar = tqdm(total=len(points), desc="sweep", unit="run", file=sys.stdout)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while queue or running:
             if queue and len(running) < res.parallel:
@@ -239,6 +247,8 @@ def run_local(points: list[dict], res: Resources) -> int:
         return 130
     finally:
         bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failed:
         print(f"{len(failed)} of {len(points)} runs failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
