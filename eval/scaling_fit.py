@@ -131,35 +131,29 @@ def fit_power_law(c: list[float], y: list[float]) -> PowerLaw | None:
     return PowerLaw(float(math.exp(icpt)), float(slope), std, len(c))
 
 
-def compute_gap(arm: list[Optimum], mdm_loss_law: PowerLaw | None) -> list[dict]:
-    """Per ARM budget: the compute at which the MDM's L_opt law reaches the ARM's L_opt."""
-    if mdm_loss_law is None or mdm_loss_law.exponent >= 0:
+def _gap_rows(targets: list[tuple[float, float]], law: PowerLaw | None, key: str) -> list[dict]:
+    """Per (ARM budget C, ARM loss): the compute at which the MDM's ``law`` reaches that loss
+    and its multiple of C; none for a law that does not fall, none where it never gets there
+    within float range (a near-flat law)."""
+    if law is None or law.exponent >= 0:
         return []
     rows = []
-    for opt in arm:
-        if opt.fitted:
-            c_mdm = mdm_loss_law.inverse(opt.L_opt)
-            if not math.isfinite(c_mdm):
-                continue
-            rows.append({"C": opt.C, "arm_L_opt": opt.L_opt, "mdm_C": c_mdm,
-                         "multiple": c_mdm / opt.C})  # fmt: skip
+    for c, loss in targets:
+        c_mdm = law.inverse(loss)
+        if math.isfinite(c_mdm):
+            rows.append({"C": c, key: loss, "mdm_C": c_mdm, "multiple": c_mdm / c})
     return rows
+
+
+def compute_gap(arm: list[Optimum], mdm_loss_law: PowerLaw | None) -> list[dict]:
+    """Per ARM budget: the compute at which the MDM's L_opt law reaches the ARM's L_opt."""
+    return _gap_rows([(o.C, o.L_opt) for o in arm if o.fitted], mdm_loss_law, "arm_L_opt")
 
 
 def envelope_gap(arm_env: list[dict], mdm_law: PowerLaw | None) -> list[dict]:
     """Per ARM budget: the compute at which the MDM's envelope law reaches the ARM's best
     measured loss there."""
-    if mdm_law is None or mdm_law.exponent >= 0:
-        return []
-    rows = []
-    for e in arm_env:
-        c_mdm = mdm_law.inverse(e["loss"])
-        if not math.isfinite(c_mdm):  # a near-flat MDM law never reaches it in float range
-            continue
-        rows.append(
-            {"C": e["C"], "arm_loss": e["loss"], "mdm_C": c_mdm, "multiple": c_mdm / e["C"]}
-        )
-    return rows
+    return _gap_rows([(e["C"], e["loss"]) for e in arm_env], mdm_law, "arm_loss")
 
 
 def fit_family(points: list[dict]) -> dict:
