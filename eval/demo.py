@@ -106,7 +106,10 @@ def train_pair(work: Path, corpus: Path, cfg) -> dict[str, dict]:
         jobs[family] = (recipe, overrides, work / "runs" / family)
     cores = cpu_cores()
     parallel = cores >= 2 if cfg.train.parallel is None else cfg.train.parallel
-    if parallel:
+    if parallel:  # create the MLflow store once: two runs migrating a new sqlite db race
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking).search_experiments()
         say(f"training a tiny ARM and a tiny MDM side by side at C = {cfg.train.flops:.2g} "
             f"FLOPs each ({max(1, cores // 2)} thread(s) each; logs: runs/*/train.log)")  # fmt: skip
         return train_side_by_side(jobs, cores)
