@@ -124,31 +124,50 @@ def _bleu_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def bar_plot(cells: list[Cell], path: Path, title: str = "Reversal curse") -> Path:
-    """Grouped bars: one group per test file (question, direction), one bar per family."""
+def bar_plot(
+    cells: list[Cell], path: Path, title: str = "Reversal curse", choices: list | None = None
+) -> Path:
+    """Grouped bars: one group per test file (question, direction), one bar per family; with
+    ``choices`` (``eval.reverse_choice.ChoiceCell``) a second panel of multiple-choice accuracy,
+    chance marked per group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    files = [f for f in TEST_FILES if any(c.file == f for c in cells)]
-    families = sorted({c.family for c in cells})
-    width = 0.8 / max(len(families), 1)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = np.arange(len(files))
-    for i, fam in enumerate(families):
-        by = {c.file: c for c in cells if c.family == fam}
-        values = [100 * by[f].contained if f in by else 0.0 for f in files]
-        bars = ax.bar(x + (i - (len(families) - 1) / 2) * width, values, width, label=fam.upper())
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    labels = [f"{TEST_FILES[f][0]}\n({TEST_FILES[f][1]})" for f in files]
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("reference contained in output (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-    ax.legend()
+    panels = 2 if choices else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 4), squeeze=False)
+    _bars(axes[0][0], {(c.family, c.file): c.contained for c in cells})
+    axes[0][0].set_ylabel("reference contained in output (%)")
+    axes[0][0].set_title(title)
+    if choices:
+        ax = axes[0][1]
+        xs = _bars(ax, {(c.family, c.file): c.accuracy for c in choices})
+        chance = {c.file: c.chance for c in choices}
+        for x, file in xs:
+            ax.hlines(100 * chance[file], x - 0.4, x + 0.4, colors="k", linestyles=":")
+        ax.set_ylabel("true answer ranked first (%)")
+        ax.set_title("Multiple choice by likelihood (dotted: chance)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _bars(ax, values: dict[tuple[str, str], float]) -> list[tuple[float, str]]:
+    """One bar per (family, file) share in ``values``; returns each group's (x, file)."""
+    import numpy as np
+
+    files = [f for f in TEST_FILES if any(k[1] == f for k in values)]
+    families = sorted({k[0] for k in values})
+    width = 0.8 / max(len(families), 1)
+    x = np.arange(len(files))
+    for i, fam in enumerate(families):
+        heights = [100 * values.get((fam, f), 0.0) for f in files]
+        bars = ax.bar(x + (i - (len(families) - 1) / 2) * width, heights, width, label=fam.upper())
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    labels = [f"{TEST_FILES[f][0]}\n({TEST_FILES[f][1]})" for f in files]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.legend()
+    return list(zip(x.tolist(), files, strict=True))

@@ -15,14 +15,17 @@ experiment end to end from two pretrained runs:
    directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
    trains with the unconditional loss on prompt + completion (``sft.target=all``), as the
    paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
-   on the same training file) is skipped; an unfinished one resumes from its checkpoint;
+   same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
+   and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
 3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0; ARM greedy with a
    KV cache (:mod:`eval.sampling`); answers of ``--length`` tokens (default: the longest
    reference + 4);
-4. score each question type and direction (:mod:`eval.reverse_score`) and write
-   ``OUT/answers.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and ``OUT/reverse.png``; log
-   the metrics and files to an MLflow run ``study-reverse`` (in the fine-tunes' tracking store
-   and experiment).
+4. rank every candidate answer of each test prompt by likelihood (:mod:`eval.reverse_choice`:
+   does the model prefer the true name/description, against chance? ``--no-choice`` skips it);
+5. score each question type and direction (:mod:`eval.reverse_score`) and write
+   ``OUT/answers.jsonl``, ``OUT/choices.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and
+   ``OUT/reverse.png``; log the metrics and files to an MLflow run ``study-reverse`` (in the
+   fine-tunes' tracking store and experiment).
 
 ``key=value`` overrides go to both fine-tunes (after the study's own, so they win), e.g.
 ``optim.lr=1e-3 batch.global_batch=32``.
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILE = "all_prompts_train.jsonl"
 FAMILIES = ("arm", "mdm")
 STUDY_RUN = "study-reverse"
+STAMP_FILE = "study_run.json"
 
 
 @dataclass
@@ -92,6 +96,8 @@ class ReverseStudyConfig:
     """False: no MLflow for the fine-tunes nor the study run."""
     device: str = "auto"
     dtype: str = "auto"
+    choice: bool = True
+    """Also rank every candidate answer by likelihood (:mod:`eval.reverse_choice`)."""
 
     def validate(self) -> None:
         for key in ("arm", "mdm"):
@@ -206,27 +212,68 @@ def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path)
     return cmd + list(cfg.overrides)
 
 
-def finished(run_dir: Path, data_sha: str) -> bool:
-    """Whether a fine-tune ran to its end on this training file."""
-    stamp = run_dir / "study_data.sha256"
-    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
-    if stamp.is_file() and stamp.read_text().strip() != data_sha:
+def study_stamp(cfg: ReverseStudyConfig, data_sha: str) -> dict:
+    """What a fine-tune was asked for: compared on every rerun into the same ``--out``."""
+    config = str(Path(cfg.config).resolve()) if cfg.config else None
+    return {"train_sha256": data_sha, "config": config, "overrides": list(cfg.overrides)}
+
+
+def saved_epochs(run_dir: Path) -> float | None:
+    """``sft.epochs`` of the run's saved config (after any extension), None before it exists."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return float(((yaml.safe_load(path.read_text()) or {}).get("sft") or {}).get("epochs") or 0)
+
+
+def plan_fine_tune(run_dir: Path, stamp: dict, epochs: float) -> str:
+    """``"skip"`` (finished as asked), ``"extend"`` (fewer epochs so far) or ``"run"``.
+
+    A fine-tune asked for with another training file or other settings is refused (its answers
+    would not be the asked-for study); one asked for more epochs continues from its last
+    checkpoint with ``checkpoint.reschedule=true``; one with more epochs than asked is refused.
+    """
+    path, legacy = run_dir / STAMP_FILE, run_dir / "study_data.sha256"
+    if path.is_file():
+        old = json.loads(path.read_text())
+    elif legacy.is_file():  # stamps of earlier versions: the training file's hash only
+        old = {"train_sha256": legacy.read_text().strip()}
+    else:
+        return "run"
+    redo = "use another --out or delete it"
+    if old["train_sha256"] != stamp["train_sha256"]:
+        raise ConfigError(f"{run_dir} was fine-tuned on another training file; {redo}")
+    changed = [k for k in ("config", "overrides") if k in old and old[k] != stamp[k]]
+    if changed:
+        was = "; ".join(f"{k}: {old[k]} -> {stamp[k]}" for k in changed)
+        raise ConfigError(f"{run_dir} was fine-tuned with other settings ({was}); {redo}")
+    had = saved_epochs(run_dir)
+    if had is not None and had > epochs:
         raise ConfigError(
-            f"{run_dir} was fine-tuned on another training file; use another --out or delete it"
+            f"{run_dir} is fine-tuned for {had:g} epochs, more than {epochs:g}; {redo}"
         )
-    return done and stamp.is_file()
+    if had is not None and had < epochs:
+        return "extend"
+    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
+    return "skip" if done else "run"
 
 
 def fine_tune(cfg: ReverseStudyConfig, family: str, data: Path) -> Path:
-    """Fine-tune one family (skipped when finished); returns its run directory."""
+    """Fine-tune one family (skipped when finished, extended when asked for more epochs)."""
     run_dir = Path(cfg.out) / "runs" / f"{family}-sft"
-    sha = file_sha256(data / TRAIN_FILE)
-    if finished(run_dir, sha):
+    stamp = study_stamp(cfg, file_sha256(data / TRAIN_FILE))
+    plan = plan_fine_tune(run_dir, stamp, cfg.epochs_of(family))
+    if plan == "skip":
         say(f"{family.upper()} fine-tune finished already: {run_dir} (skipped)")
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "study_data.sha256").write_text(sha + "\n")
+    (run_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + "\n")
     cmd = sft_command(cfg, family, data, run_dir)
+    if plan == "extend":
+        cmd.append("checkpoint.reschedule=true")
+        say(f"{family.upper()} fine-tune: extending to {cfg.epochs_of(family):g} epochs")
     say(f"fine-tuning {family.upper()}: {' '.join(cmd[1:])}")
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -268,13 +315,11 @@ def answer_length(tokenizer, tests: dict[str, list[dict]]) -> int:
 
 
 def sample_family(
-    cfg: ReverseStudyConfig, family: str, run_dir: Path, tests: dict[str, list[dict]]
+    cfg: ReverseStudyConfig, family: str, loaded, tests: dict[str, list[dict]]
 ) -> tuple[dict[str, list[dict]], dict]:
-    """Answers to every test prompt from one fine-tune, and the sampling settings used."""
-    from eval.loading import load_model
+    """Answers to every test prompt from one loaded fine-tune, and the sampling settings."""
     from eval.sampling import Sampler, SamplingConfig
 
-    loaded = load_model(run_dir, None, cfg.device, cfg.dtype)
     tok = loaded.tokenizer
     length = cfg.length or answer_length(tok, tests)
     scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
@@ -312,10 +357,17 @@ def _describe(family: str, s: dict) -> str:
 
 
 def write_report(
-    cfg: ReverseStudyConfig, data: Path, answers: list[dict], settings: dict, runs: dict
+    cfg: ReverseStudyConfig,
+    data: Path,
+    answers: list[dict],
+    settings: dict,
+    runs: dict,
+    ranked: list[dict],
 ) -> tuple[list, list[Path]]:
-    """Score the answers; write answers.jsonl, results.json, table.md and reverse.png."""
+    """Score the answers (and the rankings, when any); write answers.jsonl, results.json,
+    table.md, reverse.png and choices.jsonl."""
     from eval.outputs import write_json_atomic, write_text_atomic
+    from eval.reverse_choice import choice_metrics, choice_table, score_choices
     from eval.reverse_score import TEST_FILES, bar_plot, markdown_table, metrics_of, score_file
 
     out = Path(cfg.out)
@@ -324,13 +376,19 @@ def write_report(
         for fam in FAMILIES
         for stem in TEST_FILES
     ]
-    text = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
-    files = [write_text_atomic(out / "answers.jsonl", text)]
+    choices = [
+        score_choices(fam, stem, [r for r in ranked if r["family"] == fam and r["file"] == stem])
+        for fam in FAMILIES
+        for stem in TEST_FILES
+        if ranked
+    ]
+    files = [write_text_atomic(out / "answers.jsonl", _jsonl(answers))]
+    files += [write_text_atomic(out / "choices.jsonl", _jsonl(ranked))] if ranked else []
     results = {
         "data": str(data), "train_sha256": file_sha256(data / TRAIN_FILE),
         "config": asdict(cfg), "runs": {k: str(v) for k, v in runs.items()},
         "sampling": settings, "cells": [asdict(c) | {"label": c.label} for c in cells],
-        "metrics": metrics_of(cells),
+        "choices": [asdict(c) for c in choices], "metrics": metrics_of(cells) | choice_metrics(choices),
     }  # fmt: skip
     files.append(write_json_atomic(out / "results.json", results))
     head = (
@@ -340,9 +398,21 @@ def write_report(
         + "; ".join(f"{k.upper()} {_describe(k, s)}" for k, s in settings.items())
         + ".\nMetric: reference contained in output (%), BLEU for name→description.\n\n"
     )
-    files.append(write_text_atomic(out / "table.md", head + markdown_table(cells)))
-    files.append(bar_plot(cells, out / "reverse.png", f"Reversal curse ({cfg.epochs_text()})"))
+    table = head + markdown_table(cells)
+    if choices:
+        table += (
+            "\nMultiple choice: the true answer has the highest likelihood among every candidate "
+            "of its test file (ARM exact, MDM chain rule; `eval/reverse_choice.py`).\n\n"
+            + choice_table(choices)
+        )
+    files.append(write_text_atomic(out / "table.md", table))
+    title = f"Reversal curse ({cfg.epochs_text()})"
+    files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
     return cells, files
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Path]) -> str | None:
@@ -373,6 +443,9 @@ def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Pa
 
 def run_study(cfg: ReverseStudyConfig) -> dict:
     """The whole study (module docstring); returns results.json's content plus the run id."""
+    from eval.loading import load_model
+    from eval.reverse_choice import rank_answers
+
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,11 +453,17 @@ def run_study(cfg: ReverseStudyConfig) -> dict:
     tests = read_tests(data)
     say(f"data {data}: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
     runs = {fam: fine_tune(cfg, fam, data) for fam in FAMILIES}
-    answers, settings = [], {}
+    answers, settings, ranked = [], {}, []
     for fam in FAMILIES:
-        by_file, settings[fam] = sample_family(cfg, fam, runs[fam], tests)
+        loaded = load_model(runs[fam], None, cfg.device, cfg.dtype)
+        by_file, settings[fam] = sample_family(cfg, fam, loaded, tests)
         answers += [a for rows in by_file.values() for a in rows]
-    cells, files = write_report(cfg, data, answers, settings, runs)
+        if cfg.choice:
+            by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides))
+            ranked += [r | {"family": fam, "file": f} for f, rows in by_file.items() for r in rows]
+            say(f"{fam.upper()} ranked every candidate answer of each test prompt")
+        del loaded
+    cells, files = write_report(cfg, data, answers, settings, runs, ranked)
     results = json.loads((out / "results.json").read_text())
     results["mlflow_run_id"] = log_study(cfg, results["metrics"], files) if cfg.mlflow else None
     return results
@@ -423,6 +502,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
     p.add_argument("--device", default="auto", help="sampling device: auto, cpu, cuda:N")
     p.add_argument("--dtype", default="auto", help="sampling dtype: auto, fp32, bf16")
+    p.add_argument(
+        "--no-choice", action="store_true", help="skip the likelihood ranking of candidates"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for both fine-tunes")
     p.set_defaults(func=cmd_reverse)
     study.set_defaults(func=lambda args: study.print_help() or 2)
@@ -439,7 +521,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         overrides=list(args.overrides or []), steps=args.steps, length=args.length,
         batch_size=args.batch_size, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype, choice=not args.no_choice,
     )  # fmt: skip
     try:
         results = run_study(cfg)

@@ -140,10 +140,14 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, *argv)
     assert code == 0, stderr
     assert "| name→description (reverse) | `d2p_reverse_prompts_test` | 4 |" in stdout
-    for name in ("table.md", "results.json", "answers.jsonl", "reverse.png"):
+    for name in ("table.md", "results.json", "answers.jsonl", "reverse.png", "choices.jsonl"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     assert len(results["cells"]) == 8 and results["sampling"]["mdm"]["steps"] == 4
+    assert len(results["choices"]) == 8 and "Multiple choice" in stdout
+    ranked = [json.loads(x) for x in (out / "choices.jsonl").read_text().splitlines()]
+    assert len(ranked) == 2 * 16 and all(1 <= r["rank"] <= r["n_candidates"] for r in ranked)
+    assert {r["n_candidates"] for r in ranked} == {2}  # 2 people per group in each file
     answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 2 * 16 and {a["family"] for a in answers} == {"arm", "mdm"}
     sft = {f: json.loads((out / "runs" / f"{f}-sft/summary.json").read_text()) for f in runs}
@@ -157,9 +161,10 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     assert {"arm-sft-reverse", "mdm-sft-reverse", "study-reverse"} <= set(by_name)
     study = by_name["study-reverse"]
     assert "mdm/reverse/contained" in study.data.metrics
+    assert "arm/reverse/choice" in study.data.metrics
     assert "arm/p2d_prompts_test/bleu" in study.data.metrics
     logged = {f.path for f in client.list_artifacts(study.info.run_id)}
-    assert {"table.md", "results.json", "reverse.png", "answers.jsonl"} <= logged
+    assert {"table.md", "results.json", "reverse.png", "answers.jsonl", "choices.jsonl"} <= logged
 
     stamps = {f: (out / "runs" / f"{f}-sft/summary.json").stat().st_mtime_ns for f in runs}
     code, stdout, stderr = run_cli(capsys, *argv)
@@ -168,6 +173,14 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     assert stamps == {f: (out / "runs" / f"{f}-sft/summary.json").stat().st_mtime_ns for f in runs}
     again = json.loads((out / "results.json").read_text())
     assert again["cells"] == results["cells"]  # temperature 0: the same answers
+
+    more = [x if x != "2" or argv[i - 1] != "--epochs" else "3" for i, x in enumerate(argv)]
+    code, stdout, stderr = run_cli(capsys, *more)  # 3 epochs: both continue from their end
+    assert code == 0, stderr
+    assert stderr.count("extending to 3 epochs") == 2
+    for f in runs:
+        summary = json.loads((out / "runs" / f"{f}-sft/summary.json").read_text())
+        assert summary["steps"] == 6 and len(summary["reschedules"]) == 1  # ceil(3 * 16 / 8)
 
 
 def test_missing_run_is_a_clear_error(tmp_path, capsys):
@@ -193,3 +206,33 @@ def test_mdm_epochs_reach_the_mdm_fine_tune_only_and_the_report(tmp_path):
     assert ReverseStudyConfig(**runs, epochs=10).epochs_text() == "10 epochs"
     with pytest.raises(ConfigError, match="--mdm-epochs"):
         ReverseStudyConfig(**runs, mdm_epochs=0).validate()
+
+
+def _finished_run(run_dir: Path, stamp: dict, epochs: float) -> None:
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "export/config.json").write_text("{}")
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "config.yaml").write_text(f"task: sft\nsft:\n  epochs: {epochs}\n")
+    (run_dir / "study_run.json").write_text(json.dumps(stamp))
+
+
+def test_rerun_plan_skips_extends_or_refuses(tmp_path):
+    from eval.reverse_study import plan_fine_tune
+
+    stamp = {"train_sha256": "abc", "config": None, "overrides": ["optim.lr=1e-3"]}
+    run = tmp_path / "mdm-sft"
+    assert plan_fine_tune(run, stamp, 10) == "run"  # nothing there yet
+    _finished_run(run, stamp, 10)
+    assert plan_fine_tune(run, stamp, 10) == "skip"
+    assert plan_fine_tune(run, stamp, 30) == "extend"
+    with pytest.raises(ConfigError, match="fine-tuned for 10 epochs, more than 5"):
+        plan_fine_tune(run, stamp, 5)
+    with pytest.raises(ConfigError, match="another training file"):
+        plan_fine_tune(run, {**stamp, "train_sha256": "def"}, 10)
+    with pytest.raises(ConfigError, match=r"other settings \(overrides: .*optim.lr=1e-2"):
+        plan_fine_tune(run, {**stamp, "overrides": ["optim.lr=1e-2"]}, 10)
+    (run / "summary.json").unlink()  # stopped before its end: resumes
+    assert plan_fine_tune(run, stamp, 10) == "run"
+    (run / "study_run.json").unlink()
+    (run / "study_data.sha256").write_text("abc\n")  # an earlier version's stamp
+    assert plan_fine_tune(run, {**stamp, "overrides": ["x=1"]}, 20) == "extend"
