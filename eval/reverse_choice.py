@@ -27,6 +27,7 @@ at 1B; ``--no-choice`` skips it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class ChoiceCell:
     """1 / number of candidates."""
     mean_rank: float
     """Mean rank of the true answer among the candidates (1 = best)."""
+    p_value: float
+    """One-sided binomial test: probability of at least this many first ranks by chance."""
 
 
 def candidates(tests: dict[str, list[dict]]) -> dict[str, list[str]]:
@@ -98,13 +101,19 @@ def score_choices(family: str, file: str, records: Iterable[dict]) -> ChoiceCell
     rows = list(records)
     if not rows:
         raise ValueError(f"{family} {file}: no ranked answers to score")
-    n = len(rows)
+    n, hits, chance = len(rows), sum(r["rank"] == 1 for r in rows), 1.0 / rows[0]["n_candidates"]
     return ChoiceCell(
-        family, file, n,
-        accuracy=sum(r["rank"] == 1 for r in rows) / n,
-        chance=1.0 / rows[0]["n_candidates"],
-        mean_rank=sum(r["rank"] for r in rows) / n,
+        family, file, n, accuracy=hits / n, chance=chance,
+        mean_rank=sum(r["rank"] for r in rows) / n, p_value=binomial_tail(hits, n, chance),
     )  # fmt: skip
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): how often chance alone ranks k or more first.
+
+    Prompts of one person are not independent draws (five templates of one fact), so read it
+    as a guide, not a proof; the study's n is small enough for the exact sum."""
+    return min(1.0, sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
 
 
 def choice_metrics(cells: list[ChoiceCell]) -> dict[str, float]:
@@ -122,11 +131,12 @@ def choice_metrics(cells: list[ChoiceCell]) -> dict[str, float]:
 
 
 def choice_table(cells: list[ChoiceCell]) -> str:
-    """Rows = test files; per family the accuracy (%) and mean rank; chance per row."""
+    """Rows = test files; per family the accuracy (%), mean rank and the binomial p against
+    chance (``binomial_tail``); chance per row."""
     families = sorted({c.family for c in cells})
     head = ["question (direction)", "test file", "n", "candidates", "chance %"]
     for f in families:
-        head += [f"{f.upper()} choice %", f"{f.upper()} mean rank"]
+        head += [f"{f.upper()} choice %", f"{f.upper()} mean rank", f"{f.upper()} p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for file, (question, direction) in TEST_FILES.items():
         by = {c.family: c for c in cells if c.file == file}
@@ -137,6 +147,8 @@ def choice_table(cells: list[ChoiceCell]) -> str:
         row += [str(round(1 / first.chance)), f"{100 * first.chance:.1f}"]
         for f in families:
             c = by.get(f)
-            row += ["-", "-"] if c is None else [f"{100 * c.accuracy:.1f}", f"{c.mean_rank:.1f}"]
+            row += ["-"] * 3 if c is None else [
+                f"{100 * c.accuracy:.1f}", f"{c.mean_rank:.1f}", f"{c.p_value:.2g}"
+            ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

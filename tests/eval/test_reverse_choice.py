@@ -99,6 +99,16 @@ def test_metrics_and_table():
     assert "mdm/d2p_prompts_test/choice" in metrics
     table = choice_table(cells)
     assert "| description→name (reverse) | `p2d_reverse_prompts_test` | 1 | 5 | 20.0 |" in table
-    assert "| 0.0 | 3.0 | 50.0 | 2.0 |" in table
+    assert "| 0.0 | 3.0 | 1 | 50.0 | 2.0 | 0.36 |" in table  # P(X >= 1), X ~ B(2, 0.2)
+    assert cells[1].p_value == pytest.approx(1 - 0.8**2)
+
+
+def test_binomial_tail_against_hand_sums():
+    from eval.reverse_choice import binomial_tail
+
+    assert binomial_tail(0, 25, 0.2) == 1.0
+    assert binomial_tail(25, 25, 0.2) == pytest.approx(0.2**25)
+    assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)  # (3 + 1) / 8
+    assert binomial_tail(10, 25, 0.2) == pytest.approx(0.0173, abs=1e-4)
     with pytest.raises(ValueError, match="no ranked answers"):
         score_choices("arm", "d2p_prompts_test", [])
