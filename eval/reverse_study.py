@@ -83,6 +83,9 @@ class ReverseStudyConfig:
     """key=value overrides for both fine-tunes."""
     steps: int = 32
     """MDM reverse-process steps (low-confidence, temperature 0)."""
+    block_length: int | None = None
+    """MDM semi-autoregressive blocks (``eval.sampling.SamplingConfig.block_length``); None =
+    the paper's plain reverse process over all L slots."""
     length: int | None = None
     """Answer tokens; None = longest tokenised reference + 4."""
     batch_size: int = 32
@@ -323,11 +326,17 @@ def sample_family(
     tok = loaded.tokenizer
     length = cfg.length or answer_length(tok, tests)
     scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
-                          temperature=0.0, batch_size=cfg.batch_size, cache=True)  # fmt: skip
+                          temperature=0.0, batch_size=cfg.batch_size, cache=True,
+                          block_length=cfg.block_length if family == "mdm" else None)  # fmt: skip
     sampler = Sampler.from_loaded(loaded, scfg)
     template = prompt_template(cfg.overrides)
     settings = {"length": length, "temperature": 0.0, "prompt_template": template}
-    settings |= {"steps": cfg.steps, "strategy": "low-confidence"} if family == "mdm" else {}
+    if family == "mdm":
+        settings |= {
+            "steps": cfg.steps,
+            "strategy": "low-confidence",
+            "block_length": cfg.block_length,
+        }
     settings |= {"kv_cache": True} if family == "arm" else {}
     out = {}
     start = time.perf_counter()
@@ -349,7 +358,8 @@ def sample_family(
 
 def _describe(family: str, s: dict) -> str:
     if family == "mdm":
-        return f"L={s['length']}, {s['steps']} steps low-confidence, temperature 0"
+        blocks = f" in blocks of {s['block_length']}" if s.get("block_length") else ""
+        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0"
     return f"L={s['length']}, greedy, KV cache"
 
 
@@ -428,7 +438,7 @@ def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Pa
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
         tags = {"study": "reverse", "arm_init": str(cfg.arm), "mdm_init": str(cfg.mdm)}
         rid = client.create_run(exp_id, run_name=STUDY_RUN, tags=tags).info.run_id
-        for key in ("epochs", "mdm_epochs", "steps", "seed", "data", "people"):
+        for key in ("epochs", "mdm_epochs", "steps", "block_length", "seed", "data", "people"):
             client.log_param(rid, key, str(getattr(cfg, key)))
         for key, value in metrics.items():
             client.log_metric(rid, key.replace("→", "-"), float(value))
@@ -495,6 +505,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="studies/reverse", help="study folder")
     p.add_argument("--config", help="training recipe YAML for the fine-tunes")
     p.add_argument("--steps", type=int, default=32, help="MDM sampling steps (32)")
+    p.add_argument(
+        "--block-length", type=int, help="MDM semi-autoregressive blocks (default: none)"
+    )
     p.add_argument("--length", type=int, help="answer tokens (default: longest reference + 4)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
     p.add_argument("--tracking-uri", help="MLflow URI (default: the ARM init run's)")
@@ -519,6 +532,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         test_templates=args.test_templates, epochs=args.epochs, config=args.config,
         mdm_epochs=args.mdm_epochs,
         overrides=list(args.overrides or []), steps=args.steps, length=args.length,
+        block_length=args.block_length,
         batch_size=args.batch_size, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
         dtype=args.dtype, choice=not args.no_choice,

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-MDM_ONLY = ("steps", "strategy", "cfg")
+MDM_ONLY = ("steps", "strategy", "cfg", "block_length")
 
 
 def register(subparsers) -> None:
@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--length", type=int, default=64, help="new tokens L (default 64)")
     p.add_argument("--steps", type=int, help="MDM reverse steps (default: L)")
     p.add_argument("--strategy", choices=("low-confidence", "random"), help="MDM unmasking")
+    p.add_argument(
+        "--block-length", type=int, help="MDM semi-autoregressive blocks of this many slots"
+    )
     p.add_argument("--cfg", type=float, help="MDM unsupervised CFG scale w (default 0)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1 = off)")
@@ -75,7 +78,7 @@ def _config(args: argparse.Namespace, family: str):
     from eval.loading import EvalError
     from eval.sampling import SamplingConfig
 
-    given = [f"--{k}" for k in MDM_ONLY if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in MDM_ONLY if getattr(args, k) is not None]
     if family == "arm" and given:
         raise EvalError(f"{', '.join(given)}: MDM settings, but {args.run} is an ARM run")
     return SamplingConfig(
@@ -87,6 +90,7 @@ def _config(args: argparse.Namespace, family: str):
         cfg_scale=args.cfg or 0.0,
         seed=args.seed,
         batch_size=args.batch_size,
+        block_length=args.block_length,
     )
 
 
@@ -94,6 +98,7 @@ def _describe(loaded, cfg) -> str:
     text = f"{loaded.name} ({loaded.family.upper()}, step {loaded.step}): L={cfg.length}"
     if loaded.family == "mdm":
         text += f", {cfg.n_steps} steps {cfg.strategy}"
+        text += f" in blocks of {cfg.block_length}" if cfg.block_length else ""
         text += f", CFG w={cfg.cfg_scale:g}" if cfg.cfg_scale else ""
     else:
         text += ", KV cache"

@@ -16,6 +16,12 @@ MDM (paper-notes.md, "Sampling"): a row is ``prompt + L mask tokens``; the time 
   are compared at a 1e-5 resolution, see ``TIE_RESOLUTION``). ``#masked`` and
   so k are per sample, never pooled over the batch.
 
+Semi-autoregressive decoding (``block_length``, LLaDA's): the L slots are cut into blocks
+filled left to right; each block runs ``steps / blocks`` steps of its own grid over its slots
+only, while later blocks stay masked (they are still attended to). Without it, a model
+fine-tuned on EOS-padded rows reveals the confident EOS tail first and the EOS run then creeps
+left into the answer (empty or truncated answers); blocks keep the answer's start first.
+
 Revealed tokens are never re-masked. The grid ends at 1e-5, not 0, so the last step reveals
 whatever is still masked (otherwise a fraction 1e-5/t of slots could stay masked). With
 ``steps = L`` and low-confidence unmasking exactly one token is revealed per step. Unsupervised
@@ -87,10 +93,18 @@ class SamplingConfig:
     """ARM: stop a row at EOS. MDM: drop the answer from the first EOS on."""
     cache: bool = True
     """ARM: KV-cache decoding; False recomputes every prefix (slow; the test reference)."""
+    block_length: int | None = None
+    """MDM semi-autoregressive decoding (LLaDA's): the L slots are filled block by block, left
+    to right, each block with ``steps / blocks`` steps of its own time grid; None = one block
+    (the paper's plain reverse process). ``steps`` must be a multiple of the block count."""
 
     @property
     def n_steps(self) -> int:
         return self.length if self.steps is None else self.steps
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.length // (self.block_length or self.length))
 
     def validate(self) -> None:
         for key in ("length", "batch_size", "n_steps"):
@@ -106,6 +120,17 @@ class SamplingConfig:
             raise ConfigError(f"sampling.top_p: must be in (0, 1], got {self.top_p!r}")
         if not math.isfinite(self.cfg_scale):
             raise ConfigError(f"sampling.cfg_scale: must be finite, got {self.cfg_scale!r}")
+        if self.block_length is not None:
+            if not isinstance(self.block_length, int) or self.block_length < 1:
+                raise ConfigError(
+                    f"sampling.block_length: must be a positive integer, got {self.block_length!r}"
+                )
+            if self.n_steps % self.n_blocks:
+                raise ConfigError(
+                    f"sampling.steps: {self.n_steps} is not a multiple of the {self.n_blocks} "
+                    f"blocks of {self.block_length} slots in L={self.length}; choose steps = "
+                    f"k * {self.n_blocks}"
+                )
 
 
 @dataclass(frozen=True)
@@ -308,15 +333,19 @@ class Sampler:
         slot_pos = n_prompt[:, None] + torch.arange(length, device=dev)  # [B, L]
         masked = torch.ones(b, length, dtype=torch.bool, device=dev)
         answer = torch.full((b, length), self.mask_id, dtype=torch.long, device=dev)
-        times = torch.linspace(1.0, T_MIN, self.cfg.n_steps + 1, dtype=F64).tolist()
+        per_block = self.cfg.n_steps // self.cfg.n_blocks
+        width_b = self.cfg.block_length or length
+        times = torch.linspace(1.0, T_MIN, per_block + 1, dtype=F64).tolist()
         random = self.cfg.strategy == "random"
+        state = (ids, lengths, n_prompt, slot_pos, masked, answer)
         for step in range(self.cfg.n_steps):
-            if not masked.any():
-                break
-            t, s, last = times[step], times[step + 1], step == self.cfg.n_steps - 1
-            scored = self._random_reveals(masked, t, s, last, gens) if random else masked
+            block, i = divmod(step, per_block)
+            live = masked.clone()
+            live[:, : block * width_b] = False  # earlier blocks are done; later ones wait
+            live[:, (block + 1) * width_b :] = False
+            t, s, last = times[i], times[i + 1], i == per_block - 1
+            scored = self._random_reveals(live, t, s, last, gens) if random else live
             if scored.any():
-                state = (ids, lengths, n_prompt, slot_pos, masked, answer)
                 self._mdm_step(state, scored, gens, (t, s, last))
             if on_step is not None:
                 on_step(step, masked.clone(), answer.clone())

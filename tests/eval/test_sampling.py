@@ -17,6 +17,7 @@ from eval.harness import MaskscaleLM
 from eval.kv_cache import OutputHead
 from eval.loading import load_model
 from eval.sampling import Sampler, SamplingConfig, log_confidence, pick_tokens
+from pipeline.configlib import ConfigError
 from tests.eval.test_harness import make_run
 from tests.trainer.conftest import make_corpus
 
@@ -166,6 +167,30 @@ def test_reveals_are_monotone_and_steps_equal_length_reveal_one_each(models, str
     for sample, row in zip(samples, answer_before.tolist(), strict=True):
         expected = row[: row.index(EOS)] if EOS in row else row
         assert sample.tokens == expected and sample.eos == (EOS in row)
+
+
+@pytest.mark.parametrize("strategy", ["low-confidence", "random"])
+def test_blocks_fill_left_to_right_each_with_its_share_of_steps(models, strategy):
+    length, block, trace = 8, 3, []  # blocks of 3, 3 and 2 slots; 2 steps each
+    s = sampler(models["mdm"], length=length, steps=6, block_length=block, strategy=strategy)
+    s.cfg.batch_size = len(PROMPTS)
+    s.generate(PROMPTS, on_step=lambda step, rows, masked, answer: trace.append(masked))
+    assert len(trace) == 6
+    for step, masked in enumerate(trace):
+        done = (step // 2 + 1) * block  # slots of finished blocks and of the current one
+        if step % 2 == 1:  # a block's last step reveals all of it
+            assert not masked[:, :done].any()
+        assert masked[:, done:].all(), f"step {step} revealed a slot of a later block"
+    assert not trace[-1].any()
+    with pytest.raises(ConfigError, match="not a multiple of the 3 blocks"):
+        sampler(models["mdm"], length=length, steps=4, block_length=block)
+    with pytest.raises(ConfigError, match="block_length"):
+        sampler(models["mdm"], length=length, block_length=0)
+
+
+def test_blocks_continue_ramps(models):
+    got = sampler(models["mdm"], length=6, block_length=2).generate([[3, 5, 7, 9]])
+    assert got[0].tokens[:2] == [11, 13]
 
 
 # ----------------------------------------------------------------------------- ARM
