@@ -17,7 +17,8 @@ experiment end to end from two pretrained runs:
    paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
    same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
    and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
-3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0; ARM greedy with a
+3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0 (``--block-length``:
+   semi-autoregressive blocks, see :mod:`eval.sampling`); ARM greedy with a
    KV cache (:mod:`eval.sampling`); answers of ``--length`` tokens (default: the longest
    reference + 4);
 4. rank every candidate answer of each test prompt by likelihood (:mod:`eval.reverse_choice`:
