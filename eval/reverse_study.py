@@ -113,6 +113,21 @@ class ReverseStudyConfig:
             raise ConfigError(f"--epochs: must be > 0, got {self.epochs}")
         if self.mdm_epochs is not None and not self.mdm_epochs > 0:
             raise ConfigError(f"--mdm-epochs: must be > 0, got {self.mdm_epochs}")
+        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
+        if self.length is not None and self.length < 1:
+            raise ConfigError(f"--length: must be >= 1, got {self.length}")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        if self.block_length is not None and self.block_length < 1:
+            raise ConfigError(f"--block-length: must be >= 1, got {self.block_length}")
+        if self.block_length and self.length and self.steps % -(-self.length // self.block_length):
+            raise ConfigError(
+                f"--steps {self.steps}: not a multiple of the blocks of {self.block_length} in "
+                f"--length {self.length}"
+            )
 
     def epochs_of(self, family: str) -> float:
         """Fine-tuning epochs of ``family``."""
@@ -122,14 +137,6 @@ class ReverseStudyConfig:
         """ "10 epochs", or "ARM 30 / MDM 100 epochs" when they differ."""
         arm, mdm = self.epochs_of("arm"), self.epochs_of("mdm")
         return f"{arm:g} epochs" if arm == mdm else f"ARM {arm:g} / MDM {mdm:g} epochs"
-        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
-        if self.length is not None and self.length < 1:
-            raise ConfigError(f"--length: must be >= 1, got {self.length}")
-        bad = [o for o in self.overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must be key=value, got {bad}")
 
 
 def say(text: str) -> None:

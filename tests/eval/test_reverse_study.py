@@ -236,3 +236,25 @@ def test_rerun_plan_skips_extends_or_refuses(tmp_path):
     (run / "study_run.json").unlink()
     (run / "study_data.sha256").write_text("abc\n")  # an earlier version's stamp
     assert plan_fine_tune(run, {**stamp, "overrides": ["x=1"]}, 20) == "extend"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"steps": 0}, "--steps: must be >= 1"),
+        ({"people": 0}, "--people: must be >= 1"),
+        ({"length": 0}, "--length: must be >= 1"),
+        ({"overrides": ["optim.lr"]}, "key=value"),
+        ({"block_length": 0}, "--block-length: must be >= 1"),
+        ({"block_length": 6, "length": 36, "steps": 32}, "not a multiple of the blocks"),
+    ],
+)
+def test_study_settings_are_checked_before_any_work(tmp_path, kw, message):
+    from eval.reverse_study import ReverseStudyConfig
+
+    cfg = ReverseStudyConfig(arm=str(tmp_path), mdm=str(tmp_path), **kw)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+    ReverseStudyConfig(
+        arm=str(tmp_path), mdm=str(tmp_path), block_length=6, length=36, steps=36
+    ).validate()
