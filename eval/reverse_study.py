@@ -394,12 +394,15 @@ def write_report(
         for fam in FAMILIES
         for stem in TEST_FILES
     ]
-    choices = [
-        score_choices(fam, stem, [r for r in ranked if r["family"] == fam and r["file"] == stem])
-        for fam in FAMILIES
-        for stem in TEST_FILES
+    choices = (
+        [
+            score_choices(fam, stem, [r for r in ranked if (r["family"], r["file"]) == (fam, stem)])
+            for fam in FAMILIES
+            for stem in TEST_FILES
+        ]
         if ranked
-    ]
+        else []
+    )
     files = [write_text_atomic(out / "answers.jsonl", _jsonl(answers))]
     files += [write_text_atomic(out / "choices.jsonl", _jsonl(ranked))] if ranked else []
     results = {

@@ -340,9 +340,11 @@ class Sampler:
         state = (ids, lengths, n_prompt, slot_pos, masked, answer)
         for step in range(self.cfg.n_steps):
             block, i = divmod(step, per_block)
-            live = masked.clone()
-            live[:, : block * width_b] = False  # earlier blocks are done; later ones wait
-            live[:, (block + 1) * width_b :] = False
+            live = masked
+            if self.cfg.n_blocks > 1:  # earlier blocks are done; later ones wait
+                live = masked.clone()
+                live[:, : block * width_b] = False
+                live[:, (block + 1) * width_b :] = False
             t, s, last = times[i], times[i + 1], i == per_block - 1
             scored = self._random_reveals(live, t, s, last, gens) if random else live
             if scored.any():
