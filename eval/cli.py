@@ -5,9 +5,8 @@
     maskscale eval gen RUN --prompts FILE.jsonl --steps 16,32,64 [--judge ARM_RUN]
     torchrun --nproc_per_node 8 -m pipeline.cli eval ppl RUN ...   # data-parallel
 
-The parsers live here and import nothing heavy, so ``maskscale --help`` stays fast; each
-command's module (``eval.ppl``, ``eval.temporal``) is imported when it runs. The harness
-commands (``eval.harness_cli``) join when that module is present. User errors exit with 2.
+The parsers import nothing heavy, so ``maskscale --help`` stays fast; each command's code is
+imported when it runs. User errors exit with 2.
 """
 
 from __future__ import annotations

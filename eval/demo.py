@@ -4,10 +4,10 @@
    temporal split at 1990 with a holdout per later decade, BPE, packing);
 2. train a tiny ARM and a tiny MDM at the same FLOP budget (DeepSpeed, tracked in MLflow);
 3. perplexity on validation and every holdout (``maskscale eval ppl``), and the unigram
-   baseline of the training split on the same rows (:mod:`eval.unigram`);
+   baseline of the training split on the same rows;
 4. the temporal degradation report (``maskscale eval temporal``);
 5. the temporal cloze task (``maskscale eval cloze``);
-6. a few sampled texts from each model (:mod:`eval.sampling`, when this install has it);
+6. a few sampled texts from each model (when this install has the sampler);
 
 then ONE summary table (unigram / ARM / MDM loss per split, cloze accuracy) and how to open the
 results in MLflow. Everything is logged to the runs' MLflow runs as well as written to disk.

@@ -8,8 +8,8 @@ Why: an ARM fine-tuned on "<name> is <description>" cannot answer "who is <descr
 while an MDM, which learns every conditional of the sequence, can. The study runs that
 experiment end to end from two pretrained runs:
 
-1. data: Berglund et al.'s layout, written by :mod:`eval.reversal_data` (``--generate``,
-   seeded) or read from ``--data`` (the original files work: same names and fields);
+1. data: Berglund et al.'s layout, written by the study (``--generate``, seeded) or read
+   from ``--data`` (the original files work: same names and fields);
 2. fine-tune each family on ``all_prompts_train.jsonl`` for ``--epochs`` with
    ``python -m pipeline.cli train task=sft`` in a subprocess, so each is an ordinary run
    directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
@@ -18,12 +18,11 @@ experiment end to end from two pretrained runs:
    same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
    and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
 3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0 (``--block-length``:
-   semi-autoregressive blocks, see :mod:`eval.sampling`); ARM greedy with a
-   KV cache (:mod:`eval.sampling`); answers of ``--length`` tokens (default: the longest
-   reference + 4);
-4. rank every candidate answer of each test prompt by likelihood (:mod:`eval.reverse_choice`:
+   semi-autoregressive blocks, each filled before the next); ARM greedy with a KV cache;
+   answers of ``--length`` tokens (default: the longest reference + 4);
+4. rank every candidate answer of each test prompt by likelihood (multiple choice:
    does the model prefer the true name/description, against chance? ``--no-choice`` skips it);
-5. score each question type and direction (:mod:`eval.reverse_score`) and write
+5. score each question type and direction (contained answers, BLEU) and write
    ``OUT/answers.jsonl``, ``OUT/choices.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and
    ``OUT/reverse.png``; log the metrics and files to an MLflow run ``study-reverse`` (in the
    fine-tunes' tracking store and experiment).

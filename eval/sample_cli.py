@@ -10,8 +10,8 @@ stderr, so ``$(maskscale sample ...)`` captures just the text. Batch mode reads 
 order: the input record plus ``answer``, ``n_tokens``, ``eos`` and ``prompt_cut`` (stdout
 without ``--output``; the file is written atomically). A bad line stops the run before the
 model loads, naming file, line and field: a prompt file is small and silently skipping a
-prompt would leave its answer missing. The sampler is ``eval.sampling.Sampler``; ``--steps``,
-``--strategy`` and ``--cfg`` are MDM settings and are refused for an ARM run.
+prompt would leave its answer missing. ``--steps``, ``--strategy`` and ``--cfg`` are MDM
+settings and are refused for an ARM run.
 """
 
 from __future__ import annotations
