@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.likelihood import LikelihoodConfig, Scorer  # noqa: E402
+from eval.measure.likelihood import LikelihoodConfig, Scorer  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.presets import load_preset  # noqa: E402
 

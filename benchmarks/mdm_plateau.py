@@ -167,7 +167,7 @@ def train(spec: Spec, corpus: Path, out: Path) -> float:
 @torch.no_grad()
 def context_gain(run_dir: Path, corpus: Path, log_q: torch.Tensor) -> float:
     """Unigram CE minus model CE on the same masked validation tokens at ``PROBE_MASK``."""
-    from eval.loading import load_model
+    from eval.measure.loading import load_model
 
     loaded = load_model(run_dir, device="cpu", dtype="fp32")
     model_ce, uni_ce, count = 0.0, 0.0, 0
@@ -218,7 +218,7 @@ def measure(
 def loss_spread(run_dir: Path, corpus: Path, batch: int, draws: int) -> dict[str, float]:
     """Std of the MDM training loss of one fixed micro-batch of ``batch`` training rows over
     ``draws`` key sets, iid vs stratified t (a trained model from ``run_dir``)."""
-    from eval.loading import load_model
+    from eval.measure.loading import load_model
 
     loaded = load_model(run_dir, device="cpu", dtype="fp32")
     tokens, _ = next(iter_eval_batches(corpus, "train", batch_size=batch))

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.sampling import STRATEGIES, Sampler, SamplingConfig  # noqa: E402
+from eval.generation.sampling import STRATEGIES, Sampler, SamplingConfig  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
 from trainer.presets import load_preset  # noqa: E402
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = {
         "benchmark": "sampling",
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "clock": clock,

@@ -11,7 +11,7 @@ and the rows needed for a 95% half-width of ``--target`` nats.
     python benchmarks/val_rows_variance.py RUN_A[:STEP] RUN_B[:STEP] [--split validation]
         [--rows 0] [--mc-samples 16] [--target 0.01]
 
-Evaluation writes an export of a checkpoint into the run directory (eval.loading); point it at
+Evaluation writes an export of a checkpoint into the run directory (eval.measure.loading); point
 copies of runs you do not want touched.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.loading import load_model, open_corpus
+from eval.measure.loading import load_model, open_corpus
 from trainer.data import EVAL_KEY_SEED, EVAL_SAMPLE_SEED, EvalSample, mix_keys
 
 Z95 = 1.959964

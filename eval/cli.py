@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-ROWS, MC_SAMPLES, SEED, BATCH_SIZE, BOOTSTRAP = 512, 128, 0, 8, 1000
-"""Defaults (also those of eval.ppl.PplConfig)."""
+from eval.measure.defaults import BATCH_SIZE, BOOTSTRAP, MC_SAMPLES, ROWS, SEED
 
 
 def _lazy(module: str, func: str):
@@ -52,7 +51,7 @@ def _add_ppl(sub) -> None:
     )
     add_common_args(p)
     p.add_argument("--splits", nargs="+", help="splits (default: validation + holdout_*)")
-    p.set_defaults(func=_lazy("eval.ppl", "cmd_ppl"))
+    p.set_defaults(func=_lazy("eval.measure.ppl", "cmd_ppl"))
 
 
 def _add_temporal(sub) -> None:
@@ -78,7 +77,7 @@ def _add_temporal(sub) -> None:
         metavar="NATS",
         help="gate: exit 1 if a period's degradation lower bound exceeds NATS",
     )
-    p.set_defaults(func=_lazy("eval.temporal", "cmd_temporal"))
+    p.set_defaults(func=_lazy("eval.measure.temporal", "cmd_temporal"))
 
 
 def _add_gen(sub) -> None:
@@ -109,7 +108,7 @@ def _add_gen(sub) -> None:
     p.add_argument("--checkpoint", type=int, metavar="STEP", help="export checkpoint STEP first")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
-    p.set_defaults(func=_lazy("eval.gen", "cmd_gen"))
+    p.set_defaults(func=_lazy("eval.generation.gen", "cmd_gen"))
 
 
 def register(subparsers) -> None:
@@ -124,9 +123,9 @@ def register(subparsers) -> None:
     _add_temporal(sub)
     _add_gen(sub)
     try:
-        harness = importlib.import_module("eval.harness_cli")
+        harness = importlib.import_module("eval.zeroshot.cli")
     except ModuleNotFoundError as e:
-        if e.name != "eval.harness_cli":
+        if e.name != "eval.zeroshot.cli":
             raise
     else:
         harness.register(sub)

@@ -17,10 +17,10 @@ COMMAND_MODULES = [
     "pipeline.commands",
     "trainer.cli",
     "eval.cli",
-    "eval.sample_cli",
-    "eval.reverse_study",
-    "eval.sweep_cli",
-    "eval.demo",
+    "eval.generation.cli",
+    "eval.studies.reversal.study",
+    "eval.studies.scaling.cli",
+    "eval.demo.run",
 ]
 
 

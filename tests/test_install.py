@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["pyproject.toml", "README.md", "pipeline", "trainer", "eval", "configs"]
+PACKAGES = ["pipeline", "trainer", "eval"]
+SOURCES = ["pyproject.toml", "README.md", *PACKAGES, "configs"]
 
 PROBE = """
 import json, pipeline, trainer.presets as p
-from eval.demo import recipe_path
-from eval.demo_config import DEFAULT, load_demo_config
+from eval.demo.run import recipe_path
+from eval.demo.config import DEFAULT, load_demo_config
 from pipeline.config import CorpusConfig
 from pipeline.configdir import config_path
 from pipeline.configlib import load_config
@@ -75,6 +76,10 @@ def test_installed_package_reads_its_own_configs(installed, tmp_path):
     shipped = site / "maskscale_configs"
     want = sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml"))
     assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml")) == want
+    packages = [
+        p.parent.relative_to(ROOT) for n in PACKAGES for p in (ROOT / n).rglob("__init__.py")
+    ]
+    assert [p for p in packages if not (site / p / "__init__.py").is_file()] == []
 
     out = _run([str(venv / "bin" / "maskscale"), "train", "--help"], tmp_path, env)
     assert "--config" in out

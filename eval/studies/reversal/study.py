@@ -1,0 +1,565 @@
+"""``maskscale study reverse``: the reversal-curse study (paper-notes.md, claim 5).
+
+    maskscale study reverse --arm runs/arm --mdm runs/mdm --generate --seed 0 --epochs 10 \
+        --out studies/reverse [--config configs/train/tiny-cpu.yaml] [key=value ...]
+    maskscale study reverse --arm ... --mdm ... --data reversal_curse/data/june_version
+
+Why: an ARM fine-tuned on "<name> is <description>" cannot answer "who is <description>?",
+while an MDM, which learns every conditional of the sequence, can. The study runs that
+experiment end to end from two pretrained runs:
+
+1. data: Berglund et al.'s layout, written by the study (``--generate``, seeded) or read
+   from ``--data`` (the original files work: same names and fields);
+2. fine-tune each family on ``all_prompts_train.jsonl`` for ``--epochs`` with
+   ``python -m pipeline.cli train task=sft`` in a subprocess, so each is an ordinary run
+   directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
+   trains with the unconditional loss on prompt + completion (``sft.target=all``), as the
+   paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
+   same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
+   and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
+3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0 (``--block-length``:
+   semi-autoregressive blocks, each filled before the next); ARM greedy with a KV cache;
+   answers of ``--length`` tokens (default: the longest reference + 4);
+4. rank every candidate answer of each test prompt by likelihood (multiple choice:
+   does the model prefer the true name/description, against chance? ``--no-choice`` skips it);
+5. score each question type and direction (contained answers, BLEU) and write
+   ``OUT/answers.jsonl``, ``OUT/choices.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and
+   ``OUT/reverse.png``; log the metrics and files to an MLflow run ``study-reverse`` (in the
+   fine-tunes' tracking store and experiment).
+
+``key=value`` overrides go to both fine-tunes (after the study's own, so they win), e.g.
+``optim.lr=1e-3 batch.global_batch=32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.configlib import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_FILE = "all_prompts_train.jsonl"
+FAMILIES = ("arm", "mdm")
+STUDY_RUN = "study-reverse"
+STAMP_FILE = "study_run.json"
+
+
+@dataclass
+class ReverseStudyConfig:
+    """Settings of one reversal-curse study (the CLI's options)."""
+
+    arm: str
+    """Pretrained ARM run directory (or export) the ARM fine-tune starts from."""
+    mdm: str
+    """Pretrained MDM run directory (or export) the MDM fine-tune starts from."""
+    out: str = "studies/reverse"
+    """Study folder: data/, runs/<family>-sft, answers, table, plot, results."""
+    data: str | None = None
+    """Folder with Berglund et al.'s files; None = generate into OUT/data."""
+    seed: int = 0
+    """Generator seed (with ``data`` None)."""
+    people: int = 30
+    """Generated people per group (30 = the paper's 3600 training prompts)."""
+    train_templates: int = 30
+    """Generated training templates per direction."""
+    test_templates: int = 10
+    """Generated held-out test templates per direction."""
+    epochs: float = 10.0
+    """Fine-tuning passes over the training file (the paper: 10)."""
+    mdm_epochs: float | None = None
+    """The MDM's passes, when they differ (None = ``epochs``): a tiny MDM memorises the facts
+    far more slowly than an ARM (benchmarks/reverse_study.md); reported in the table."""
+    config: str | None = None
+    """Training recipe YAML for both fine-tunes (default: the trainer's paper recipe)."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides for both fine-tunes."""
+    steps: int = 32
+    """MDM reverse-process steps (low-confidence, temperature 0)."""
+    block_length: int | None = None
+    """MDM semi-autoregressive blocks (``SamplingConfig.block_length``); None =
+    the paper's plain reverse process over all L slots."""
+    length: int | None = None
+    """Answer tokens; None = longest tokenised reference + 4."""
+    batch_size: int = 32
+    """Prompts per sampling batch."""
+    tracking_uri: str | None = None
+    """MLflow URI for the fine-tunes and the study run; None = the ARM init run's, else
+    sqlite:///OUT/mlflow.db."""
+    experiment: str = "study-reverse"
+    """MLflow experiment of the fine-tunes and the study run."""
+    mlflow: bool = True
+    """False: no MLflow for the fine-tunes nor the study run."""
+    device: str = "auto"
+    dtype: str = "auto"
+    choice: bool = True
+    """Also rank every candidate answer by likelihood (:mod:`eval.studies.reversal.choice`)."""
+
+    def validate(self) -> None:
+        for key in ("arm", "mdm"):
+            if not Path(getattr(self, key)).exists():
+                raise ConfigError(f"--{key} {getattr(self, key)}: no such run directory")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data}: no such folder")
+        if not self.epochs > 0:
+            raise ConfigError(f"--epochs: must be > 0, got {self.epochs}")
+        if self.mdm_epochs is not None and not self.mdm_epochs > 0:
+            raise ConfigError(f"--mdm-epochs: must be > 0, got {self.mdm_epochs}")
+        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
+        if self.length is not None and self.length < 1:
+            raise ConfigError(f"--length: must be >= 1, got {self.length}")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        if self.block_length is not None and self.block_length < 1:
+            raise ConfigError(f"--block-length: must be >= 1, got {self.block_length}")
+        if self.block_length and self.length and self.steps % -(-self.length // self.block_length):
+            raise ConfigError(
+                f"--steps {self.steps}: not a multiple of the blocks of {self.block_length} in "
+                f"--length {self.length}"
+            )
+
+    def epochs_of(self, family: str) -> float:
+        """Fine-tuning epochs of ``family``."""
+        return self.mdm_epochs if family == "mdm" and self.mdm_epochs else self.epochs
+
+    def epochs_text(self) -> str:
+        """ "10 epochs", or "ARM 30 / MDM 100 epochs" when they differ."""
+        arm, mdm = self.epochs_of("arm"), self.epochs_of("mdm")
+        return f"{arm:g} epochs" if arm == mdm else f"ARM {arm:g} / MDM {mdm:g} epochs"
+
+
+def say(text: str) -> None:
+    print(f"[study reverse] {text}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: ReverseStudyConfig) -> Path:
+    """The data folder: ``--data`` checked, or generated (deterministic) into OUT/data."""
+    from eval.studies.reversal.data import write_dataset
+
+    if cfg.data is not None:
+        folder = Path(cfg.data)
+    else:
+        folder = Path(cfg.out) / "data"
+        write_dataset(folder, cfg.seed, cfg.people, cfg.train_templates, cfg.test_templates)
+    read_tests(folder)  # fail before any training on a malformed test file
+    if not (folder / TRAIN_FILE).is_file():
+        raise ConfigError(f"{folder / TRAIN_FILE}: missing (Berglund et al.'s training file)")
+    return folder
+
+
+def read_tests(folder: Path) -> dict[str, list[dict]]:
+    """Test file stem -> prompt/completion records; errors name file, line and field."""
+    from eval.studies.reversal.score import TEST_FILES
+
+    missing = [f"{s}.jsonl" for s in TEST_FILES if not (folder / f"{s}.jsonl").is_file()]
+    if missing:
+        raise ConfigError(
+            f"{folder}: missing {', '.join(missing)}; pass a folder in Berglund et al.'s layout "
+            "or --generate"
+        )
+    tests = {}
+    for stem in TEST_FILES:
+        path, records = folder / f"{stem}.jsonl", []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            for key in ("prompt", "completion"):
+                if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+                    raise ConfigError(f"{path}:{number}: field {key!r} missing or not a string")
+            records.append({"prompt": rec["prompt"], "completion": rec["completion"]})
+        if not records:
+            raise ConfigError(f"{path}: no records")
+        tests[stem] = records
+    return tests
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def resolve_uri(cfg: ReverseStudyConfig) -> str:
+    from eval.measure.outputs import mlflow_target
+
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    target = mlflow_target(Path(cfg.arm))
+    return target[0] if target else f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
+
+
+def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path) -> list[str]:
+    """The ``python -m pipeline.cli train task=sft`` command of one fine-tune."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "train"]
+    cmd += ["--config", str(cfg.config)] if cfg.config else []
+    init = Path(getattr(cfg, family)).resolve()
+    cmd += [
+        "task=sft", f"init={init}", f"objective={family}", f"sft.data={data / TRAIN_FILE}",
+        f"sft.epochs={cfg.epochs_of(family):g}", "budget.steps=null", "sft.val_fraction=0", f"run_dir={run_dir.resolve()}",
+        f"sft.target={'all' if family == 'mdm' else 'answer'}", "checkpoint.resume=auto",
+        "sft.seq_len=auto",  # rows as long as the longest fact, not the pretraining context
+        f"tracking.experiment={cfg.experiment}", f"tracking.run_name={family}-sft-reverse",
+    ]  # fmt: skip
+    cmd += [f"tracking.uri={resolve_uri(cfg)}"] if cfg.mlflow else ["tracking.enabled=false"]
+    return cmd + list(cfg.overrides)
+
+
+def study_stamp(cfg: ReverseStudyConfig, data_sha: str) -> dict:
+    """What a fine-tune was asked for: compared on every rerun into the same ``--out``."""
+    config = str(Path(cfg.config).resolve()) if cfg.config else None
+    return {"train_sha256": data_sha, "config": config, "overrides": list(cfg.overrides)}
+
+
+def saved_epochs(run_dir: Path) -> float | None:
+    """``sft.epochs`` of the run's saved config (after any extension), None before it exists."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return float(((yaml.safe_load(path.read_text()) or {}).get("sft") or {}).get("epochs") or 0)
+
+
+def plan_fine_tune(run_dir: Path, stamp: dict, epochs: float) -> str:
+    """``"skip"`` (finished as asked), ``"extend"`` (fewer epochs so far) or ``"run"``.
+
+    A fine-tune asked for with another training file or other settings is refused (its answers
+    would not be the asked-for study); one asked for more epochs continues from its last
+    checkpoint with ``checkpoint.reschedule=true``; one with more epochs than asked is refused.
+    """
+    path, legacy = run_dir / STAMP_FILE, run_dir / "study_data.sha256"
+    if path.is_file():
+        old = json.loads(path.read_text())
+    elif legacy.is_file():  # stamps of earlier versions: the training file's hash only
+        old = {"train_sha256": legacy.read_text().strip()}
+    else:
+        return "run"
+    redo = "use another --out or delete it"
+    if old["train_sha256"] != stamp["train_sha256"]:
+        raise ConfigError(f"{run_dir} was fine-tuned on another training file; {redo}")
+    changed = [k for k in ("config", "overrides") if k in old and old[k] != stamp[k]]
+    if changed:
+        was = "; ".join(f"{k}: {old[k]} -> {stamp[k]}" for k in changed)
+        raise ConfigError(f"{run_dir} was fine-tuned with other settings ({was}); {redo}")
+    had = saved_epochs(run_dir)
+    if had is not None and had > epochs:
+        raise ConfigError(
+            f"{run_dir} is fine-tuned for {had:g} epochs, more than {epochs:g}; {redo}"
+        )
+    if had is not None and had < epochs:
+        return "extend"
+    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
+    return "skip" if done else "run"
+
+
+def fine_tune(cfg: ReverseStudyConfig, family: str, data: Path) -> Path:
+    """Fine-tune one family (skipped when finished, extended when asked for more epochs)."""
+    run_dir = Path(cfg.out) / "runs" / f"{family}-sft"
+    stamp = study_stamp(cfg, file_sha256(data / TRAIN_FILE))
+    plan = plan_fine_tune(run_dir, stamp, cfg.epochs_of(family))
+    if plan == "skip":
+        say(f"{family.upper()} fine-tune finished already: {run_dir} (skipped)")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + "\n")
+    cmd = sft_command(cfg, family, data, run_dir)
+    if plan == "extend":
+        cmd.append("checkpoint.reschedule=true")
+        say(f"{family.upper()} fine-tune: extending to {cfg.epochs_of(family):g} epochs")
+    say(f"fine-tuning {family.upper()}: {' '.join(cmd[1:])}")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise ConfigError(
+            f"{family.upper()} fine-tune failed (exit {result.returncode}); see its output above; "
+            f"rerunning the study resumes it from {run_dir}"
+        )
+    if not (run_dir / "summary.json").is_file():
+        raise ConfigError(f"{family.upper()} fine-tune ended without {run_dir}/summary.json")
+    say(f"{family.upper()} fine-tune done in {time.perf_counter() - start:.0f} s")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def prompt_template(overrides: list[str]) -> str:
+    """The fine-tunes' ``sft.prompt_template`` (prompts are sampled in the trained format)."""
+    template = "{prompt}"
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "sft.prompt_template":
+            template = value
+    return template
+
+
+def answer_length(tokenizer, tests: dict[str, list[dict]]) -> int:
+    longest = max(
+        len(tokenizer.encode(r["completion"], add_special_tokens=False).ids)
+        for rows in tests.values()
+        for r in rows
+    )
+    return longest + 4
+
+
+def sample_family(
+    cfg: ReverseStudyConfig, family: str, loaded, tests: dict[str, list[dict]]
+) -> tuple[dict[str, list[dict]], dict]:
+    """Answers to every test prompt from one loaded fine-tune, and the sampling settings."""
+    from eval.generation.sampling import Sampler, SamplingConfig
+
+    tok = loaded.tokenizer
+    length = cfg.length or answer_length(tok, tests)
+    scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
+                          temperature=0.0, batch_size=cfg.batch_size, cache=True,
+                          block_length=cfg.block_length if family == "mdm" else None)  # fmt: skip
+    sampler = Sampler.from_loaded(loaded, scfg)
+    template = prompt_template(cfg.overrides)
+    settings = {"length": length, "temperature": 0.0, "prompt_template": template}
+    if family == "mdm":
+        settings |= {
+            "steps": cfg.steps,
+            "strategy": "low-confidence",
+            "block_length": cfg.block_length,
+        }
+    settings |= {"kv_cache": True} if family == "arm" else {}
+    out = {}
+    start = time.perf_counter()
+    for stem, rows in tests.items():
+        prompts = [
+            tok.encode(template.format(prompt=r["prompt"]), add_special_tokens=False).ids
+            for r in rows
+        ]
+        samples = sampler.generate(prompts, progress=True)
+        out[stem] = [
+            {**r, "family": family, "file": stem, "answer": tok.decode(s.tokens)}
+            for r, s in zip(rows, samples, strict=True)
+        ]
+    settings["seconds"] = round(time.perf_counter() - start, 2)
+    say(f"{family.upper()} sampled {sum(map(len, tests.values()))} prompts in "
+        f"{settings['seconds']:.1f} s ({_describe(family, settings)})")  # fmt: skip
+    return out, settings
+
+
+def _describe(family: str, s: dict) -> str:
+    if family == "mdm":
+        blocks = f" in blocks of {s['block_length']}" if s.get("block_length") else ""
+        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0"
+    return f"L={s['length']}, greedy, KV cache"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(
+    cfg: ReverseStudyConfig,
+    data: Path,
+    answers: list[dict],
+    settings: dict,
+    runs: dict,
+    ranked: list[dict],
+) -> tuple[list, list[Path]]:
+    """Score the answers (and the rankings, when any); write answers.jsonl, results.json,
+    table.md, reverse.png and choices.jsonl."""
+    from eval.measure.outputs import write_json_atomic, write_text_atomic
+    from eval.studies.reversal.choice import choice_metrics, choice_table, score_choices
+    from eval.studies.reversal.score import (
+        TEST_FILES,
+        bar_plot,
+        markdown_table,
+        metrics_of,
+        score_file,
+    )
+
+    out = Path(cfg.out)
+    cells = [
+        score_file(fam, stem, [a for a in answers if a["family"] == fam and a["file"] == stem])
+        for fam in FAMILIES
+        for stem in TEST_FILES
+    ]
+    choices = (
+        [
+            score_choices(fam, stem, [r for r in ranked if (r["family"], r["file"]) == (fam, stem)])
+            for fam in FAMILIES
+            for stem in TEST_FILES
+        ]
+        if ranked
+        else []
+    )
+    files = [write_text_atomic(out / "answers.jsonl", _jsonl(answers))]
+    files += [write_text_atomic(out / "choices.jsonl", _jsonl(ranked))] if ranked else []
+    results = {
+        "data": str(data), "train_sha256": file_sha256(data / TRAIN_FILE),
+        "config": asdict(cfg), "runs": {k: str(v) for k, v in runs.items()},
+        "sampling": settings, "cells": [asdict(c) | {"label": c.label} for c in cells],
+        "choices": [asdict(c) for c in choices], "metrics": metrics_of(cells) | choice_metrics(choices),
+    }  # fmt: skip
+    files.append(write_json_atomic(out / "results.json", results))
+    head = (
+        f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
+        + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
+        + f", {cfg.epochs_text()}.\nSampling: "
+        + "; ".join(f"{k.upper()} {_describe(k, s)}" for k, s in settings.items())
+        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n\n"
+    )
+    table = head + markdown_table(cells)
+    if choices:
+        table += (
+            "\nMultiple choice: the true answer has the highest likelihood among every candidate "
+            "of its test file (ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
+            + choice_table(choices)
+        )
+    files.append(write_text_atomic(out / "table.md", table))
+    title = f"Reversal curse ({cfg.epochs_text()})"
+    files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
+    return cells, files
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Path]) -> str | None:
+    """An MLflow run ``study-reverse`` with the metrics and the report files."""
+    import warnings
+
+    uri = resolve_uri(cfg)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+        tags = {"study": "reverse", "arm_init": str(cfg.arm), "mdm_init": str(cfg.mdm)}
+        rid = client.create_run(exp_id, run_name=STUDY_RUN, tags=tags).info.run_id
+        for key in ("epochs", "mdm_epochs", "steps", "block_length", "seed", "data", "people"):
+            client.log_param(rid, key, str(getattr(cfg, key)))
+        for key, value in metrics.items():
+            client.log_metric(rid, key.replace("→", "-"), float(value))
+        for path in files:
+            client.log_artifact(rid, str(path))
+        client.set_terminated(rid)
+        return rid
+    except Exception as e:  # the report on disk is what matters; MLflow is a copy
+        warnings.warn(f"could not log the study to MLflow at {uri}: {e}", RuntimeWarning, 2)
+        return None
+
+
+def run_study(cfg: ReverseStudyConfig) -> dict:
+    """The whole study (module docstring); returns results.json's content plus the run id."""
+    from eval.measure.loading import load_model
+    from eval.studies.reversal.choice import rank_answers
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg)
+    tests = read_tests(data)
+    say(f"data {data}: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()))
+    runs = {fam: fine_tune(cfg, fam, data) for fam in FAMILIES}
+    answers, settings, ranked = [], {}, []
+    for fam in FAMILIES:
+        loaded = load_model(runs[fam], None, cfg.device, cfg.dtype)
+        by_file, settings[fam] = sample_family(cfg, fam, loaded, tests)
+        answers += [a for rows in by_file.values() for a in rows]
+        if cfg.choice:
+            by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides))
+            ranked += [r | {"family": fam, "file": f} for f, rows in by_file.items() for r in rows]
+            say(f"{fam.upper()} ranked every candidate answer of each test prompt")
+        del loaded
+    cells, files = write_report(cfg, data, answers, settings, runs, ranked)
+    results = json.loads((out / "results.json").read_text())
+    results["mlflow_run_id"] = log_study(cfg, results["metrics"], files) if cfg.mlflow else None
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    study = subparsers.add_parser("study", help="generation studies (reversal curse)")
+    sub = study.add_subparsers(dest="study_command", metavar="STUDY")
+    p = sub.add_parser(
+        "reverse",
+        help="reversal-curse study: fine-tune an ARM and an MDM, test both directions",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--arm", required=True, metavar="RUN", help="pretrained ARM run")
+    p.add_argument("--mdm", required=True, metavar="RUN", help="pretrained MDM run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="Berglund et al.'s files (their layout)")
+    src.add_argument("--generate", action="store_true", help="generate the data offline")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--people", type=int, default=30, help="generated people per group (30)")
+    p.add_argument("--train-templates", type=int, default=30, help="per direction (30)")
+    p.add_argument("--test-templates", type=int, default=10, help="per direction (10)")
+    p.add_argument("--epochs", type=float, default=10.0, help="fine-tuning epochs (10)")
+    p.add_argument("--mdm-epochs", type=float, help="the MDM's epochs (default: --epochs)")
+    p.add_argument("--out", default="studies/reverse", help="study folder")
+    p.add_argument("--config", help="training recipe YAML for the fine-tunes")
+    p.add_argument("--steps", type=int, default=32, help="MDM sampling steps (32)")
+    p.add_argument(
+        "--block-length", type=int, help="MDM semi-autoregressive blocks (default: none)"
+    )
+    p.add_argument("--length", type=int, help="answer tokens (default: longest reference + 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: the ARM init run's)")
+    p.add_argument("--experiment", default="study-reverse", help="MLflow experiment")
+    p.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
+    p.add_argument("--device", default="auto", help="sampling device: auto, cpu, cuda:N")
+    p.add_argument("--dtype", default="auto", help="sampling dtype: auto, fp32, bf16")
+    p.add_argument(
+        "--no-choice", action="store_true", help="skip the likelihood ranking of candidates"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="for both fine-tunes")
+    p.set_defaults(func=cmd_reverse)
+    study.set_defaults(func=lambda args: study.print_help() or 2)
+
+
+def cmd_reverse(args: argparse.Namespace) -> int:
+    from eval.measure.loading import EvalError
+
+    cfg = ReverseStudyConfig(
+        arm=args.arm, mdm=args.mdm, out=args.out, data=args.data, seed=args.seed,
+        people=args.people, train_templates=args.train_templates,
+        test_templates=args.test_templates, epochs=args.epochs, config=args.config,
+        mdm_epochs=args.mdm_epochs,
+        overrides=list(args.overrides or []), steps=args.steps, length=args.length,
+        block_length=args.block_length,
+        batch_size=args.batch_size, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
+        dtype=args.dtype, choice=not args.no_choice,
+    )  # fmt: skip
+    try:
+        results = run_study(cfg)
+    except (EvalError, ConfigError, ValueError) as e:
+        print(f"maskscale study reverse: {e}", file=sys.stderr)
+        return 2
+    print((Path(cfg.out) / "table.md").read_text())
+    if results["mlflow_run_id"]:
+        say(f"logged to MLflow run {results['mlflow_run_id']} ({STUDY_RUN})")
+    say(f"results: {Path(cfg.out) / 'results.json'}, plot: {Path(cfg.out) / 'reverse.png'}")
+    return 0

@@ -1,0 +1,259 @@
+"""The real lm-evaluation-harness, offline, on maskscale runs; the mc and cloze commands.
+
+The runs are built here: a tiny causal Transformer *trained* (100 CPU steps, ~1 s) on arithmetic
+sequences of word tokens (``w3 w5 w7 ...``, the trainer fixtures' "ramp" rows), so a correct
+pipeline must score ~100% on the local ramp tasks under tests/eval/assets/; and a random-weight
+bidirectional MDM for the estimator / CFG plumbing. Each run directory looks like a trained one:
+``export/`` in the format of trainer.checkpoint.export_checkpoint, ``config.yaml`` (corpus,
+tracking) and an MLflow run in a real sqlite store. No mocks, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eval.measure.likelihood import Scorer
+from eval.measure.loading import EvalError, load_model
+from eval.zeroshot.harness import (
+    MaskscaleLM,
+    ModelArgs,
+    PaperTasks,
+    TextScorer,
+    group_tasks,
+    likelihood_config,
+    load_paper_tasks,
+)
+from tests.eval.runs import T, V, make_run
+from tests.trainer.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[3]
+ASSETS = "tests/eval/assets"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(ROOT)  # the asset YAMLs name their JSONL relative to the repo root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("harness")
+    splits = {"train": 8, "validation": 24, "holdout_2001": 24, "holdout_1999": 16}
+    corpus = make_corpus(base / "corpus", vocab_size=V, seq_len=T, splits=splits, kind="ramp")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    return {
+        "corpus": corpus,
+        "uri": uri,
+        "arm": make_run(base / "arm", "arm", 100, corpus, uri),
+        "mdm": make_run(base / "mdm", "mdm", 0, corpus, uri),
+    }
+
+
+def cli(*argv) -> int:
+    """``maskscale eval ...`` in this process."""
+    from pipeline.cli import main
+
+    return main(["eval", *map(str, argv)])
+
+
+def mlflow_metrics(run_dir: Path, uri: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+
+
+# ----------------------------------------------------------------------------- the harness
+
+
+def test_harness_runs_local_tasks_offline_end_to_end(world, capsys):
+    arm = world["arm"]
+    tasks = "ramp_mc,ramp_next,ramp_rolling"
+    assert cli("harness", arm, "--include-path", ASSETS, "--tasks", tasks) == 0
+    out = capsys.readouterr().out
+    assert "|ramp_mc" in out and "acc_norm" in out and "word_perplexity" in out
+    path = arm / "eval" / "harness-ramp_mc+ramp_next+ramp_rolling.json"
+    results = json.loads(path.read_text())["results"]
+    # the trained model continues every sequence correctly: multiple choice and greedy last word
+    assert results["ramp_mc"]["acc,none"] == 1.0 and results["ramp_mc"]["acc_norm,none"] == 1.0
+    assert results["ramp_next"]["acc,none"] == 1.0
+    assert 1.0 <= results["ramp_next"]["perplexity,none"] < 1.5
+
+    # loglikelihood_rolling: word perplexity = exp(-sum of log p / words), computed directly
+    loaded = load_model(arm, device="cpu")
+    text = TextScorer(loaded, ModelArgs())
+    docs = [json.loads(x) for x in (ROOT / ASSETS / "ramp_next.jsonl").read_text().splitlines()]
+    ll = sum(text.loglikelihood_rolling(d["context"]) for d in docs)
+    words = sum(len(d["context"].split()) for d in docs)
+    assert results["ramp_rolling"]["word_perplexity,none"] == pytest.approx(math.exp(-ll / words))
+
+    metrics = mlflow_metrics(arm, world["uri"])
+    assert metrics["eval/harness/ramp_mc/acc"] == 1.0
+    assert "eval/harness/ramp_rolling/word_perplexity" in metrics
+
+    # the direct multiple-choice runner splits pairs the same way: identical scores
+    assert cli("mc", arm, f"{ASSETS}/ramp_mc.jsonl") == 0
+    direct = json.loads((arm / "eval" / "mc-ramp_mc.json").read_text())
+    assert (direct["acc"], direct["acc_norm"], direct["n"]) == (1.0, 1.0, 8)
+    assert mlflow_metrics(arm, world["uri"])["eval/mc/ramp_mc/acc"] == 1.0
+
+
+def test_mdm_model_by_registered_name_with_estimator_and_cfg(world):
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from eval.zeroshot.harness import task_manager
+
+    mdm = world["mdm"]
+    loaded = load_model(mdm, device="cpu")
+    pairs = [("w3 w5 w7", " w9"), ("w4", " w5 w6"), ("", " w7 w8")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    got = {}
+    for est, cfg in (("chain_rule", 0.0), ("chain_rule", 0.5), ("mc", 0.0)):
+        lm = MaskscaleLM(loaded=loaded, estimator=est, cfg=cfg, mc_samples=16)
+        got[est, cfg] = lm.loglikelihood(reqs)
+        # same numbers as the Scorer called directly on the harness's token split
+        args = ModelArgs(estimator=est, cfg=cfg, mc_samples=16)
+        scorer = Scorer.from_loaded(loaded, likelihood_config(loaded, args))
+        direct = scorer.loglikelihood(TextScorer(loaded, args).encode(pairs))
+        assert got[est, cfg] == [(r.logprob, r.is_greedy) for r in direct]
+    assert got["chain_rule", 0.0] != got["chain_rule", 0.5] != got["mc", 0.0]
+    assert lm.loglikelihood(reqs) == got["mc", 0.0]  # seeded
+
+    with pytest.raises(EvalError, match="MDM run"):
+        get_model("maskscale-arm")(loaded=loaded)
+    # the registered name through lm_eval itself (model args as the harness passes them)
+    res = lm_eval.simple_evaluate(
+        model="maskscale-mdm",
+        model_args=f"path={mdm},estimator=chain_rule,cfg=0.5,device=cpu",
+        tasks=["ramp_mc"],
+        task_manager=task_manager(ASSETS, ["ramp_mc"]),
+        limit=2,
+        batch_size=4,
+    )
+    assert res["results"]["ramp_mc"]["sample_len"] == 2
+
+
+def test_generate_until_task_through_the_samplers(world, tmp_path, capsys):
+    """ramp_generate: 2 new tokens cut at the first space; the trained ARM gets them all."""
+    out = tmp_path / "gen.json"
+    args = ["--include-path", ASSETS, "--tasks", "ramp_generate", "--no-mlflow", "--out", out]
+    assert cli("harness", world["arm"], *args) == 0
+    assert json.loads(out.read_text())["results"]["ramp_generate"]["exact_match,none"] == 1.0
+    assert cli("harness", world["mdm"], *args, "--model-args", "steps=1,strategy=random") == 0
+    assert "ramp_generate" in json.loads(out.read_text())["results"]
+
+
+def test_user_errors_exit_2_and_write_nothing(world, tmp_path, capsys):
+    arm = world["arm"]
+    before = set((arm / "eval").glob("*")) if (arm / "eval").exists() else set()
+    assert cli("harness", arm, "--tasks", "ramp_mc", "--model-args", "temperature=1") == 2
+    assert "unknown model arg" in capsys.readouterr().err
+    # unknown task: refused before the (missing) model is even looked at
+    assert cli("harness", tmp_path / "no-run", "--include-path", ASSETS, "--tasks", "nope") == 2
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
+    # a hub dataset offline: says how to get it
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    text = (ROOT / ASSETS / "ramp_mc.yaml").read_text()
+    text = text.replace("dataset_path: json", "dataset_path: maskscale-tests/not-cached")
+    (hub / "hub.yaml").write_text(text.replace("task: ramp_mc", "task: hub_mc"))
+    assert cli("harness", arm, "--include-path", hub, "--tasks", "hub_mc") == 2
+    assert "not available offline" in capsys.readouterr().err
+    # a bad multiple-choice line: file, line and field
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "w2", "choices": ["w3", "w4"], "label": 0}\n{"context": "w2"}\n')
+    assert cli("mc", arm, bad) == 2
+    assert f"{bad}:2: field 'choices' is missing" in capsys.readouterr().err
+    after = set((arm / "eval").glob("*")) if (arm / "eval").exists() else set()
+    assert after == before
+
+
+def test_paper_tasks_file_and_grouping_by_model_args():
+    paper = load_paper_tasks()
+    by_task = {c.task: c for c in paper.tasks}
+    chain = {t for t, c in by_task.items() if c.estimator == "chain_rule"}
+    assert chain == {"lambada_standard", "openbookqa", "boolq", "piqa"}
+    assert {t for t, c in by_task.items() if c.estimator == "mc"} == {
+        "arc_easy", "social_iqa", "race", "hellaswag"
+    }  # fmt: skip
+    assert all(0.6 <= c.cfg <= 1.6 for c in paper.tasks) and paper.mc_samples == 1024
+    groups = group_tasks(paper.tasks, "mdm", {}, paper.mc_samples)
+    assert sorted(sorted(tasks) for tasks, _ in groups) == [
+        ["arc_easy", "social_iqa"], ["boolq", "openbookqa"], ["hellaswag", "race"],
+        ["lambada_standard"], ["piqa"],
+    ]  # fmt: skip
+    lambada = next(args for tasks, args in groups if tasks == ["lambada_standard"])
+    assert lambada == {"estimator": "chain_rule", "cfg": 1.1, "mc_samples": 1024, "greedy": True}
+    assert all(not a["greedy"] for tasks, a in groups if tasks != ["lambada_standard"])
+    # --model-args win over the file; an ARM is exact, so one group
+    quick = group_tasks(paper.tasks, "mdm", {"mc_samples": 128, "cfg": 0.0}, 1024)
+    assert len(quick) == 3 and all(a["mc_samples"] == 128 and a["cfg"] == 0.0 for _, a in quick)
+    assert group_tasks(paper.tasks, "arm", {}, 1024) == [([c.task for c in paper.tasks], {})]
+    assert isinstance(paper, PaperTasks)
+
+
+# ----------------------------------------------------------------------------- cloze
+
+
+def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys):
+    arm, uri = world["arm"], world["uri"]
+    # perplexities of `maskscale eval ppl` in the same folder go next to accuracy in the plot
+    ppl = {"validation": 1.5, "holdout_1999": 1.6, "holdout_2001": 1.7}
+    (arm / "eval").mkdir(exist_ok=True)
+    (arm / "eval" / "ppl.json").write_text(
+        json.dumps({"splits": {s: {"ppl": v} for s, v in ppl.items()}})
+    )
+    assert cli("cloze", arm, "--n", 8, "--words", 5, "--min-target-chars", 2) == 0
+    report = json.loads((arm / "eval" / "cloze-results.json").read_text())
+    splits = report["splits"]
+    assert report["ppl"] == ppl
+    assert list(splits) == ["validation", "holdout_1999", "holdout_2001"]
+    for r in splits.values():
+        assert r["n"] == 8 and r["acc"] >= 0.75  # the model learned the ramps
+    assert (arm / "eval" / "cloze.png").read_bytes()[:4] == b"\x89PNG"
+    assert mlflow_metrics(arm, uri)["eval/cloze/holdout_1999/acc"] == splits["holdout_1999"]["acc"]
+    out = capsys.readouterr().out
+    assert "holdout_2001" in out and "--include-path" in out
+
+    # the same task files through the real harness: the same accuracies
+    task_dir = arm / "eval" / "cloze"
+    assert cli("harness", arm, "--include-path", task_dir, "--tasks", "temporal_cloze") == 0
+    harness = json.loads((arm / "eval" / "harness-temporal_cloze.json").read_text())["results"]
+    for split, r in splits.items():
+        assert harness[f"temporal_cloze_{split}"]["acc,none"] == pytest.approx(r["acc"])
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+@pytest.mark.slow
+def test_harness_under_torchrun_matches_one_process(world, tmp_path):
+    """2 CPU processes (gloo): requests sharded by rank, gathered on rank 0, same results."""
+    import os
+    import subprocess
+    import sys
+
+    arm = world["arm"]
+    tasks = ["--include-path", ASSETS, "--tasks", "ramp_mc,ramp_next,ramp_rolling", "--no-mlflow"]
+    assert cli("harness", arm, *tasks, "--out", tmp_path / "one.json") == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+           "pipeline.cli", "eval", "harness", str(arm), *tasks, "--out", str(tmp_path / "two.json")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1  # only rank 0 reports
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    for task, metrics in one.items():
+        assert two[task]["sample_len"] == metrics["sample_len"] == 8
+        for key, value in metrics.items():
+            if isinstance(value, float) and "_stderr" not in key:  # bootstrap stderrs resample
+                assert two[task][key] == pytest.approx(value, rel=1e-6), (task, key)
