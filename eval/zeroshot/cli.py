@@ -290,7 +290,7 @@ def register(eval_subparsers) -> None:
     h = eval_subparsers.add_parser(
         "harness",
         help="run lm-evaluation-harness tasks on a run",
-        description="Run lm-evaluation-harness tasks on a run (see eval/harness.py).",
+        description="Run lm-evaluation-harness tasks on a run (see eval/zeroshot/harness.py).",
     )
     h.add_argument("run", help="run directory (uses RUN/export/) or export directory")
     what = h.add_mutually_exclusive_group()
@@ -333,7 +333,7 @@ def register(eval_subparsers) -> None:
     c = eval_subparsers.add_parser(
         "cloze",
         help="temporal cloze task: last-word accuracy per period",
-        description="Build (once) and score the temporal cloze task (see eval/cloze.py).",
+        description="Build (once) and score the temporal cloze task (see eval/zeroshot/cloze.py).",
     )
     c.add_argument("run", help="run directory or export directory")
     c.add_argument("--corpus", help="corpus to draw passages from (default: the run's)")
