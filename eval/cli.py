@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from eval.measure.defaults import BATCH_SIZE, BOOTSTRAP, MC_SAMPLES, ROWS, SEED
+from eval.measure.defaults import BATCH_SIZE, BOOTSTRAP, MC_SAMPLES, MIN_DOCS, ROWS, SEED
 
 
 def _lazy(module: str, func: str):
@@ -35,7 +35,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=SEED, help="seed of the row sample and bootstrap")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per forward pass")
-    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="bootstrap resamples")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
+                   help="bootstrap resamples (over documents)")  # fmt: skip
+    p.add_argument("--min-docs", type=int, default=MIN_DOCS,
+                   help=f"no interval for a split with fewer documents ({MIN_DOCS})")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
 
@@ -44,9 +47,10 @@ def _add_ppl(sub) -> None:
     p = sub.add_parser(
         "ppl",
         help="per-token loss and perplexity on every split, with bootstrap intervals",
-        description="Per split (validation + every holdout_* by default): mean per-token loss "
-        "and perplexity (ARM exact, MDM ELBO bound) on a seeded random sample of rows drawn "
-        "across all shards, with a bootstrap 95%% interval over rows. Writes "
+        description="Per split (validation + every holdout_* by default): per-token loss "
+        "and perplexity (ARM exact, MDM ELBO bound; EOS padding never scored) on a seeded random "
+        "sample of rows drawn across all shards, with a bootstrap 95%% interval over documents "
+        "(none below --min-docs documents); rows, documents and tokens per split. Writes "
         "RUN_DIR/eval/ppl.json and ppl.csv and logs eval/<split>/... to the run's MLflow run.",
     )
     add_common_args(p)
@@ -59,8 +63,10 @@ def _add_temporal(sub) -> None:
         "temporal",
         help="temporal degradation report: holdout - validation loss per period, with a gate",
         description="For each holdout period in date order: loss, degradation = holdout loss "
-        "- validation loss (nats) and perplexity ratio, with bootstrap intervals; a PNG plot, "
-        "a markdown report and JSON; logged to each run's MLflow run. Reuses "
+        "- validation loss (nats) and perplexity ratio, with intervals from a bootstrap over "
+        "documents; for ARM/MDM pairs scored on the same rows, a paired interval for the "
+        "difference of their degradations; a PNG plot, a markdown report and JSON; logged to "
+        "each run's MLflow run. Runs on different corpora or tokenizers are refused. Reuses "
         "RUN_DIR/eval/ppl.json when its settings match.",
     )
     add_common_args(p)
@@ -75,8 +81,13 @@ def _add_temporal(sub) -> None:
         "--max-degradation",
         type=float,
         metavar="NATS",
-        help="gate: exit 1 if a period's degradation lower bound exceeds NATS",
+        help="gate: exit 0 if every period's whole interval is <= NATS, 1 if one's whole "
+        "interval is above it, else 3 (inconclusive: straddles, non-finite, too few documents)",
     )
+    p.add_argument("--inconclusive", choices=("pass", "fail"),
+                   help="gate: count an inconclusive outcome as pass (exit 0) or fail (exit 1)")  # fmt: skip
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="compare runs evaluated on different corpus manifests or tokenizers")  # fmt: skip
     p.set_defaults(func=_lazy("eval.measure.temporal", "cmd_temporal"))
 
 

@@ -30,7 +30,8 @@ from pipeline.readers import read_corrupt_files
 from pipeline.shards import MANIFEST, TOKENIZER, file_sha256, open_shard
 from pipeline.steps import load_stats, tokenizer_meta
 
-FORMAT = "maskscale-corpus/2"
+FORMAT = "maskscale-corpus/3"
+"""3: shards carry ``n_pad`` per row (2: pads only inferable from ``tail_segments``)."""
 HASH_SIDECAR = ".sha256.json"
 
 

@@ -9,7 +9,8 @@ every stream -- for small, per-period holdouts a large share of the data. Instea
    ``{rank:05d}_{chunk:05d}.arrow`` and saves its tails to ``tails/<split>/{rank:05d}.arrow``;
 2. :class:`PackTails` (one task) concatenates the tails of all tasks of a split, per source, in
    task order, packs them into ``tails_{n:05d}.arrow`` shards (rows still never mix sources)
-   and pads the one partial row left per (split, source) with EOS.
+   and pads the one partial row left per (split, source) with EOS, recording the count in
+   that row's ``n_pad`` (``pipeline/shards.py``) so no loss scores the padding as text.
 
 Where each stream's tail landed is recorded as *segments* ``{task, source, shard, start_token,
 length}`` (flat, row-major token offsets inside that shard; a tail that crosses a shard
@@ -183,7 +184,10 @@ class PackTails(PipelineStep):
                 segments += _segments(split, task, source, offset, len(tokens), per_shard)
                 offset += len(tokens)
             padded = np.concatenate([flat, np.full(pad, meta.eos_id, dtype=np.int64)])
-            rows_by_source.append((source, padded.reshape(-1, width)))
+            rows = padded.reshape(-1, width)
+            n_pad = np.zeros(len(rows), np.int64)
+            n_pad[-1:] = pad  # only the source's last row is partial
+            rows_by_source.append((source, rows, n_pad))
             position += len(padded)
             self.stat_update(f"tail_tokens/{split}/{source}", value=len(flat))
             self.stat_update(f"pad_tokens/{split}/{source}", value=pad)
@@ -193,14 +197,14 @@ class PackTails(PipelineStep):
 
     def _write_rows(self, split: str, meta: ShardMeta, rows_by_source) -> None:
         writer, index = None, 0
-        for source, rows in rows_by_source:
+        for source, rows, n_pad in rows_by_source:
             while len(rows):
                 if writer is None:
                     name = TAILS_SHARD.format(index=index)
                     writer = ShardWriter(os.path.join(self.out_folder, split, name), meta)
                 take = min(len(rows), self.rows_per_shard - writer.rows)
-                writer.write(rows[:take], source)
-                rows = rows[take:]
+                writer.write(rows[:take], source, n_pad[:take])
+                rows, n_pad = rows[take:], n_pad[take:]
                 if writer.rows >= self.rows_per_shard:
                     writer.close()
                     writer, index = None, index + 1

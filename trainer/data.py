@@ -26,7 +26,9 @@ row's objective randomness (MDM masks) so it does not depend on the rank it land
 
 Reading: each shard is ``pa.memory_map``-ed and every record batch becomes a zero-copy
 ``(rows, seq_len + 1)`` numpy view; a micro-batch gathers only its rows (one fancy-index per
-record batch touched) and widens them to int64.
+record batch touched) and widens them to int64. With the tokens comes each row's *length*, its
+ids that are text: ``seq_len + 1`` minus the EOS padding of a split's partial rows
+(``pipeline/shards.py``), so the objectives never score padding.
 
 Evaluation (:class:`EvalSample`): a seeded uniform sample of a split's rows over all its
 shards -- the same rows for every run on the corpus -- read batch by batch, batches dealt to
@@ -45,7 +47,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.shards import TOKENIZER, ShardMeta, file_sha256, read_manifest
+from pipeline.shards import (
+    TOKENIZER,
+    ShardMeta,
+    batch_pads,
+    file_sha256,
+    inferred_pads,
+    read_manifest,
+)
 from trainer.mixture import BLOCK as BLOCK  # re-exported: callers import it from here
 from trainer.mixture import _Group, _Stream, component_name, resolve_weights
 from trainer.mixture import _Permutation as _Permutation
@@ -166,6 +175,8 @@ class _SplitReader:
         splits = manifest.get("splits", {})
         names = [split] if isinstance(split, str) else list(split)
         self.views: list[np.ndarray] = []
+        self.pads: list[np.ndarray] = []  # int64 pad ids per row, one array per record batch
+        self._manifest = manifest
         self._batches: list[pa.RecordBatch] = []
         self._batch_split: list[str] = []
         self.meta: ShardMeta | None = None
@@ -177,7 +188,7 @@ class _SplitReader:
                 )
             before = len(self.views)
             for shard in splits[name].get("shards", []):
-                self._open(_resolve(corpus_dir, shard["path"]), shard.get("rows"), name)
+                self._open(_resolve(corpus_dir, shard["path"]), shard, name)
             if len(self.views) == before:
                 raise ValueError(f"split {name!r} of corpus {corpus_dir} has no rows")
         counts = np.array([len(v) for v in self.views], dtype=np.int64)
@@ -185,7 +196,8 @@ class _SplitReader:
         self.rows = int(self.starts[-1])
         self.width = self.views[0].shape[1]
 
-    def _open(self, path: Path, manifest_rows: int | None, split: str) -> None:
+    def _open(self, path: Path, shard: dict, split: str) -> None:
+        manifest_rows = shard.get("rows")
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
         meta = ShardMeta.from_arrow(reader.schema.metadata, path)
         if self.meta is None:
@@ -210,6 +222,12 @@ class _SplitReader:
             width = ids.type.list_size
             flat = ids.flatten().to_numpy(zero_copy_only=True)
             self.views.append(flat.reshape(-1, width))
+            pads = batch_pads(batch)
+            if pads is None:  # a format-2 shard: pads from the manifest's tail segments
+                inferred = inferred_pads(self._manifest, split).get(shard["path"])
+                pads = np.zeros(batch.num_rows, np.int64) if inferred is None else (
+                    inferred[rows : rows + batch.num_rows])  # fmt: skip
+            self.pads.append(pads)
             self._batches.append(batch)
             self._batch_split.append(split)
             rows += batch.num_rows
@@ -233,15 +251,18 @@ class _SplitReader:
                 runs.setdefault(key, []).append((start, int(hi - lo)))
         return runs
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Global row indices -> int64 array (len(rows), seq_len + 1); copies only those rows."""
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global row indices -> (int64 tokens (len(rows), seq_len + 1), int64 lengths: each
+        row's ids that are text, i.e. without trailing EOS padding); copies only those rows."""
         out = np.empty((len(rows), self.width), dtype=np.int64)
+        lengths = np.empty(len(rows), dtype=np.int64)
         batch = np.searchsorted(self.starts, rows, side="right") - 1
         offset = rows - self.starts[batch]
         for b in np.unique(batch):
             sel = np.flatnonzero(batch == b)
             out[sel] = self.views[b][offset[sel]]
-        return out
+            lengths[sel] = self.width - self.pads[b][offset[sel]]
+        return out, lengths
 
 
 # ----------------------------------------------------------------------------- stream
@@ -345,18 +366,19 @@ class CorpusLoader:
         start = self.position + self.rank * self.micro_batch
         return np.arange(start, start + self.micro_batch, dtype=np.int64)
 
-    def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens int64 [micro, seq_len+1], keys int64 [micro]) and advance by one micro-step."""
+    def next_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens int64 [micro, seq_len+1], keys int64 [micro], lengths int64 [micro]: ids of
+        each row that are text, not padding) and advance by one micro-step."""
         positions = self.micro_positions()
-        tokens = torch.from_numpy(self._reader.gather(self._stream.rows(positions)))
+        tokens, lengths = self._reader.gather(self._stream.rows(positions))
         keys = torch.from_numpy(mix_keys(positions, self.seed))
         self._micro_step += 1
         if self._micro_step == self.accum:
             self._step_start += self.global_batch
             self._micro_step = 0
-        return tokens, keys
+        return torch.from_numpy(tokens), keys, torch.from_numpy(lengths)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_micro_batch()
 
@@ -485,11 +507,13 @@ class EvalSample:
     def batch_rows(self, index: int, batch_size: int) -> np.ndarray:
         return self.rows[index * batch_size : (index + 1) * batch_size]
 
-    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens int64 [b, seq_len + 1], keys int64 [b]) of batch ``index``."""
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens int64 [b, seq_len + 1], keys int64 [b], lengths int64 [b]) of batch
+        ``index``; lengths count each row's ids that are text, not padding."""
         rows = self.batch_rows(index, batch_size)
-        tokens = torch.from_numpy(self._reader.gather(rows))
-        return tokens, torch.from_numpy(mix_keys(rows, EVAL_KEY_SEED))
+        tokens, lengths = self._reader.gather(rows)
+        keys = torch.from_numpy(mix_keys(rows, EVAL_KEY_SEED))
+        return torch.from_numpy(tokens), keys, torch.from_numpy(lengths)
 
     def describe(self) -> dict:
         """What identifies the sample (for run records): sizes, seed and a digest of the rows."""
@@ -512,8 +536,8 @@ def iter_eval_batches(
     rank: int = 0,
     world_size: int = 1,
     seed: int = EVAL_SAMPLE_SEED,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(tokens, keys) of this rank's batches of the split's :class:`EvalSample`, streamed.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(tokens, keys, lengths) of this rank's batches of the split's :class:`EvalSample`.
 
     ``max_rows=None`` reads every row in file order; otherwise a seeded uniform sample of
     ``max_rows`` rows across all shards. The last batch of the sample may be smaller.

@@ -267,9 +267,9 @@ def train_step(
     total = torch.zeros((), dtype=torch.float64, device=device)
     keys: list[int] = []
     for a in range(accum):
-        tokens, row_keys = loader.next_micro_batch()
+        tokens, row_keys, lengths = loader.next_micro_batch()
         keys.extend(row_keys.tolist())
-        loss = objective.train_loss(engine, tokens.to(device, non_blocking=True), row_keys)
+        loss = objective.train_loss(engine, tokens.to(device, non_blocking=True), row_keys, lengths)
         engine.backward(loss)
         total += loss.detach().double()
         if a < accum - 1:

@@ -37,6 +37,13 @@ row's first l logits equal those of the row run alone at length l, positions >= 
 weight, and every rank runs exactly one forward per micro-batch whatever its rows drew (ZeRO-3
 gathers weights collectively in each forward). Micro-batches without a cut attend unmasked.
 
+Padding (``lengths``): a split's partial rows end in EOS padding (``pipeline/shards.py``), which
+is not text. Every loss takes the rows' *lengths* (ids that are text, of the T+1; None = all)
+and leaves padding out of numerator and denominator: the ARM scores target j only when token
+j+1 is text, a row's MDM loss divides by its text positions and never masks or attends to a
+pad (a padded row is handled exactly like a row cut to that length). Full rows -- all but one
+row per (split, source) -- draw and score exactly as before.
+
 Cost: with ``loss_chunk`` > 0 (what training uses, ``TrainConfig.loss_chunk``) the objective
 hands the model a ``HeadLoss`` (``trainer/losses.py``): the output head and cross-entropy run in
 chunks of tokens, never holding all logits, and the MDM sends only the hidden states of masked
@@ -49,6 +56,7 @@ gradients up to float rounding (tests/trainer/test_objectives.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -91,17 +99,39 @@ def stratified_times(keys: torch.Tensor) -> list[float]:
     return [(u + r / batch) % 1.0 for r in ranks.tolist()]
 
 
+def text_positions(lengths: torch.Tensor | None, batch: int, width: int) -> torch.Tensor:
+    """bool[B, width] (CPU): position j < the row's length. ``lengths=None``: all True."""
+    if lengths is None:
+        return torch.ones(batch, width, dtype=torch.bool)
+    return torch.arange(width)[None, :] < lengths.cpu()[:, None]
+
+
 def _check_loss_chunk(loss_chunk: int) -> int:
     if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
         raise ConfigError(f"loss_chunk: tokens per chunk, >= 0 (0 = plain), got {loss_chunk!r}")
     return loss_chunk
 
 
-def _check_batch(model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, causal: bool) -> None:
+def _check_batch(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    keys: torch.Tensor,
+    causal: bool,
+    lengths: torch.Tensor | None = None,
+) -> None:
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [B, T+1] with T >= 1, got shape {tuple(tokens.shape)}")
     if keys.shape != tokens.shape[:1]:
         raise ValueError(f"keys must be [B]={tokens.shape[0]} (one per row), got {keys.shape}")
+    if lengths is not None and (
+        lengths.shape != tokens.shape[:1]
+        or bool((lengths < 2).any())
+        or bool((lengths > tokens.shape[1]).any())
+    ):
+        raise ValueError(
+            f"lengths must be [B]={tokens.shape[0]} text ids per row in [2, {tokens.shape[1]}], "
+            f"got {lengths.tolist()}"
+        )
     inner = getattr(model, "module", model)  # DeepSpeed engines wrap the model
     model_causal = getattr(inner, "causal", None)
     if model_causal is not None and model_causal != causal:
@@ -121,23 +151,65 @@ class Objective(ABC):
 
     @abstractmethod
     def train_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scalar training loss (differentiable)."""
+        """Scalar training loss (differentiable); ``lengths``: text ids per row (padding out)."""
 
-    @abstractmethod
-    def eval_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
-    ) -> torch.Tensor:
-        """Scalar mean per-token validation loss (nats), computed without gradients."""
+    def eval_token_losses(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float64[B, T] loss of each scored position, bool[B, T] which positions are scored),
+        on CPU, without gradients. A row's per-token loss is the sum of its losses over its
+        scored positions (padding is never scored); sums over any set of positions (a
+        document's, a split's) divided by their counts are per-token losses too."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-position losses")
 
-    @abstractmethod
+    def eval_row_sums(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float64[B] summed loss, int64[B] scored positions) per row (CPU)."""
+        losses, scored = self.eval_token_losses(model, tokens, keys, n_samples, lengths)
+        return losses.sum(dim=1), scored.sum(dim=1)
+
     def eval_row_losses(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """float64[B] (CPU): each row's mean per-token validation loss, the same estimate as
-        ``eval_loss`` row by row (their mean is ``eval_loss`` up to float rounding); used by
-        ``maskscale eval ppl`` for intervals over rows."""
+        """float64[B] (CPU): each row's mean per-token validation loss."""
+        sums, counts = self.eval_row_sums(model, tokens, keys, n_samples, lengths)
+        return sums / counts
+
+    @torch.no_grad()
+    def eval_loss(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar per-token validation loss (nats) of the batch: summed loss over its scored
+        positions / their number (without padding every row counts equally, as before)."""
+        sums, counts = self.eval_row_sums(model, tokens, keys, n_samples, lengths)
+        return (sums.sum() / counts.sum()).float()
 
 
 class ARMObjective(Objective):
@@ -152,31 +224,50 @@ class ARMObjective(Objective):
         self.loss_chunk = _check_loss_chunk(loss_chunk)
 
     def train_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        _check_batch(model, tokens, keys, self.causal)
+        """Mean CE over the targets that are text (target j is token j+1)."""
+        _check_batch(model, tokens, keys, self.causal, lengths)
+        batch, width = tokens.shape
+        padded = lengths is not None and bool((lengths < width).any())
         if self.loss_chunk:
             targets = tokens[:, 1:].reshape(-1)
-            total = model(tokens[:, :-1], loss=HeadLoss(targets, chunk=self.loss_chunk))
-            return total / targets.numel()
+            if not padded:
+                total = model(tokens[:, :-1], loss=HeadLoss(targets, chunk=self.loss_chunk))
+                return total / targets.numel()
+            keep = text_positions(lengths - 1, batch, width - 1).flatten().nonzero().squeeze(1)
+            scored = keep.to(tokens.device, non_blocking=True)
+            loss = HeadLoss(
+                targets.index_select(0, scored), positions=scored, chunk=self.loss_chunk
+            )
+            return model(tokens[:, :-1], loss=loss) / len(keep)
         logits = model(tokens[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        if not padded:
+            return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        keep = text_positions(lengths - 1, batch, width - 1).to(ce.device)
+        return (ce * keep).sum() / keep.sum()
 
     @torch.no_grad()
-    def eval_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 1
-    ) -> torch.Tensor:
-        """Exact: the same next-token loss (``keys`` and ``n_samples`` are not needed)."""
-        return self.train_loss(model, tokens, keys)
-
-    @torch.no_grad()
-    def eval_row_losses(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 1
-    ) -> torch.Tensor:
-        _check_batch(model, tokens, keys, self.causal)
+    def eval_token_losses(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int = 1,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact next-token CE at each text target (``keys``, ``n_samples`` are not needed)."""
+        _check_batch(model, tokens, keys, self.causal, lengths)
+        batch, width = tokens.shape
         logits = model(tokens[:, :-1])
         ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        return ce.double().mean(dim=1).cpu()
+        scored = text_positions(None if lengths is None else lengths - 1, batch, width - 1)
+        return ce.double().cpu() * scored, scored
 
 
 @dataclass(frozen=True)
@@ -291,16 +382,23 @@ class MDMObjective(Objective):
         return (ce * on_device.flatten()).sum()
 
     def train_weights(
-        self, keys: torch.Tensor, seq_len: int
+        self, keys: torch.Tensor, seq_len: int, text: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-position loss weights float32[B, T] and row lengths (int64[B], or None when no
         row is cut), both on CPU: row b weighs ``1 / (p_b * l_b)`` at its masked positions
-        ``< l_b`` and 0 elsewhere, so ``sum(CE * weight) / B`` is the mean of the row losses."""
+        ``< l_b`` and 0 elsewhere, so ``sum(CE * weight) / B`` is the mean of the row losses.
+        ``text`` (int[B], text positions per row, None = all): a padded row is cut to its text
+        (l_b = min(its drawn length, its text)), with the same draws as without padding."""
         times = stratified_times(keys) if self.t_sampling == "stratified" else None
         draws = [
             self.draw_row(k, seq_len, None if times is None else times[i])
             for i, k in enumerate(keys.tolist())
         ]
+        if text is not None:
+            draws = [
+                d if d.length <= n else dataclasses.replace(d, length=n, mask=d.mask[:n])
+                for d, n in zip(draws, text.tolist())
+            ]
         weight = torch.zeros(len(draws), seq_len, dtype=torch.float32)
         for row, d in enumerate(draws):
             weight[row, : d.length] = d.mask.float() / (d.p * d.length)
@@ -316,51 +414,55 @@ class MDMObjective(Objective):
         return weight, torch.tensor(lengths, dtype=torch.long)
 
     def train_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        _check_batch(model, tokens, keys, self.causal)
+        _check_batch(model, tokens, keys, self.causal, lengths)
         x = tokens[:, :-1]
-        weight, lengths = self.train_weights(keys, x.shape[1])
-        return self._weighted_loss_sum(model, x, weight, lengths) / x.shape[0]
+        text = None if lengths is None else lengths.cpu().clamp(max=x.shape[1])
+        weight, cut = self.train_weights(keys, x.shape[1], text)
+        return self._weighted_loss_sum(model, x, weight, cut) / x.shape[0]
 
     @torch.no_grad()
-    def eval_loss(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
-    ) -> torch.Tensor:
+    def eval_token_losses(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        keys: torch.Tensor,
+        n_samples: int = 128,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Monte Carlo ELBO with ``n_samples`` stratified times per row (no length cuts).
 
         Sample i masks row b with p = (1 - eps) t[b, i] + eps and its own uniforms (drawn from
-        the row's key after u), so the estimate is deterministic for fixed keys.
+        the row's key after u), so the estimate is deterministic for fixed keys. Position j's
+        loss is the mean over samples of ``[masked] CE / p``; a row's per-token ELBO is their
+        sum over its text positions divided by their number. Padding is neither masked, nor
+        scored, nor attended to.
         """
-        return self._row_elbo_sums(model, tokens, keys, n_samples).mean().float()
-
-    @torch.no_grad()
-    def eval_row_losses(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int = 128
-    ) -> torch.Tensor:
-        """The Monte Carlo ELBO of ``eval_loss`` (same draws from the same keys), per row."""
-        return self._row_elbo_sums(model, tokens, keys, n_samples).cpu()
-
-    def _row_elbo_sums(
-        self, model: nn.Module, tokens: torch.Tensor, keys: torch.Tensor, n_samples: int
-    ) -> torch.Tensor:
-        """float64[B] on the model's device: each row's loss averaged over its n samples."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        _check_batch(model, tokens, keys, self.causal)
+        _check_batch(model, tokens, keys, self.causal, lengths)
         x = tokens[:, :-1]
         batch, seq_len = x.shape
+        text = None if lengths is None else lengths.cpu().clamp(max=seq_len)
+        scored = text_positions(text, batch, seq_len)
+        cut = {} if text is None or bool((text == seq_len).all()) else {"lengths": text}
         times, masks = self.eval_draws(keys, n_samples, seq_len)
         p = (1 - self.eps) * times + self.eps  # float64[B, n]
-        # [n, B, T]: sample i is weights[i]; 0 where unmasked
-        weights = (masks / (p[:, :, None] * seq_len)).float().transpose(0, 1).contiguous()
-        totals = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        # [n, B, T]: sample i is weights[i]; 0 where unmasked or padding
+        weights = ((masks & scored[:, None, :]) / p[:, :, None]).float().transpose(0, 1)
+        totals = torch.zeros(batch, seq_len, dtype=torch.float64, device=x.device)
         for i in range(n_samples):
-            weight = weights[i].to(x.device, non_blocking=True)
+            weight = weights[i].contiguous().to(x.device, non_blocking=True)
             noisy = torch.where(weight > 0, self.mask_id, x)
-            ce = F.cross_entropy(model(noisy).float().transpose(1, 2), x, reduction="none")
-            totals += (ce * weight).double().sum(dim=1)
-        return totals / n_samples
+            logits = model(noisy, **cut).float()
+            ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+            totals += (ce * weight).double()
+        return (totals / n_samples).cpu(), scored
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}

@@ -270,8 +270,10 @@ class SFTEvaluator:
             for i in range(math.ceil(len(self.batches) / self.world)):
                 index = i * self.world + self.rank
                 weight = 1 if index < len(self.batches) else 0
-                batch, keys = self.batches[index if weight else 0]
-                loss = objective.eval_loss(engine, batch.to(self.device), keys, self.n_samples)
+                batch, keys, lengths = self.batches[index if weight else 0]
+                loss = objective.eval_loss(
+                    engine, batch.to(self.device), keys, self.n_samples, lengths
+                )
                 loss_sum += weight * float(loss) * len(keys)
                 rows += weight * len(keys)
         total, count = all_reduce_sum([loss_sum, rows], self.device)

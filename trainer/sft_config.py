@@ -34,11 +34,12 @@ class SFTConfig:
     all = every token is a target (the unconditional loss on prompt + answer)."""
     prompt_template: str = "{prompt}"
     """Format of each prompt / user turn before tokenization, e.g. "Q: {prompt}\\nA:"."""
-    seq_len: int | Literal["auto"] | None = None
+    seq_len: int | Literal["auto"] | None = "auto"
     """Row width in tokens, at most the init model's seq_len (rotary positions are relative,
-    so shorter rows need no new weights). null = the model's; auto = the longest record
-    (prompt + answer + EOS) rounded up to a multiple of 8. Short records padded to a long
-    context waste the step, and with ``target=all`` make EOS padding most of the targets."""
+    so shorter rows need no new weights). auto (default) = the longest record (prompt +
+    answer + EOS) rounded up to a multiple of 8; null = the model's. Short records padded to a
+    long context waste the step (a 200-token answer in a 2048-token row is ~90% padding), and
+    the MDM, which keeps EOS padding as a target, would spend most of its loss on it."""
     cfg_prompt_drop: float = 0.0
     """MDM: probability that a row's whole prompt is replaced by mask tokens (standard
     classifier-free-guidance training; the paper uses 0.1)."""

@@ -187,24 +187,36 @@ class ReadReport:
 
 @dataclass
 class SFTRows:
-    """Fixed-length SFT rows: tokens int64[N, T+1], targets bool[N, T+1], source lines."""
+    """Fixed-length SFT rows: tokens int64[N, T+1], targets bool[N, T+1], source lines and
+    text lengths (ids before the EOS padding)."""
 
     tokens: np.ndarray
     targets: np.ndarray
     lines: np.ndarray
     """1-based line of each row's record in its file."""
+    lengths: np.ndarray
+    """int64[N]: ids of each row that are its record (prompt, answers and their EOS); the rest
+    is EOS padding, which the ARM never scores (the MDM keeps it as a target, see
+    ``trainer/sft_objectives.py``)."""
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def take(self, index: np.ndarray) -> SFTRows:
-        return SFTRows(self.tokens[index], self.targets[index], self.lines[index])
+        return SFTRows(
+            self.tokens[index], self.targets[index], self.lines[index], self.lengths[index]
+        )
 
     def narrow(self, seq_len: int) -> SFTRows:
         """The first ``seq_len + 1`` columns (exact when every row's content fits: the rest
         is EOS padding, the same at any width)."""
         width = seq_len + 1
-        return SFTRows(self.tokens[:, :width], self.targets[:, :width], self.lines)
+        return SFTRows(
+            self.tokens[:, :width],
+            self.targets[:, :width],
+            self.lines,
+            np.minimum(self.lengths, width),
+        )
 
     def stacked(self, index: np.ndarray) -> np.ndarray:
         """int64[len(index), 2, T+1]: tokens and the 0/1 answer mask."""
@@ -213,10 +225,11 @@ class SFTRows:
 
 def build_row(
     ids: list[tuple[list[int], bool]], eos_id: int, seq_len: int, target: str
-) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """(tokens, targets, was cut) of width seq_len + 1, or None if no answer token falls in
-    the first seq_len positions. Each answer segment is followed by a target EOS; padding is
-    EOS and a target (it continues the last answer)."""
+) -> tuple[np.ndarray, np.ndarray, bool, int] | None:
+    """(tokens, targets, was cut, text length) of width seq_len + 1, or None if no answer token
+    falls in the first seq_len positions. Each answer segment is followed by a target EOS;
+    padding is EOS and a target (it continues the last answer; only the MDM scores it), and
+    the text length counts the ids before it."""
     tokens: list[int] = []
     targets: list[bool] = []
     for seg, is_answer in ids:
@@ -231,7 +244,7 @@ def build_row(
     pad = width - len(tokens)
     row = np.array(tokens + [eos_id] * pad, dtype=np.int64)
     mask = np.array(targets + [True] * pad, dtype=bool)
-    return row, mask, cut
+    return row, mask, cut, width - pad
 
 
 def read_sft_file(
@@ -244,7 +257,7 @@ def read_sft_file(
     if not path.is_file():
         raise ConfigError(f"SFT data {path} does not exist; pass sft.data=FILE.jsonl")
     report = ReadReport(str(path))
-    rows, masks, lines = [], [], []
+    rows, masks, lines, lengths = [], [], [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(
             tqdm(f, desc=f"sft {path.name}", unit=" rec", leave=False), 1
@@ -266,6 +279,7 @@ def read_sft_file(
             rows.append(built[0])
             masks.append(built[1])
             lines.append(number)
+            lengths.append(built[3])
             report.cut += built[2]
             report.longest = max(report.longest, sum(len(s) + a for s, a in ids))
     report.kept = len(rows)
@@ -283,6 +297,7 @@ def read_sft_file(
             np.stack(rows).reshape(-1, width),
             np.stack(masks).reshape(-1, width),
             np.array(lines, dtype=np.int64),
+            np.array(lengths, dtype=np.int64),
         ),
         report,
     )
@@ -307,8 +322,8 @@ class _RowsReader:
     def __init__(self, rows: SFTRows):
         self.data, self.rows = rows, len(rows)
 
-    def gather(self, index: np.ndarray) -> np.ndarray:
-        return self.data.stacked(index)
+    def gather(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.stacked(index), self.data.lengths[index]
 
 
 class SFTLoader(CorpusLoader):
@@ -349,12 +364,14 @@ class SFTLoader(CorpusLoader):
 
 def iter_sft_eval_batches(
     rows: SFTRows, batch_size: int, max_rows: int | None = None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(batch [b, 2, T+1], keys) in file order; keys as for corpus validation rows."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(batch [b, 2, T+1], keys, text lengths) in file order; keys as for corpus validation
+    rows."""
     total = len(rows) if max_rows is None else min(len(rows), max_rows)
     for start in range(0, total, batch_size):
         index = np.arange(start, min(start + batch_size, total), dtype=np.int64)
         yield (
             torch.from_numpy(rows.stacked(index)),
             torch.from_numpy(mix_keys(index, EVAL_KEY_SEED)),
+            torch.from_numpy(rows.lengths[index]),
         )

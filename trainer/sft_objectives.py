@@ -1,15 +1,21 @@
 """Fine-tuning losses: the ARM and MDM objectives restricted to answer tokens.
 
 A batch is ``int64[B, 2, T+1]`` (``trainer/sft_data.py``): channel 0 the tokens, channel 1 the
-answer mask (1 on answer tokens, their EOS and the EOS padding). Both losses are means of
+answer mask (1 on answer tokens, their EOS and the EOS padding); with it come the rows' text
+lengths (ids before the padding). Both losses are means of
 per-row losses (a row's loss does not depend on the rows beside it, as in pretraining), and
 every random draw comes from the row's key (``trainer.objectives.row_generator``).
 
-* ARM: next-token cross-entropy at the positions whose *next* token is an answer token, averaged
-  over those positions per row. The prompt's logits get no gradient.
+* ARM: next-token cross-entropy at the positions whose *next* token is an answer token or the
+  EOS that ends it, averaged over those positions per row; never the EOS padding after it (EOS
+  after EOS teaches nothing, and a short answer padded to a long row would put most of the loss
+  there), as in SMDM's ARM fine-tuning. The prompt's logits get no gradient.
 * MDM (paper-notes.md, SFT): the prompt is never masked. Per row draw t ~ U[0,1) and mask each
   answer token among the first T with probability p = (1 - eps) t + eps; the row loss is the sum
-  over masked answer tokens of CE / p, divided by the row's number of answer tokens. With
+  over masked answer tokens of CE / p, divided by the row's number of answer tokens. The EOS
+  padding counts as answer: masked and predicted like the answer's own EOS, as in SMDM's and
+  LLaDA's SFT (it is how the model learns to end an answer with a run of EOS that sampling
+  then cuts), so the text lengths are not used. With
   probability ``cfg_prompt_drop`` every prompt token is replaced by the mask token as well (no
   loss on it): standard classifier-free-guidance training. Validation uses the same loss with
   stratified times (no prompt drop), from the draws of :meth:`MDMObjective.eval_draws`.
@@ -25,7 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.objectives import MDMObjective, Objective, _check_batch, row_generator
+from trainer.objectives import (
+    MDMObjective,
+    Objective,
+    _check_batch,
+    row_generator,
+    text_positions,
+)
 
 
 def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,25 +56,27 @@ class SFTARMObjective(Objective):
     name = "arm"
     causal = True
 
-    def _row_losses(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor):
+    def _row_losses(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor, lengths):
         tokens, answer = split_batch(batch)
-        _check_batch(model, tokens, keys, self.causal)
+        _check_batch(model, tokens, keys, self.causal, lengths)
         logits = model(tokens[:, :-1])
         ce = F.cross_entropy(logits.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-        weight = answer[:, 1:].float()
+        width = tokens.shape[1] - 1
+        text = text_positions(None if lengths is None else lengths - 1, len(tokens), width)
+        weight = (answer[:, 1:] & text.to(answer.device)).float()
         return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
 
-    def train_loss(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor):
-        return self._row_losses(model, batch, keys).mean()
+    def train_loss(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor, lengths=None):
+        return self._row_losses(model, batch, keys, lengths).mean()
 
     @torch.no_grad()
-    def eval_loss(self, model, batch, keys, n_samples: int = 1) -> torch.Tensor:
+    def eval_loss(self, model, batch, keys, n_samples: int = 1, lengths=None) -> torch.Tensor:
         """Exact: the training loss (``n_samples`` is not needed)."""
-        return self._row_losses(model, batch, keys).mean()
+        return self._row_losses(model, batch, keys, lengths).mean()
 
     @torch.no_grad()
-    def eval_row_losses(self, model, batch, keys, n_samples: int = 1) -> torch.Tensor:
-        return self._row_losses(model, batch, keys).double().cpu()
+    def eval_row_losses(self, model, batch, keys, n_samples: int = 1, lengths=None):
+        return self._row_losses(model, batch, keys, lengths).double().cpu()
 
 
 class SFTMDMObjective(Objective):
@@ -114,7 +128,7 @@ class SFTMDMObjective(Objective):
         ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
         return (ce * weight).sum(dim=1)
 
-    def train_loss(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor):
+    def train_loss(self, model: nn.Module, batch: torch.Tensor, keys: torch.Tensor, lengths=None):
         tokens, answer = split_batch(batch)
         _check_batch(model, tokens, keys, self.causal)
         x = tokens[:, :-1]
@@ -124,7 +138,7 @@ class SFTMDMObjective(Objective):
         return self._loss_sum(model, x, weight, masked).mean()
 
     @torch.no_grad()
-    def eval_row_losses(self, model, batch, keys, n_samples: int = 128) -> torch.Tensor:
+    def eval_row_losses(self, model, batch, keys, n_samples: int = 128, lengths=None):
         """float64[B] (CPU): per row, the answer-token loss averaged over ``n_samples``
         stratified times (the same draws as pretraining validation for the same keys)."""
         tokens, answer = split_batch(batch)
@@ -143,7 +157,7 @@ class SFTMDMObjective(Objective):
         return (total / n_samples).cpu()
 
     @torch.no_grad()
-    def eval_loss(self, model, batch, keys, n_samples: int = 128) -> torch.Tensor:
+    def eval_loss(self, model, batch, keys, n_samples: int = 128, lengths=None) -> torch.Tensor:
         return self.eval_row_losses(model, batch, keys, n_samples).mean().float()
 
 

@@ -11,7 +11,9 @@ of each split's rows as params) so two runs can be checked to have used the same
 Batches are read when they are evaluated (nothing is materialised up front) and dealt to ranks
 round-robin, so each rank reads only its own rows. Every rank runs the same number of forward
 passes -- a rank without a batch in the last round repeats one with weight 0 -- because ZeRO-3
-gathers weights collectively inside every forward.
+gathers weights collectively inside every forward. A split's loss is its summed loss over the
+scored tokens divided by their number, reduced over ranks: EOS padding (a split's partial rows,
+``pipeline/shards.py``) is in neither, so ``val/<split>/loss`` is per token of text.
 """
 
 from __future__ import annotations
@@ -75,22 +77,25 @@ class Evaluator:
         return math.ceil(self.samples[split].n_batches(self.batch_size) / self.world)
 
     def split_sums(self, model, objective, split: str) -> tuple[float, int]:
-        """(sum of per-row losses, rows) over this rank's batches of ``split``, not reduced."""
+        """(summed loss, scored tokens) over this rank's batches of ``split``, not reduced:
+        their ratio is the per-token loss, padding left out of both."""
         sample, size = self.samples[split], self.batch_size
         mine = iter(sample.rank_batches(size, self.rank, self.world))
-        loss_sum, rows, filler = 0.0, 0, None
+        loss_sum, tokens_scored, filler = 0.0, 0, None
         for _ in range(self.rounds(split)):
             index = next(mine, None)
             if index is None:  # no batch left for this rank: repeat one, weight 0
-                tokens, keys = filler if filler is not None else sample.batch(0, size)
+                batch = filler if filler is not None else sample.batch(0, size)
             else:
-                tokens, keys = sample.batch(index, size)
-                filler = (tokens, keys)
-            loss = objective.eval_loss(model, tokens.to(self.device), keys, self.n_samples)
+                batch = filler = sample.batch(index, size)
+            tokens, keys, lengths = batch
+            sums, counts = objective.eval_row_sums(
+                model, tokens.to(self.device), keys, self.n_samples, lengths
+            )
             if index is not None:
-                loss_sum += float(loss) * len(keys)
-                rows += len(keys)
-        return loss_sum, rows
+                loss_sum += float(sums.sum())
+                tokens_scored += int(counts.sum())
+        return loss_sum, tokens_scored
 
     def run(self, engine, objective) -> dict[str, float]:
         """{"val/<split>/loss": mean per-token loss (nats), "val/<split>/ppl": exp(loss)}."""

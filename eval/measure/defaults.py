@@ -15,3 +15,5 @@ BATCH_SIZE = 8
 """Rows per forward pass."""
 BOOTSTRAP = 1000
 """Bootstrap resamples behind each interval."""
+MIN_DOCS = 5
+"""Fewest documents a split needs for an interval (fewer: the loss alone, marked)."""

@@ -1,16 +1,18 @@
 """``maskscale eval ppl``: per-token loss and perplexity of runs on every split, with intervals.
 
 For each split (``validation`` and every ``holdout_*`` by default) a seeded random sample of
-rows drawn across all shards (:mod:`eval.measure.rows`) is scored with the run's own objective
+rows drawn across all shards (``rows``) is scored with the run's own objective
 (``trainer.objectives``): ARM exact next-token cross-entropy; MDM the Monte Carlo ELBO bound
 with stratified t, using the same per-row keys, draws and loss as training-time validation, so
-the two agree on the same rows. Each row's mean per-token loss is kept; the split's loss is
-their mean (rows have equal length, so this is the per-token mean), perplexity its exp, and a
-seeded bootstrap over rows gives the 95% intervals.
+the two agree on the same rows. Padding is never scored. Every scored position's loss is
+credited to its document (``documents``); the split's loss is summed loss / scored tokens,
+perplexity its exp, and a seeded bootstrap over *documents* (``resample``) gives the 95%
+intervals -- none for a split with fewer than ``--min-docs`` documents. Every result states
+its rows, documents and scored tokens.
 
 Under ``torchrun`` the sample's batches are dealt to ranks (batch ``b`` -> rank ``b % world``),
-per-row losses are gathered on rank 0 and put back in row order: every row is scored in the same
-batch as in one process, so the result is identical. Rank 0 prints the table, writes
+per-row and per-document sums are gathered on rank 0 and put back in order: every row is scored
+in the same batch as in one process, so the result is identical. Rank 0 prints the table, writes
 ``RUN_DIR/eval/ppl.json`` (settings, results, per-row losses) and ``ppl.csv`` atomically, and
 logs ``eval/<split>/{loss,ppl}`` and their interval bounds to the run's MLflow run.
 """
@@ -29,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.measure.defaults import BATCH_SIZE, BOOTSTRAP, MC_SAMPLES, ROWS, SEED
+from eval.measure.defaults import BATCH_SIZE, BOOTSTRAP, MC_SAMPLES, MIN_DOCS, ROWS, SEED
+from eval.measure.documents import DocumentIndex
 from eval.measure.loading import (
     EvalError,
     LoadedModel,
@@ -40,6 +43,7 @@ from eval.measure.loading import (
     resolve_splits,
 )
 from eval.measure.outputs import log_to_mlflow, write_csv_atomic, write_json_atomic
+from eval.measure.resample import describe, interval, ratio_samples, why_no_interval
 from eval.measure.rows import (
     SplitLayout,
     batches_for_rank,
@@ -49,7 +53,8 @@ from eval.measure.rows import (
 )
 from pipeline.shards import MANIFEST
 
-FORMAT = "maskscale-eval-ppl/1"
+FORMAT = "maskscale-eval-ppl/2"
+"""2: losses without padding, per-document sums, intervals over documents."""
 RESULT_JSON, RESULT_CSV = "ppl.json", "ppl.csv"
 ESTIMATOR = {"arm": "exact", "mdm": "elbo"}
 
@@ -67,12 +72,14 @@ class PplConfig:
     batch_size: int = BATCH_SIZE
     """Rows per forward pass (per process)."""
     bootstrap: int = BOOTSTRAP
-    """Bootstrap resamples for the 95% intervals."""
+    """Bootstrap resamples (over documents) for the 95% intervals."""
+    min_docs: int = MIN_DOCS
+    """A split with fewer documents gets its loss but no interval."""
 
     def validate(self) -> None:
         if self.rows is not None and self.rows < 1:
             raise EvalError(f"--rows must be >= 1, got {self.rows}")
-        for name in ("mc_samples", "batch_size", "bootstrap"):
+        for name in ("mc_samples", "batch_size", "bootstrap", "min_docs"):
             if getattr(self, name) < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be >= 1")
         if self.seed < 0:
@@ -94,17 +101,52 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
-def _gather(index: np.ndarray, losses: np.ndarray, world: int) -> tuple[np.ndarray, np.ndarray]:
-    if world > 1:
-        parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, (index, losses))
-        index = np.concatenate([p[0] for p in parts])
-        losses = np.concatenate([p[1] for p in parts])
-    order = np.argsort(index, kind="stable")
-    return index[order], losses[order]
+def _gather(parts: dict[str, np.ndarray], world: int) -> dict[str, np.ndarray]:
+    """Concatenate every rank's arrays (same keys) on all ranks."""
+    if world == 1:
+        return parts
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, parts)
+    return {k: np.concatenate([g[k] for g in gathered]) for k in parts}
 
 
 # ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class SplitScores:
+    """What a split's sample scored to: sums per row and per document (padding left out)."""
+
+    rows: np.ndarray
+    """int64: the sampled rows, sorted."""
+    row_sum: np.ndarray
+    """float64 per row: summed loss over its scored positions."""
+    row_tokens: np.ndarray
+    """int64 per row: its scored positions."""
+    doc_id: np.ndarray
+    """int64: the documents touched by the sample, sorted (ids of ``documents.py``)."""
+    doc_sum: np.ndarray
+    doc_tokens: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_sum.sum() / max(int(self.row_tokens.sum()), 1))
+
+
+def _reduce(keys: tuple[np.ndarray, ...], values: np.ndarray, counts: np.ndarray):
+    """Sum ``values`` and ``counts`` over equal key tuples, in a fixed order (sorted by the
+    keys, ties in input order), so the float sums do not depend on how rows were dealt to
+    processes. Returns (first key of each group per key array, sums, counts)."""
+    order = np.lexsort(keys[::-1])
+    sorted_keys = [k[order] for k in keys]
+    change = np.zeros(len(order), bool)
+    for k in sorted_keys:
+        change[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(change | (np.arange(len(order)) == 0))
+    if len(order) == 0:
+        return [k[:0] for k in keys], values[:0], counts[:0]
+    return ([k[starts] for k in sorted_keys], np.add.reduceat(values[order], starts),
+            np.add.reduceat(counts[order], starts))  # fmt: skip
 
 
 def score_rows(
@@ -112,82 +154,96 @@ def score_rows(
     layout: SplitLayout,
     rows: np.ndarray,
     cfg: PplConfig,
+    documents: DocumentIndex,
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
-) -> np.ndarray:
-    """float64[len(rows)]: each sampled row's mean per-token loss (nats), in row order."""
+) -> SplitScores:
+    """Score the sampled ``rows``: per-position losses, summed per row and per document."""
     from tqdm import tqdm
 
     from trainer.data import EVAL_KEY_SEED, mix_keys
 
     objective = loaded.objective()
     n_samples = cfg.mc_samples if loaded.family == "mdm" else 1
+    shift = 1 if loaded.family == "arm" else 0  # ARM position j scores token j+1
     total = batches_for_rank(len(rows), cfg.batch_size, rank, world)
-    bar = tqdm(
-        total=total,
-        desc=f"{loaded.name} {layout.split}",
-        unit="batch",
-        disable=not progress or rank != 0,
-        leave=False,
-    )
-    index, losses = [], []
+    bar = tqdm(total=total, desc=f"{loaded.name} {layout.split}", unit="batch",
+               disable=not progress or rank != 0, leave=False)  # fmt: skip
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("rows", "sum", "tokens", "seg_row",
+                                                           "seg_doc", "seg_sum", "seg_tokens")}  # fmt: skip
     with torch.no_grad():
-        batches = iter_row_batches(
-            layout, rows, cfg.batch_size, loaded.tokenizer_sha256, rank, world
-        )
-        for chunk, tokens in batches:
+        batches = iter_row_batches(layout, rows, cfg.batch_size, loaded.tokenizer_sha256, rank, world)  # fmt: skip
+        for chunk, tokens, lengths in batches:
             keys = torch.from_numpy(mix_keys(chunk, EVAL_KEY_SEED))
             x = torch.from_numpy(tokens).to(loaded.device)
-            losses.append(objective.eval_row_losses(loaded.model, x, keys, n_samples).numpy())
-            index.append(chunk)
+            losses, scored = objective.eval_token_losses(
+                loaded.model, x, keys, n_samples, torch.from_numpy(lengths)
+            )
+            losses, scored = losses.numpy(), scored.numpy()
+            ids = documents.token_ids(chunk, tokens)[:, shift : shift + scored.shape[1]]
+            if (ids[scored] < 0).any():
+                raise RuntimeError(f"{layout.split}: a scored position lies in padding")
+            counts = scored.sum(axis=1).astype(np.int64)
+            parts["rows"].append(chunk)
+            parts["sum"].append(losses.sum(axis=1))
+            parts["tokens"].append(counts)
+            (seg_row, seg_doc), seg_sum, seg_tokens = _reduce(
+                (np.repeat(chunk, counts), ids[scored]),
+                losses[scored],
+                np.ones(counts.sum(), np.int64),
+            )  # one (row, document) piece each, summed in position order
+            for key, value in zip(("seg_row", "seg_doc", "seg_sum", "seg_tokens"),
+                                  (seg_row, seg_doc, seg_sum, seg_tokens)):  # fmt: skip
+                parts[key].append(value)
             bar.update()
     bar.close()
-    empty = np.zeros(0)
-    idx = np.concatenate(index) if index else empty.astype(np.int64)
-    got_idx, got = _gather(idx, np.concatenate(losses) if losses else empty, world)
-    if not np.array_equal(got_idx, rows):
+    ints = {"rows", "tokens", "seg_row", "seg_doc", "seg_tokens"}
+    mine = {k: np.concatenate(v) if v else np.zeros(0, np.int64 if k in ints else np.float64)
+            for k, v in parts.items()}  # fmt: skip
+    got = _gather(mine, world)
+    order = np.argsort(got["rows"], kind="stable")
+    if not np.array_equal(got["rows"][order], rows):
         raise RuntimeError(f"gathered rows of {layout.split} do not match the sample")
-    return got
-
-
-def bootstrap_means(values: np.ndarray, n_boot: int, seed: list[int]) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of ``values``."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
-    n, chunk = len(values), max(1, 2_000_000 // max(len(values), 1))
-    for start in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - start)
-        out[start : start + k] = values[rng.integers(0, n, size=(k, n))].mean(axis=1)
-    return out
-
-
-def interval(samples: np.ndarray) -> list[float]:
-    """Central 95% interval of bootstrap samples."""
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    # a document's pieces, in (document, row) order whatever the process that scored them
+    (doc_id, _), doc_sum, doc_tokens = _reduce(
+        (got["seg_doc"], got["seg_row"]), got["seg_sum"], got["seg_tokens"]
+    )
+    (doc_id,), doc_sum, doc_tokens = _reduce((doc_id,), doc_sum, doc_tokens)
+    return SplitScores(rows, got["sum"][order], got["tokens"][order], doc_id, doc_sum, doc_tokens)
 
 
 def _exp(x: float) -> float:
     return math.exp(min(x, 700.0))
 
 
-def split_result(
-    split: str, layout: SplitLayout, rows: np.ndarray, losses: np.ndarray, cfg: PplConfig, T: int
-) -> dict:
-    loss = float(losses.mean())
-    ci = interval(bootstrap_means(losses, cfg.bootstrap, split_seed(cfg.seed, split, "boot")))
+def split_result(layout: SplitLayout, scores: SplitScores, cfg: PplConfig, seed) -> dict:
+    """The JSON record of one split: loss, interval over documents (or why none), sizes."""
+    loss, n_docs = scores.loss, len(scores.doc_id)
+    tokens = int(scores.row_tokens.sum())
+    reason = why_no_interval(n_docs, loss, cfg.min_docs)
+    ci = None
+    if reason is None:
+        ci = interval(ratio_samples(scores.doc_sum, scores.doc_tokens, cfg.bootstrap, seed))
     return {
-        "rows": len(rows),
+        "rows": len(scores.rows),
         "split_rows": layout.rows,
-        "tokens": len(rows) * T,
-        "shards": int(len(np.unique(layout.shard_of(rows)))),
+        "documents": n_docs,
+        "tokens": tokens,
+        "shards": int(len(np.unique(layout.shard_of(scores.rows)))),
         "loss": loss,
         "loss_ci": ci,
         "ppl": _exp(loss),
-        "ppl_ci": [_exp(ci[0]), _exp(ci[1])],
-        "row_index": rows.tolist(),
-        "row_loss": losses.tolist(),
+        "ppl_ci": None if ci is None else [_exp(ci[0]), _exp(ci[1])],
+        "interval": describe(n_docs, tokens, len(scores.rows), cfg.bootstrap, reason),
+        "no_interval": reason,
+        "row_index": scores.rows.tolist(),
+        "row_loss": (scores.row_sum / np.maximum(scores.row_tokens, 1)).tolist(),
+        "row_loss_sum": scores.row_sum.tolist(),
+        "row_tokens": scores.row_tokens.tolist(),
+        "doc_id": scores.doc_id.tolist(),
+        "doc_loss_sum": scores.doc_sum.tolist(),
+        "doc_tokens": scores.doc_tokens.tolist(),
     }
 
 
@@ -200,10 +256,13 @@ def settings_for(loaded: LoadedModel, corpus_dir: Path, cfg: PplConfig) -> dict:
     return {
         "corpus": str(corpus_dir.resolve()),
         "corpus_manifest_sha256": manifest_sha,
+        "tokenizer_sha256": loaded.tokenizer_sha256,
         "rows": cfg.rows,
         "mc_samples": cfg.mc_samples if loaded.family == "mdm" else None,
         "seed": cfg.seed,
         "bootstrap": cfg.bootstrap,
+        "min_docs": cfg.min_docs,
+        "format": FORMAT,
         "dtype": dtype_name(loaded.dtype),
         "model": loaded.fingerprint(),
     }
@@ -256,21 +315,24 @@ def evaluate_run(
             continue
         layout = SplitLayout.from_manifest(corpus_dir, manifest, split)
         rows = sample_rows(layout.rows, cfg.rows, cfg.seed, split)
-        losses = score_rows(loaded, layout, rows, cfg, rank, world, progress)
-        result["splits"][split] = split_result(split, layout, rows, losses, cfg, loaded.seq_len)
+        documents = DocumentIndex(layout, manifest, manifest["tokenizer"]["eos_id"])
+        scores = score_rows(loaded, layout, rows, cfg, documents, rank, world, progress)
+        seed = split_seed(cfg.seed, split, "boot")
+        result["splits"][split] = split_result(layout, scores, cfg, seed)
     return result
 
 
 def csv_rows(result: dict) -> list[dict]:
     out = []
     for split, r in result["splits"].items():
+        loss_ci, ppl_ci = r["loss_ci"] or [None, None], r["ppl_ci"] or [None, None]
         out.append({
             "run": result["run"], "family": result["family"], "step": result["step"],
             "split": split, "estimator": result["estimator"], "rows": r["rows"],
-            "tokens": r["tokens"], "loss": r["loss"], "loss_lo": r["loss_ci"][0],
-            "loss_hi": r["loss_ci"][1], "ppl": r["ppl"], "ppl_lo": r["ppl_ci"][0],
-            "ppl_hi": r["ppl_ci"][1], "mc_samples": result["settings"]["mc_samples"],
-            "seed": result["settings"]["seed"],
+            "documents": r["documents"], "tokens": r["tokens"], "loss": r["loss"],
+            "loss_lo": loss_ci[0], "loss_hi": loss_ci[1], "ppl": r["ppl"], "ppl_lo": ppl_ci[0],
+            "ppl_hi": ppl_ci[1], "no_interval": r["no_interval"] or "",
+            "mc_samples": result["settings"]["mc_samples"], "seed": result["settings"]["seed"],
         })  # fmt: skip
     return out
 
@@ -279,9 +341,12 @@ def metrics_of(result: dict) -> dict[str, float]:
     """MLflow metrics: eval/<split>/{loss,ppl} and their interval bounds."""
     out = {}
     for split, r in result["splits"].items():
+        out[f"eval/{split}/documents"] = r["documents"]
+        out[f"eval/{split}/tokens"] = r["tokens"]
         for key in ("loss", "ppl"):
             out[f"eval/{split}/{key}"] = r[key]
-            out[f"eval/{split}/{key}_lo"], out[f"eval/{split}/{key}_hi"] = r[f"{key}_ci"]
+            if r[f"{key}_ci"] is not None:
+                out[f"eval/{split}/{key}_lo"], out[f"eval/{split}/{key}_hi"] = r[f"{key}_ci"]
     return out
 
 
@@ -301,21 +366,28 @@ def save_results(loaded: LoadedModel, result: dict) -> list[Path]:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'run':<18}{'step':>7}  {'split':<16}{'rows':>6}  {'loss':>7} {'95% CI':<17}"
-    head += f"{'ppl':>9} 95% CI"
+    head = f"{'run':<18}{'step':>7}  {'split':<16}{'rows':>6}{'docs':>6}{'tokens':>9}  "
+    head += f"{'loss':>7} {'95% CI':<17}{'ppl':>9} 95% CI"
     lines = [head, "-" * len(head)]
+    notes = []
     for res in results:
         for split, r in res["splits"].items():
-            lo, hi = r["loss_ci"]
-            plo, phi = r["ppl_ci"]
+            if r["loss_ci"] is None:
+                ci, pci = f"{'(none*)':<17}", "(none*)"
+                notes.append(f"* {res['run']} {split}: {r['no_interval']}")
+            else:
+                ci = "[{:.4f}, {:.4f}]".format(*r["loss_ci"])
+                pci = "[{:.2f}, {:.2f}]".format(*r["ppl_ci"])
             lines.append(
-                f"{res['run'][:17]:<18}{res['step'] or 0:>7}  {split:<16}{r['rows']:>6}  "
-                f"{r['loss']:>7.4f} [{lo:.4f}, {hi:.4f}]{r['ppl']:>9.2f} [{plo:.2f}, {phi:.2f}]"
+                f"{res['run'][:17]:<18}{res['step'] or 0:>7}  {split:<16}{r['rows']:>6}"
+                f"{r['documents']:>6}{r['tokens']:>9}  {r['loss']:>7.4f} {ci}{r['ppl']:>9.2f} {pci}"
             )
-    families = {res["family"] for res in results}
-    if "mdm" in families:
+    boot = results[0]["settings"]["bootstrap"] if results else 0
+    lines.append(f"loss = summed loss / scored tokens (padding never scored); 95% intervals from "
+                 f"{boot} bootstrap resamples over documents.")  # fmt: skip
+    if "mdm" in {res["family"] for res in results}:
         lines.append("MDM: ELBO bound (Monte Carlo, stratified t); ARM: exact.")
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 # ----------------------------------------------------------------------------- command
@@ -340,6 +412,7 @@ def config_from_args(args: argparse.Namespace) -> PplConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         bootstrap=args.bootstrap,
+        min_docs=args.min_docs,
     )
     cfg.validate()
     return cfg

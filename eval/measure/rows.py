@@ -9,7 +9,9 @@ and then read batch by batch: only the shard that holds the next rows is memory-
 only the sampled rows are copied out, so a split of any size costs the memory of one batch.
 
 Each row's MDM noise comes from its key ``mix_keys(row, EVAL_KEY_SEED)``, exactly as in the
-trainer's validation, so a row scores the same here as in training-time validation.
+trainer's validation, so a row scores the same here as in training-time validation. With its
+tokens comes each row's length (ids that are text, without the EOS padding of a split's partial
+rows), so padding is never scored.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.shards import ShardMeta
+from pipeline.shards import ShardMeta, batch_pads, inferred_pads
 from trainer.data import sample_rows as sample_rows  # the trainer's validation sample
 from trainer.data import split_seed as split_seed
 
@@ -34,6 +36,9 @@ class SplitLayout:
     shards: tuple[Path, ...]
     starts: np.ndarray
     """int64[len(shards) + 1]: cumulative row counts (``starts[-1]`` = rows of the split)."""
+    legacy_pads: tuple[np.ndarray | None, ...] = ()
+    """Per shard: pad counts per row recovered from the manifest (format-2 corpora, whose
+    shards have no ``n_pad`` column), None where the shard holds no padding."""
 
     @classmethod
     def from_manifest(cls, corpus_dir: Path, manifest: dict, split: str) -> SplitLayout:
@@ -43,7 +48,9 @@ class SplitLayout:
             for e in entries
         )
         counts = [int(e["rows"]) for e in entries]
-        return cls(split, paths, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))
+        inferred = inferred_pads(manifest, split)
+        starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        return cls(split, paths, starts, tuple(inferred.get(e["path"]) for e in entries))
 
     @property
     def rows(self) -> int:
@@ -60,6 +67,7 @@ class RowReader:
         self.layout, self.sha = layout, tokenizer_sha256
         self._index = -1
         self._views: list[np.ndarray] = []
+        self._pads: list[np.ndarray] = []
         self._batch_starts = np.zeros(1, dtype=np.int64)
         self._source = None
 
@@ -71,21 +79,31 @@ class RowReader:
         meta = ShardMeta.from_arrow(reader.schema.metadata, path)
         if meta.tokenizer_sha256 != self.sha:
             raise ValueError(f"shard {path} was tokenized with {meta.tokenizer_sha256}")
-        views = []
+        views, pads, seen = [], [], 0
+        legacy = self.layout.legacy_pads[index] if self.layout.legacy_pads else None
         for i in range(reader.num_record_batches):
-            ids = reader.get_batch(i).column(0)
+            batch = reader.get_batch(i)
+            ids = batch.column(0)
             flat = ids.flatten().to_numpy(zero_copy_only=True)
             views.append(flat.reshape(-1, ids.type.list_size))
+            own = batch_pads(batch)
+            if own is None:  # format 2: from the manifest, or none outside tails shards
+                own = np.zeros(batch.num_rows, np.int64) if legacy is None else (
+                    legacy[seen : seen + batch.num_rows])  # fmt: skip
+            pads.append(own)
+            seen += batch.num_rows
         expected = int(self.layout.starts[index + 1] - self.layout.starts[index])
-        if sum(len(v) for v in views) != expected:
+        if seen != expected:
             raise ValueError(f"shard {path} does not hold the {expected} rows manifest.json says")
-        self._views, self._index = views, index
+        self._views, self._pads, self._index = views, pads, index
         self._batch_starts = np.concatenate([[0], np.cumsum([len(v) for v in views])])
 
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """int64[len(rows), seq_len + 1] for sorted global row indices."""
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(int64[len(rows), seq_len + 1] tokens, int64[len(rows)] lengths: ids that are text)
+        for sorted global row indices."""
         shard = self.layout.shard_of(rows)
         out: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
         for s in np.unique(shard):
             if s != self._index:
                 self._open(int(s))
@@ -93,11 +111,13 @@ class RowReader:
             batch = np.searchsorted(self._batch_starts, local, side="right") - 1
             for b in np.unique(batch):
                 sel = local[batch == b] - self._batch_starts[b]
-                out.append(self._views[b][sel].astype(np.int64))
-        return np.concatenate(out)
+                view = self._views[b]
+                out.append(view[sel].astype(np.int64))
+                lengths.append(view.shape[1] - self._pads[b][sel])
+        return np.concatenate(out), np.concatenate(lengths)
 
     def close(self) -> None:
-        self._views, self._index = [], -1
+        self._views, self._pads, self._index = [], [], -1
         if self._source is not None:
             self._source.close()
             self._source = None
@@ -110,8 +130,9 @@ def iter_row_batches(
     tokenizer_sha256: str,
     rank: int = 0,
     world: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices, tokens) of batches ``rank, rank + world, ...`` of the sorted sample.
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(row indices, tokens, lengths) of batches ``rank, rank + world, ...`` of the sorted
+    sample (lengths: each row's ids that are text, see ``RowReader.gather``).
 
     Batches are cut from the whole sample before they are dealt to ranks, so every row is
     scored in the same batch (same forward pass) whatever the number of processes.
@@ -121,7 +142,7 @@ def iter_row_batches(
         starts = range(rank * batch_size, len(rows), world * batch_size)
         for start in starts:
             chunk = rows[start : start + batch_size]
-            yield chunk, reader.gather(chunk)
+            yield chunk, *reader.gather(chunk)
     finally:
         reader.close()
 

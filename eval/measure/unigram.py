@@ -9,7 +9,7 @@ The model: p(v) = (count_train(v) + alpha) / (N + alpha V) over the tokenizer's 
 smoothing keeps tokens unseen in training finite; alpha = 1 by default). Counts and losses use
 the positions a model predicts: ``row[1:]`` of each stored row of ``seq_len + 1`` tokens, the
 ARM's targets (the MDM scores ``row[:-1]``; one token per row of difference, negligible at any
-useful ``seq_len``). The loss of a split is the mean of -log p over those positions of the
+useful ``seq_len``), without the EOS padding of a split's partial rows, which no model scores. The loss of a split is the mean of -log p over those positions of the
 chosen rows (all rows, or the sample ``maskscale eval ppl`` scored, so the numbers compare on
 the same rows).
 """
@@ -36,10 +36,14 @@ def _batches(corpus: Path, manifest: dict, split: str, rows: np.ndarray | None, 
     rows = np.arange(layout.rows, dtype=np.int64) if rows is None else np.sort(rows)
     sha = manifest["tokenizer"]["sha256"]
     total = -(-len(rows) // READ_ROWS)
-    for _, tokens in tqdm(
+    for _, tokens, lengths in tqdm(
         iter_row_batches(layout, rows, READ_ROWS, sha), total=total, desc=desc, leave=False
     ):
-        yield tokens[:, 1:]
+        targets = tokens[:, 1:]
+        if (lengths < tokens.shape[1]).any():  # flat targets that are text, padding dropped
+            yield targets[np.arange(targets.shape[1])[None, :] < (lengths - 1)[:, None]]
+        else:
+            yield targets
 
 
 def token_counts(

@@ -105,3 +105,30 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+def add_split(corpus: Path, split: str, rows: list[list[int]], n_pad: list[int]) -> Path:
+    """Add a split of the given rows (their trailing ``n_pad`` ids EOS padding) to a corpus,
+    shard and manifest entry written as the packer writes them."""
+    import numpy as np
+
+    from pipeline.shards import ShardMeta, ShardWriter, file_sha256, open_shard
+
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    first = manifest["splits"]["validation"]["shards"][0]["path"]
+    meta = open_shard(corpus / first)[1]
+    meta = ShardMeta(**{**meta.__dict__, "split": split})
+    rel = f"{split}/tails_00000.arrow"
+    with ShardWriter(corpus / rel, meta) as writer:
+        writer.write(np.asarray(rows), "web", np.asarray(n_pad))
+    width = meta.seq_len + 1
+    manifest["splits"][split] = {
+        "documents": sum(int(np.sum(np.asarray(r)[: width - p] == meta.eos_id)) for r, p in zip(rows, n_pad)),
+        "tokens": len(rows) * width - sum(n_pad), "rows": len(rows), "pad_tokens": sum(n_pad),
+        "tail_tokens": len(rows) * width - sum(n_pad),
+        "shards": [{"path": rel, "sha256": file_sha256(corpus / rel), "rows": len(rows)}],
+        "tail_segments": [{"task": 0, "source": "web", "shard": rel, "start_token": 0,
+                           "length": len(rows) * width - sum(n_pad)}],
+    }  # fmt: skip
+    (corpus / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return corpus

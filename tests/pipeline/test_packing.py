@@ -103,10 +103,16 @@ def test_trainer_reads_padded_tails(tmp_path):
     m = check_corpus(out, read_manifest(out)["tokenizer"]["vocab_size"], 32)
     check_corpus_whole(out, docs)
     assert_cleaned(out, m)
-    (batch, _), *rest = iter_eval_batches(out, "holdout_2022", batch_size=4)
+    (batch, _, length), *rest = iter_eval_batches(out, "holdout_2022", batch_size=4)
     assert batch.shape == (1, 33) and not rest
+    pad = m["splits"]["holdout_2022"]["pad_tokens"]  # two notes shorter than one row
+    assert (
+        pad > 0
+        and length.tolist() == [33 - pad]
+        and (batch[0, 33 - pad :] == m["tokenizer"]["eos_id"]).all()
+    )
     loader = CorpusLoader(out, "train", micro_batch=2, global_batch=2, weights={"books": 1.0})
-    tokens, _ = loader.next_micro_batch()
+    tokens, _, lengths = loader.next_micro_batch()
     tables = [open_shard(out / s["path"])[0] for s in m["splits"]["train"]["shards"]]
     books = sum(t.column("source").to_pylist().count("books") for t in tables)
     assert tokens.shape == (2, 33) and loader.rows == books > 0

@@ -35,7 +35,7 @@ def read_split(corpus: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def take(loader: CorpusLoader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     batches = [loader.next_micro_batch() for _ in range(n)]
-    return torch.cat([t for t, _ in batches]), torch.cat([k for _, k in batches])
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
@@ -55,7 +55,8 @@ def test_reader_is_zero_copy_and_gathers_the_right_rows(corpus_factory):
     assert reader.rows == 100 and len(reader.views) > 4  # several shards and record batches
     assert all(not v.flags.owndata and v.dtype == np.uint16 for v in reader.views)
     rows = np.array([99, 0, 7, 6, 31, 30, 55, 0])
-    got = reader.gather(rows)
+    got, lengths = reader.gather(rows)
+    assert lengths.tolist() == [17] * len(rows)  # fixture rows hold no padding
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, ref[rows])
 
@@ -104,8 +105,8 @@ def test_ranks_split_a_global_batch_like_accumulation(corpus_factory):
     for _ in range(10):  # 10 steps = 60 rows, within one epoch
         one = take(single, 2)
         both = [r.next_micro_batch() for r in ranks]
-        assert torch.equal(one[0], torch.cat([t for t, _ in both]))
-        assert torch.equal(one[1], torch.cat([k for _, k in both]))
+        assert torch.equal(one[0], torch.cat([b[0] for b in both]))
+        assert torch.equal(one[1], torch.cat([b[1] for b in both]))
         seen.extend(single.rows_for(np.arange(single.position - 6, single.position)).tolist())
     assert len(set(seen)) == len(seen) == 60  # no row repeated within the epoch
     # a 2-rank step-boundary checkpoint resumes on 1 rank
@@ -193,9 +194,9 @@ def test_eval_batches_in_file_order_with_stable_keys(corpus_factory):
     corpus = corpus_factory(splits={"validation": 45}, batch_rows=10, rows_per_shard=20)
     ref, _ = read_split(corpus, "validation")
     batches = list(iter_eval_batches(corpus, "validation", batch_size=8))
-    assert [len(t) for t, _ in batches] == [8, 8, 8, 8, 8, 5]
-    np.testing.assert_array_equal(torch.cat([t for t, _ in batches]).numpy(), ref)
-    keys = torch.cat([k for _, k in batches])
+    assert [len(b[0]) for b in batches] == [8, 8, 8, 8, 8, 5]
+    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), ref)
+    keys = torch.cat([b[1] for b in batches])
     assert len(set(keys.tolist())) == 45
 
 
@@ -203,7 +204,7 @@ def test_wide_vocab_uses_uint32_shards(corpus_factory):
     corpus = corpus_factory(vocab_size=70_000, splits={"train": 16})
     loader = CorpusLoader(corpus, micro_batch=16, global_batch=16)
     assert loader._reader.views[0].dtype == np.uint32
-    tokens, _ = loader.next_micro_batch()
+    tokens = loader.next_micro_batch()[0]
     assert tokens.max() >= 2**16 and tokens.max() < 70_000
 
 
@@ -325,8 +326,8 @@ def test_two_split_resume_mid_epoch_and_world_sizes_match_uninterrupted(corpus_f
     ]
     for s in range(steps):
         both = [r.next_micro_batch() for r in ranks]
-        assert torch.equal(torch.cat([t for t, _ in both]), whole[0][8 * s : 8 * (s + 1)])
-        assert torch.equal(torch.cat([k for _, k in both]), whole[1][8 * s : 8 * (s + 1)])
+        assert torch.equal(torch.cat([b[0] for b in both]), whole[0][8 * s : 8 * (s + 1)])
+        assert torch.equal(torch.cat([b[1] for b in both]), whole[1][8 * s : 8 * (s + 1)])
     # a state from another split selection is refused
     one = CorpusLoader(corpus, "train", **{**kw, "weights": None})
     with pytest.raises(ValueError, match="saved with split=\\['holdout_2020s', 'train'\\]"):

@@ -473,3 +473,62 @@ def test_row_mean_weighting_is_the_mean_over_rows_of_each_rows_masked_mean():
         got = float(rows.train_loss(model, tokens, keys))
         assert got == pytest.approx(sum(per_row) / 6, rel=1e-5)
     MDMConfig(loss_weighting="row_mean").validate()
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def _padded(b: int = 3, t: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch whose rows 1 and 2 end in padding (lengths 9 and 14 of t + 1 = 17 ids)."""
+    tokens, keys = _batch(b, t)
+    lengths = torch.tensor([t + 1, 9, 14][:b])
+    return tokens, keys, lengths
+
+
+def _repad(tokens: torch.Tensor, lengths: torch.Tensor, value: int) -> torch.Tensor:
+    out = tokens.clone()
+    out[torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = value
+    return out
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_arm_scores_no_padding(chunk):
+    model = _model(causal=True)
+    tokens, keys, lengths = _padded()
+    obj = ARMObjective(loss_chunk=chunk)
+    loss = obj.train_loss(model, tokens, keys, lengths)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(tokens[:, :-1]).double(), -1)
+    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    text = torch.arange(16)[None, :] < (lengths - 1)[:, None]  # target j is token j + 1
+    assert loss.item() == pytest.approx((nll * text).sum().item() / text.sum().item(), rel=1e-5)
+    assert loss.item() != pytest.approx(nll.mean().item(), rel=1e-3)  # padding would move it
+    for pad in (0, V - 1):  # what the padding holds does not matter
+        assert obj.train_loss(model, _repad(tokens, lengths, pad), keys, lengths).item() == (
+            pytest.approx(loss.item(), rel=1e-6)
+        )
+    losses, scored = obj.eval_token_losses(model, tokens, keys, 1, lengths)
+    assert torch.equal(scored, text) and (losses[~scored] == 0).all()
+    sums, counts = obj.eval_row_sums(model, tokens, keys, 1, lengths)
+    assert counts.tolist() == [16, 8, 13]
+    assert (sums.sum() / counts.sum()).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_mdm_neither_scores_nor_attends_to_padding():
+    model = _model(causal=False)
+    tokens, keys, lengths = _padded()
+    obj = MDMObjective(V, random_length_prob=0.0)
+    other = _repad(tokens, lengths, 1)
+    with torch.no_grad():
+        losses, scored = obj.eval_token_losses(model, tokens, keys, 8, lengths)
+        again, _ = obj.eval_token_losses(model, other, keys, 8, lengths)
+    assert scored.sum(1).tolist() == [16, 9, 14] and (losses[~scored] == 0).all()
+    assert torch.allclose(losses, again, atol=1e-6)  # padding content never reaches the loss
+    train = obj.train_loss(model, tokens, keys, lengths)
+    assert obj.train_loss(model, other, keys, lengths).item() == pytest.approx(
+        train.item(), rel=1e-6
+    )
+    full = obj.train_loss(model, tokens, keys)  # unpadded rows draw and score as before
+    assert obj.train_loss(model, tokens, keys, torch.full((3,), 17)).item() == full.item()
+    with pytest.raises(ValueError, match="lengths"):
+        obj.train_loss(model, tokens, keys, torch.tensor([17, 1, 9]))

@@ -87,16 +87,18 @@ def test_each_record_format_parses():
 
 
 def test_rows_pad_with_eos_and_train_on_answer_eos_and_padding():
-    tokens, targets, cut = build_row([([5, 6, 7], False), ([9, 10], True)], EOS, 8, "answer")
+    tokens, targets, cut, text = build_row([([5, 6, 7], False), ([9, 10], True)], EOS, 8, "answer")
     assert tokens.tolist() == [5, 6, 7, 9, 10, EOS, EOS, EOS, EOS] and not cut
     assert targets.tolist() == [False] * 3 + [True] * 6
-    _, all_targets, _ = build_row([([5, 6, 7], False), ([9], True)], EOS, 8, "all")
+    assert text == 6  # prompt, answer and its EOS; the three EOS after it are padding
+    _, all_targets, _, _ = build_row([([5, 6, 7], False), ([9], True)], EOS, 8, "all")
     assert all_targets.all()
-    tokens, targets, cut = build_row([([5] * 4, False), ([9] * 9, True)], EOS, 8, "answer")
+    tokens, targets, cut, text = build_row([([5] * 4, False), ([9] * 9, True)], EOS, 8, "answer")
     assert cut and len(tokens) == 9 and targets.tolist() == [False] * 4 + [True] * 5
+    assert text == 9
     assert build_row([([5] * 8, False), ([9], True)], EOS, 8, "answer") is None  # no answer in T
     multi = [([5], False), ([9], True), ([6], False), ([8], True)]
-    tokens, targets, _ = build_row(multi, EOS, 8, "answer")
+    tokens, targets, _, _ = build_row(multi, EOS, 8, "answer")
     assert tokens.tolist()[:6] == [5, 9, EOS, 6, 8, EOS]
     assert targets.tolist()[:6] == [False, True, True, False, True, True]
 
@@ -141,11 +143,13 @@ def test_a_file_without_valid_records_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- objectives
 
 
-def sft_batch(tmp_path, n: int = 6) -> torch.Tensor:
+def sft_batch(tmp_path, n: int = 6, lengths: bool = False):
+    """A batch of ``n`` SFT rows (with their text lengths when ``lengths``)."""
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(memorisable(n)) + "\n")
     rows, _ = read_sft_file(path, tokenizer(tmp_path), EOS, SEQ_LEN, SFTConfig(data="x"))
-    return next(iter_sft_eval_batches(rows, n))[0]
+    batch, _, text = next(iter_sft_eval_batches(rows, n))
+    return (batch, text) if lengths else batch
 
 
 class Recorder(torch.nn.Module):
@@ -229,8 +233,9 @@ def test_mdm_prompt_drop_masks_the_whole_prompt_without_loss_on_it(tmp_path):
 
 
 def test_arm_sft_gradient_reaches_only_answer_positions(tmp_path):
-    batch = sft_batch(tmp_path)
+    batch, lengths = sft_batch(tmp_path, lengths=True)
     tokens, answer = split_batch(batch)
+    assert (lengths < SEQ_LEN + 1).all()  # every row is padded
 
     class Logits(torch.nn.Module):  # a model whose logits are a leaf we can inspect
         causal = True
@@ -243,15 +248,17 @@ def test_arm_sft_gradient_reaches_only_answer_positions(tmp_path):
             return self.logits
 
     model = Logits()
-    SFTARMObjective().train_loss(model, batch, torch.arange(len(batch))).backward()
+    SFTARMObjective().train_loss(model, batch, torch.arange(len(batch)), lengths).backward()
     touched = model.logits.grad.abs().sum(dim=-1) > 0  # [B, T]: position i predicts i+1
-    assert torch.equal(touched, answer[:, 1:])
+    text = torch.arange(SEQ_LEN)[None, :] < (lengths - 1)[:, None]  # target i+1 is not padding
+    assert torch.equal(touched, answer[:, 1:] & text)  # the answer and its EOS, no padding
+    assert not torch.equal(touched, answer[:, 1:])
     # and the loss is the per-row mean over answer targets, then the mean over rows
     logp = torch.log_softmax(model.logits.detach(), -1)
     nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
-    w = answer[:, 1:].float()
+    w = (answer[:, 1:] & text).float()
     expected = ((nll * w).sum(1) / w.sum(1)).mean()
-    loss = SFTARMObjective().eval_loss(model, batch, torch.arange(len(batch)))
+    loss = SFTARMObjective().eval_loss(model, batch, torch.arange(len(batch)), 1, lengths)
     assert torch.allclose(loss, expected)
 
 
@@ -266,8 +273,9 @@ def test_sft_loader_resumes_its_stream(tmp_path):
     expected = [loader.next_micro_batch() for _ in range(4)]
     again = SFTLoader(rows, micro_batch=2, global_batch=4, seed=1)
     again.load_state_dict(state)
-    for (b1, k1), (b2, k2) in zip(expected, (again.next_micro_batch() for _ in range(4))):
+    for (b1, k1, n1), (b2, k2, n2) in zip(expected, (again.next_micro_batch() for _ in range(4))):
         assert b1.shape == (2, 2, SEQ_LEN + 1) and torch.equal(b1, b2) and torch.equal(k1, k2)
+        assert torch.equal(n1, n2) and (n1 <= SEQ_LEN + 1).all()
     assert loader.epoch == 2  # 10 rows, 20 drawn
 
 
@@ -321,8 +329,8 @@ def answer_loss(export: Path, root: Path, objective) -> float:
     tok = Tokenizer.from_file(str(export / "tokenizer.json"))
     with pytest.warns(SFTDataWarning):
         rows, _ = read_sft_file(root / "train.jsonl", tok, EOS, SEQ_LEN, cfg)
-    batch, keys = next(iter_sft_eval_batches(rows, len(rows)))
-    return float(objective.eval_loss(model, batch, keys, 16))
+    batch, keys, lengths = next(iter_sft_eval_batches(rows, len(rows)))
+    return float(objective.eval_loss(model, batch, keys, 16, lengths))
 
 
 def test_arm_sft_learns_resumes_and_exports(runs, tmp_path):

@@ -68,7 +68,7 @@ def test_ranks_read_the_sample_exactly_once_for_any_world_and_batch(corpus, batc
     want = EvalSample(corpus, "validation", max_rows=45).rows  # world 1, no batch size
     seen = []
     for rank in range(world):
-        for tokens, keys in iter_eval_batches(
+        for tokens, keys, _ in iter_eval_batches(
             corpus, "validation", batch_size, max_rows=45, rank=rank, world_size=world
         ):
             assert len(keys) <= batch_size
@@ -93,9 +93,9 @@ class CountingARM(ARMObjective):
         super().__init__()
         self.forwards = 0
 
-    def eval_loss(self, model, tokens, keys, n_samples=1):
+    def eval_token_losses(self, model, tokens, keys, n_samples=1, lengths=None):
         self.forwards += 1
-        return super().eval_loss(model, tokens, keys, n_samples)
+        return super().eval_token_losses(model, tokens, keys, n_samples, lengths)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -114,7 +114,7 @@ def test_ranks_run_equal_forwards_and_their_sums_equal_one_process(corpus, world
             sums, rows = sums + loss_sum, rows + n
             forwards.append(objective.forwards)
     assert forwards == [-(-3 // world)] * world  # a rank without a batch still runs one
-    assert rows == one[1] == 20
+    assert rows == one[1] == 20 * 16  # scored tokens: 20 rows of T = 16 targets
     assert sums == pytest.approx(one[0], rel=1e-6)
 
 
@@ -131,7 +131,7 @@ def test_full_split_mean_equals_the_file_order_mean(corpus, objective):
         )
         ev = Evaluator(corpus, ["holdout_2024"], 16, None, 4, 0, 1, torch.device("cpu"))
         loss_sum, n = ev.split_sums(model, obj, "holdout_2024")
-    assert n == 60
+    assert n == 60 * 16  # scored tokens
     assert loss_sum / n == pytest.approx(float(want), rel=1e-5)
 
 

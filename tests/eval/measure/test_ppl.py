@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.measure.loading import load_model
-from eval.measure.ppl import bootstrap_means, interval
+from eval.measure.resample import interval, ratio_samples
 from eval.measure.rows import RowReader, SplitLayout, sample_rows
 from pipeline.shards import MANIFEST
 from tests.eval.conftest import ROOT, ROWS_PER_SHARD, copy_run, run_cli
@@ -63,9 +63,9 @@ def test_row_sample_is_seeded_spans_shards_and_is_not_a_prefix(eval_runs):
     # the streamed reader returns the rows the trainer's reader (same numbering) returns
     sha = _manifest(eval_runs.corpus)["tokenizer"]["sha256"]
     reader = RowReader(layout, sha)
-    got = np.concatenate([reader.gather(rows[:9]), reader.gather(rows[9:])])
+    got = np.concatenate([reader.gather(rows[:9])[0], reader.gather(rows[9:])[0]])
     reader.close()
-    assert np.array_equal(got, _SplitReader(eval_runs.corpus, "validation").gather(rows))
+    assert np.array_equal(got, _SplitReader(eval_runs.corpus, "validation").gather(rows)[0])
 
 
 def test_arm_ppl_equals_hand_computation_on_the_sampled_rows(eval_runs, tmp_path, capsys):
@@ -164,8 +164,9 @@ def test_checkpoint_results_go_to_their_own_folder(eval_runs, tmp_path, capsys):
 
 def test_bootstrap_interval_is_seeded_and_covers_the_mean():
     values = np.random.default_rng(0).normal(3.0, 1.0, size=400)
-    a = interval(bootstrap_means(values, 500, [0, 1]))
-    assert a == interval(bootstrap_means(values, 500, [0, 1]))
+    ones = np.ones(400)
+    a = interval(ratio_samples(values, ones, 500, [0, 1]))
+    assert a == interval(ratio_samples(values, ones, 500, [0, 1]))
     assert a[0] < values.mean() < a[1]
     half = 1.96 * values.std() / np.sqrt(len(values))
     assert (a[1] - a[0]) / 2 == pytest.approx(half, rel=0.15)
@@ -191,3 +192,48 @@ def test_torchrun_two_processes_match_one(eval_runs, tmp_path, capsys):
         assert a[split]["row_index"] == b[split]["row_index"]
         assert a[split]["row_loss"] == b[split]["row_loss"], split  # identical, not just close
         assert a[split]["loss_ci"] == b[split]["loss_ci"]
+
+
+def _one_document_corpus(eval_runs, tmp_path):
+    """The runs' corpus plus ``holdout_one``: one row holding one 24-token document, its EOS
+    and 8 ids of EOS padding."""
+    import shutil
+
+    from tests.eval.conftest import add_split
+
+    corpus = shutil.copytree(eval_runs.corpus, tmp_path / "corpus")
+    eos = _manifest(corpus)["tokenizer"]["eos_id"]
+    text = [(3 + 5 * i) % 60 + 2 for i in range(24)]  # ids >= 2: no EOS inside
+    assert eos not in text
+    return add_split(corpus, "holdout_one", [text + [eos] * 9], [8]), text, eos
+
+
+def test_a_one_document_holdout_scores_its_real_tokens_only(eval_runs, tmp_path, capsys):
+    corpus, text, eos = _one_document_corpus(eval_runs, tmp_path)
+    run = copy_run(eval_runs.arm, tmp_path / "arm")
+    code, out, _ = run_cli(capsys, "eval", "ppl", run, "--corpus", corpus, "--splits",
+                           "holdout_one", "validation")  # fmt: skip
+    assert code == 0
+    res = _ppl(run, "holdout_one")
+    model, _ = load_export(run / "export")
+    row = torch.tensor([text + [eos] * 9])
+    with torch.no_grad():
+        logp = F.log_softmax(model(row[:, :-1]).double(), dim=-1)
+    nll = -logp.gather(-1, row[:, 1:, None])[0, :, 0]
+    assert res["loss"] == pytest.approx(nll[:24].mean().item(), rel=1e-6)  # 23 words + its EOS
+    assert res["loss"] != pytest.approx(nll.mean().item(), rel=1e-3)  # what padding would give
+    assert (res["rows"], res["documents"], res["tokens"]) == (1, 1, 24)
+    assert res["loss_ci"] is None and res["no_interval"] == "too few documents (1 < 5)"
+    assert "(none*)" in out and "too few documents" in out
+    val = _ppl(run, "validation")
+    assert val["documents"] >= 5 and val["loss_ci"][0] < val["loss"] < val["loss_ci"][1]
+    # the interval is the bootstrap over the documents recorded beside it
+    from eval.measure.rows import split_seed
+
+    again = interval(ratio_samples(np.array(val["doc_loss_sum"]), np.array(val["doc_tokens"]),
+                                   1000, split_seed(0, "validation", "boot")))  # fmt: skip
+    assert again == pytest.approx(val["loss_ci"])
+    # rows holding several documents are split exactly: the pieces add up
+    assert sum(val["doc_loss_sum"]) == pytest.approx(sum(val["row_loss_sum"]), rel=1e-9)
+    assert sum(val["doc_tokens"]) == sum(val["row_tokens"]) == val["tokens"]
+    assert "bootstrap resamples over documents" in val["interval"]
