@@ -144,6 +144,7 @@ def bare_forward(model: Transformer, rows: int, length: int, budget: int, device
 
 
 def speed(args: argparse.Namespace, device: torch.device, clock: str) -> None:
+    """Questions 1-3 on a random-weight model (see the module docstring)."""
     cfg = load_preset(args.model, seq_len=args.seq_len, vocab_size=args.vocab)
     torch.manual_seed(0)
     model = Transformer(cfg, causal=False).to(device=device, dtype=DTYPES[args.dtype]).eval()
@@ -186,6 +187,13 @@ def speed(args: argparse.Namespace, device: torch.device, clock: str) -> None:
         device,
         clock,
     )
+    report_speed(args, t, run_rows, device, clock)
+
+
+def report_speed(args, t: dict[str, float], run_rows: dict[str, int], device, clock) -> None:
+    """Print questions 1-3 from the median times ``t``."""
+    n, l_cont, length = args.mc_samples, args.continuation, args.context + args.continuation
+    rows, chain_rows = args.requests * n, args.requests * l_cont
     t_bare, t_trunk, t_mc = t["bare"], t["trunk"], t["fixed_count"]
     print(
         f"model {args.model} (vocab {args.vocab}, seq {args.seq_len}) on {device} {args.dtype}, "
