@@ -9,18 +9,27 @@ ARM (causal model), exact: ``log p(y | x) = sum_j log p(y_j | x, y_<j)`` from on
 ``x + y`` (the output at position m + j - 1 predicts y_j, m = len(x)). ``is_greedy``: every y_j
 is the argmax of its prediction, i.e. greedy decoding reproduces y.
 
-MDM (bidirectional model), two estimators (paper-notes.md, "Evaluation protocol"); the noise
-follows the training objective (``trainer/objectives.py``): p = (1 - eps) t + eps.
+MDM (bidirectional model), two estimators (paper-notes.md, "Evaluation protocol"); their rows
+and weights live in ``plans``, whose docstring derives what each Monte Carlo form is unbiased for.
 
-* Monte Carlo ELBO (``estimator="mc"``): sample i of n draws a stratified time
-  ``t_i = (u + i/n) mod 1`` (u ~ U[0,1), so the n times hit each interval [k/n, (k+1)/n)
-  once), masks each *continuation* token independently with probability p_i (the context is
-  never masked) and scores ``s_i = sum over masked j of log p_theta(y_j | x, noisy y) / p_i``.
-  Since ``E[1{y_j masked} / p_i] = 1`` for every j, ``mean_i s_i`` estimates the absorbing
-  diffusion ELBO, a lower bound on ``log p(y | x)`` (exact in expectation for l = 1), with the
-  training objective's weighting. ``stderr = std(s) / sqrt(n)``: it treats the strata as
-  independent draws, so it is conservative (stratification only lowers the true error); NaN
-  for n = 1. Samples that mask nothing score 0 exactly and are not run through the model.
+* Monte Carlo ELBO (``estimator="mc"``), n = ``mc_samples`` samples per request, only
+  *continuation* tokens masked (the context never is), in one of two forms
+  (``mc_weighting``):
+
+  - ``fixed_count`` (default; LLaDA's): sample i masks exactly k_i continuation tokens, a
+    uniformly random set, with k_i uniform on {1, .., l} and stratified over the n samples,
+    and scores ``(l / k_i) sum over masked j of log p_theta(y_j | x, noisy y)``. No sample
+    masks nothing, so none scores 0; at l = 1 it is exact. Unbiased for the ELBO with eps = 0.
+  - ``inverse_t`` (the training objective's draws): a stratified time t_i = (u + i/n) mod 1,
+    each continuation token masked independently with p_i = (1 - eps) t_i + eps (eps: the
+    run's ``mdm.eps``, see ``LikelihoodConfig.eps``), score ``sum over masked j / p_i``. A
+    sample that masks nothing scores 0 (no row is run for it): at l = 1 and n = 1 half of all
+    requests get 0.0, which wins any multiple-choice comparison. Unbiased for the run's
+    eps-ELBO (what validation reports), within O(eps) of the other form's target.
+
+  ``mean_i s_i`` estimates the absorbing diffusion ELBO, a lower bound on ``log p(y | x)``.
+  ``stderr = std(s) / sqrt(n)``: it treats the strata as independent draws, so it is
+  conservative (stratification only lowers the true error); NaN for n = 1.
 * Chain rule (``estimator="chain_rule"``): l rows; row i shows x and y_<i, masks y_i .. y_{l-1}
   and scores ``log p_theta(y_i | x, y_<i, l - i masks)``; the sum is a left-to-right
   factorisation of the model's conditional: deterministic (stderr 0), costs l rows.
@@ -53,6 +62,7 @@ float rounding of different batch shapes).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -63,10 +73,12 @@ import torch
 from tqdm import tqdm
 
 from eval.measure.packing import BlockScores, RowBlock, run_blocks
+from eval.measure.plans import Plan, chain_plan, exact_plan, fixed_count_plan, inverse_t_plan
 from pipeline.configlib import ConfigError
-from trainer.objectives import row_generator
+from trainer.config import MDMConfig
 
 ESTIMATORS = ("mc", "chain_rule")
+MC_WEIGHTINGS = ("fixed_count", "inverse_t")
 CHUNK_BATCHES = 64
 """Requests are processed in chunks of about this many full batches of rows, so memory stays
 bounded on calls with many thousands of requests."""
@@ -82,6 +94,10 @@ class LikelihoodConfig:
 
     estimator: str = "mc"
     """MDM estimator: ``mc`` (Monte Carlo ELBO) or ``chain_rule`` (l rows per l tokens)."""
+    mc_weighting: str = "fixed_count"
+    """Form of ``mc``: ``fixed_count`` (exactly k ~ U{1..l} continuation tokens masked, weight
+    l/k; never an empty mask) or ``inverse_t`` (each masked with p = (1 - eps) t + eps, weight
+    1/p; the training objective's draws). ``loglikelihood_rolling`` always uses inverse_t."""
     mc_samples: int = 128
     """Monte Carlo samples per request (stratified times); also used by MDM rolling windows."""
     cfg_scale: float = 0.0
@@ -93,13 +109,19 @@ class LikelihoodConfig:
     """Tokens per forward pass: rows x padded length (CFG twins count)."""
     seed: int = 0
     """Seed of the Monte Carlo draws (hashed with each request's tokens)."""
-    eps: float = 1e-3
-    """Smallest mask probability, as in training: p = (1 - eps) t + eps."""
+    eps: float | None = None
+    """Smallest mask probability of ``inverse_t``: p = (1 - eps) t + eps. None: the run's
+    ``mdm.eps`` (``Scorer.from_loaded``), or the trainer's default for a bare model."""
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ConfigError(
                 f"likelihood.estimator: {self.estimator!r} is not one of {list(ESTIMATORS)}"
+            )
+        if self.mc_weighting not in MC_WEIGHTINGS:
+            raise ConfigError(
+                f"likelihood.mc_weighting: {self.mc_weighting!r} is not one of "
+                f"{list(MC_WEIGHTINGS)}"
             )
         for key in ("mc_samples", "token_budget"):
             value = getattr(self, key)
@@ -107,8 +129,11 @@ class LikelihoodConfig:
                 raise ConfigError(f"likelihood.{key}: must be a positive integer, got {value!r}")
         if not math.isfinite(self.cfg_scale):
             raise ConfigError(f"likelihood.cfg_scale: must be finite, got {self.cfg_scale!r}")
-        if not 0 < self.eps <= 1:
-            raise ConfigError(f"likelihood.eps: must be in (0, 1], got {self.eps!r}")
+        eps = self.eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float)):
+            raise ConfigError(f"likelihood.eps: expected a number or None, got {eps!r}")
+        if eps is not None and not 0 < eps <= 1:
+            raise ConfigError(f"likelihood.eps: must be in (0, 1], got {eps!r}")
         if not isinstance(self.greedy, bool):
             raise ConfigError(f"likelihood.greedy: expected true/false, got {self.greedy!r}")
 
@@ -134,16 +159,6 @@ class _Request:
     context: list[int]
     continuation: list[int]
     key: int
-
-
-@dataclass
-class _Plan:
-    """A request's rows plus how its scored entries add up: ``weight`` and ``sample`` index."""
-
-    block: RowBlock
-    weight: torch.Tensor
-    sample: torch.Tensor
-    n_samples: int
 
 
 def request_key(seed: int, context: Sequence[int], continuation: Sequence[int]) -> int:
@@ -172,7 +187,10 @@ class Scorer:
         device: torch.device | str | None = None,
         prefix_id: int | None = None,
     ) -> None:
-        self.cfg = cfg if cfg is not None else LikelihoodConfig()
+        cfg = cfg if cfg is not None else LikelihoodConfig()
+        if cfg.eps is None:  # a copy: the caller's config is left as it was
+            cfg = dataclasses.replace(cfg, eps=MDMConfig.eps)
+        self.cfg = cfg
         self.cfg.validate()
         self.model, self.causal, self.mask_id = model, bool(causal), int(mask_id)
         self.vocab_size = int(model.head.out_features)
@@ -193,7 +211,11 @@ class Scorer:
     @classmethod
     def from_loaded(cls, loaded, cfg: LikelihoodConfig | None = None) -> Scorer:
         """Scorer for an ``eval.measure.loading.LoadedModel`` (duck-typed: model, causal, mask_id,
-        seq_len, device, eos_id)."""
+        seq_len, device, eos_id, mdm_eps). An unset ``cfg.eps`` becomes the run's ``mdm_eps``."""
+        cfg = cfg if cfg is not None else LikelihoodConfig()
+        run_eps = getattr(loaded, "mdm_eps", None)
+        if cfg.eps is None and run_eps is not None:
+            cfg = dataclasses.replace(cfg, eps=float(run_eps))
         return cls(
             loaded.model,
             causal=loaded.causal,
@@ -210,7 +232,8 @@ class Scorer:
         self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], progress: bool = False
     ) -> list[LLResult]:
         """Score (context ids, continuation ids) pairs, in order."""
-        estimator = "exact" if self.causal else self.cfg.estimator
+        estimator = {"mc": self.cfg.mc_weighting, "chain_rule": "chain_rule"}[self.cfg.estimator]
+        estimator = "exact" if self.causal else estimator
         return self._score(requests, estimator, self.cfg.cfg_scale, self.cfg.greedy, progress)
 
     def loglikelihood_rolling(self, tokens: Sequence[int], progress: bool = False) -> LLResult:
@@ -221,9 +244,10 @@ class Scorer:
         the first token is only context and is not scored); each later window predicts the
         next seq_len tokens (fewer at the end), preceded by as many earlier tokens as fit in
         one seq_len-token input (one for full windows, more for the last, shorter one).
-        MDM: MC ELBO (``mc_samples``, ``eps``, ``seed``; no CFG, no greedy unmasking) over
-        disjoint windows of seq_len tokens, each scored alone (empty context), as the
-        validation ELBO does; standard errors add in quadrature.
+        MDM: MC ELBO in the ``inverse_t`` form whatever ``mc_weighting`` says (``mc_samples``,
+        ``eps``, ``seed``; no CFG, no greedy unmasking) over disjoint windows of seq_len tokens,
+        each scored alone (empty context), as the validation ELBO does; standard errors add in
+        quadrature.
         """
         toks = _as_ids(tokens, "rolling tokens", self.vocab_size)
         if not toks:
@@ -234,7 +258,7 @@ class Scorer:
         else:
             n = self.seq_len
             requests = [([], toks[i : i + n]) for i in range(0, len(toks), n)]
-            results = self._score(requests, "mc", 0.0, False, progress)
+            results = self._score(requests, "inverse_t", 0.0, False, progress)
         return LLResult(
             logprob=math.fsum(r.logprob for r in results),
             is_greedy=all(r.is_greedy for r in results),
@@ -252,16 +276,17 @@ class Scorer:
         greedy: bool,
         progress: bool,
     ) -> list[LLResult]:
-        """Score with ``estimator`` ("exact", "mc" or "chain_rule"); rows of many requests
-        share forward passes. "chain_rule" also runs on a causal model (then it reads each
-        token's prediction at the position before it, like "exact")."""
-        if estimator == "mc" and self.causal:
+        """Score with ``estimator`` ("exact", "chain_rule" or an MC form of ``MC_WEIGHTINGS``);
+        rows of many requests share forward passes. "chain_rule" also runs on a causal model
+        (then it reads each token's prediction at the position before it, like "exact")."""
+        if estimator in MC_WEIGHTINGS and self.causal:
             raise ConfigError("the Monte Carlo estimator needs a masked diffusion model")
         prepared = [self._prepare(i, req) for i, req in enumerate(requests)]
         rows = {
             "exact": lambda r: 1,
             "chain_rule": lambda r: len(r.continuation),
-            "mc": lambda r: self.cfg.mc_samples,
+            "fixed_count": lambda r: self.cfg.mc_samples,
+            "inverse_t": lambda r: self.cfg.mc_samples,
         }[estimator]
         order = sorted(
             range(len(prepared)),
@@ -289,8 +314,7 @@ class Scorer:
     def _score_chunk(
         self, chunk: list[_Request], estimator: str, cfg_scale: float, greedy: bool
     ) -> list[LLResult]:
-        build = {"exact": self._exact_plan, "chain_rule": self._chain_plan, "mc": self._mc_plan}
-        plans = [build[estimator](r) for r in chunk]
+        plans = [self._plan(estimator, r) for r in chunk]
         scores = self._run([p.block for p in plans], cfg_scale)
         unmasked = None
         if greedy and not self.causal:
@@ -299,7 +323,9 @@ class Scorer:
         for i, (plan, sc) in enumerate(zip(plans, scores, strict=True)):
             n_tokens = len(chunk[i].continuation)
             is_greedy = unmasked[i] if unmasked is not None else _argmax_greedy(plan, sc, n_tokens)
-            out.append(_aggregate(plan, sc, estimator == "mc", is_greedy, n_tokens))
+            mean, std = plan.aggregate(sc.logp)
+            stderr = std / math.sqrt(plan.n_samples) if estimator in MC_WEIGHTINGS else 0.0
+            out.append(LLResult(mean, bool(is_greedy), stderr, n_tokens))
         return out
 
     def _run(self, blocks: list[RowBlock], cfg_scale: float) -> list[BlockScores]:
@@ -340,49 +366,16 @@ class Scorer:
         ctx = ctx[len(ctx) - keep :] if len(ctx) > keep else ctx
         return _Request(ctx, cont, request_key(self.cfg.seed, ctx, cont))
 
-    def _exact_plan(self, req: _Request) -> _Plan:
-        """ARM: one row ``(x + y)[:-1]``; the output at m + j - 1 predicts y_j."""
-        m, n = len(req.context), len(req.continuation)
-        ids = torch.tensor([req.context + req.continuation[:-1]], dtype=torch.long)
-        block = RowBlock(
-            ids, m, torch.zeros(n, dtype=torch.long), m - 1 + torch.arange(n),
-            torch.tensor(req.continuation),
-        )  # fmt: skip
-        return _Plan(block, torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 1)
-
-    def _chain_plan(self, req: _Request) -> _Plan:
-        """l rows; row i masks y_i.. and scores y_i (at m + i, or m + i - 1 if causal)."""
-        m, n = len(req.context), len(req.continuation)
-        ids = torch.tensor([req.context + req.continuation], dtype=torch.long).repeat(n, 1)
-        later = torch.arange(n)[None, :] >= torch.arange(n)[:, None]  # row i: positions >= i
-        ids[:, m:][later] = self.mask_id
-        shift = int(self.causal)
-        if shift:
-            ids = ids[:, :-1]  # the last token is never an input of a causal prediction
-        block = RowBlock(
-            ids, m, torch.arange(n), m - shift + torch.arange(n), torch.tensor(req.continuation)
-        )
-        return _Plan(block, torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 1)
-
-    def _mc_plan(self, req: _Request) -> _Plan:
-        """n stratified samples; rows only for samples that mask at least one token."""
-        m, n, eps = len(req.context), self.cfg.mc_samples, self.cfg.eps
-        g = row_generator(req.key)
-        t = (
-            torch.rand(1, generator=g, dtype=torch.float64)
-            + torch.arange(n, dtype=torch.float64) / n
-        ) % 1.0
-        p = (1 - eps) * t + eps
-        masks = torch.rand(n, len(req.continuation), generator=g) < p[:, None]
-        samples = masks.any(dim=1).nonzero()[:, 0]
-        masks = masks[samples]
-        ids = torch.tensor([req.context + req.continuation], dtype=torch.long)
-        ids = ids.repeat(len(samples), 1)
-        ids[:, m:][masks] = self.mask_id
-        row, col = masks.nonzero(as_tuple=True)  # sorted by row
-        target = torch.tensor(req.continuation)[col]
-        block = RowBlock(ids, m, row, m + col, target)
-        return _Plan(block, 1.0 / p[samples][row], samples[row], n)
+    def _plan(self, estimator: str, req: _Request) -> Plan:
+        """The rows and weights of ``estimator`` for one request (``plans``)."""
+        ctx, cont, n = req.context, req.continuation, self.cfg.mc_samples
+        if estimator == "exact":
+            return exact_plan(ctx, cont)
+        if estimator == "chain_rule":
+            return chain_plan(ctx, cont, self.mask_id, self.causal)
+        if estimator == "fixed_count":
+            return fixed_count_plan(ctx, cont, req.key, n, self.mask_id)
+        return inverse_t_plan(ctx, cont, req.key, n, self.cfg.eps, self.mask_id)
 
     def _greedy_unmask(self, chunk: list[_Request], cfg_scale: float) -> list[bool]:
         """Greedy unmasking of every request's continuation; all requests step together."""
@@ -452,23 +445,10 @@ def _arm_windows(
     return windows
 
 
-def _argmax_greedy(plan: _Plan, scores: BlockScores, n_tokens: int) -> bool:
+def _argmax_greedy(plan: Plan, scores: BlockScores, n_tokens: int) -> bool:
     """is_greedy from the estimator's rows: every continuation token is scored at least once
     and is the argmax wherever it is scored."""
     block = plan.block
     if not bool((scores.argmax == block.target).all()):
         return False
     return torch.unique(block.pos).numel() == n_tokens  # one position per continuation token
-
-
-def _aggregate(
-    plan: _Plan, scores: BlockScores, monte_carlo: bool, is_greedy: bool, n_tokens: int
-) -> LLResult:
-    """Sum entries per sample (float64), average over samples, standard error for MC."""
-    per_sample = torch.zeros(plan.n_samples, dtype=torch.float64)
-    per_sample.index_add_(0, plan.sample, plan.weight * scores.logp.double())
-    stderr = 0.0
-    if monte_carlo:
-        n = plan.n_samples
-        stderr = float(per_sample.std() / math.sqrt(n)) if n > 1 else math.nan
-    return LLResult(float(per_sample.mean()), bool(is_greedy), stderr, n_tokens)

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from pipeline.shards import MANIFEST, TOKENIZER, file_sha256
+from trainer.config import MDMConfig
 
 EXPORT = "export"
 EXPORTS = "exports"
@@ -86,8 +87,9 @@ class LoadedModel:
     run_dir: Path | None
     """The training run directory, or None for a bare export folder."""
     export_dir: Path
-    mdm_eps: float = 1e-3
-    """The run's MDM mask-probability floor (objective eps), for ELBO evaluation."""
+    mdm_eps: float = MDMConfig.eps
+    """The run's MDM mask-probability floor (``mdm.eps`` of its config.yaml; the trainer's
+    default when the run records none), for ELBO evaluation and the 1/t likelihood."""
 
     @property
     def step(self) -> int | None:
@@ -337,7 +339,7 @@ def load_model(
         dtype=dt,
         run_dir=run_dir,
         export_dir=export_dir,
-        mdm_eps=float((cfg.get("mdm") or {}).get("eps", 1e-3)),
+        mdm_eps=float((cfg.get("mdm") or {}).get("eps", MDMConfig.eps)),
     )
 
 

@@ -36,7 +36,7 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from eval.measure.likelihood import LikelihoodConfig, LikelihoodError, Scorer
+from eval.measure.likelihood import MC_WEIGHTINGS, LikelihoodConfig, LikelihoodError, Scorer
 from eval.measure.loading import EvalError, load_model
 from eval.measure.ppl import init_distributed
 from eval.zeroshot.tasks import encode_pair
@@ -59,6 +59,9 @@ class ModelArgs:
     """Export this checkpoint step first (run directories only)."""
     estimator: str = "mc"
     """MDM likelihood estimator: ``mc`` (Monte Carlo ELBO) or ``chain_rule``. ARMs are exact."""
+    mc_weighting: str = "fixed_count"
+    """Form of ``mc``: ``fixed_count`` (LLaDA's, never an empty mask) or ``inverse_t`` (the
+    1/t form of training); ``eval.measure.likelihood.LikelihoodConfig.mc_weighting``."""
     mc_samples: int = 128
     """Monte Carlo samples per continuation (the reference used 1024)."""
     cfg: float = 0.0
@@ -87,6 +90,10 @@ class ModelArgs:
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise EvalError(f"model arg estimator={self.estimator!r}: use one of {ESTIMATORS}")
+        if self.mc_weighting not in MC_WEIGHTINGS:
+            raise EvalError(
+                f"model arg mc_weighting={self.mc_weighting!r}: use one of {MC_WEIGHTINGS}"
+            )
         if not isinstance(self.greedy, bool):
             raise EvalError(f"model arg greedy={self.greedy!r}: must be true or false")
         if not (isinstance(self.mc_samples, int) and self.mc_samples >= 1):
@@ -171,6 +178,7 @@ def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
         budget = args.batch_size * loaded.seq_len
     kw = {
         "estimator": args.estimator,
+        "mc_weighting": args.mc_weighting,
         "mc_samples": args.mc_samples,
         "cfg_scale": args.cfg if loaded.family == "mdm" else 0.0,
         "greedy": args.greedy,

@@ -1,11 +1,14 @@
 """The likelihood API pinned on tiny random Transformers: each estimator against a direct
-computation with the model, CFG, greedy unmasking, rolling windows, truncation, seeding, and
+computation with the model, both Monte Carlo forms against the exact expectation over every
+mask, CFG, greedy unmasking, rolling windows, truncation, seeding, the run's eps, and
 invariance to how requests are packed into forward passes."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +22,10 @@ from eval.measure.likelihood import (
     request_key,
 )
 from eval.measure.packing import RowBlock, plan_batches
+from eval.measure.plans import fixed_count_masks
 from pipeline.configlib import ConfigError
+from tests.eval.runs import tiny_model
+from trainer.config import MDMConfig
 from trainer.model import ModelConfig, Transformer
 from trainer.objectives import row_generator
 
@@ -148,10 +154,11 @@ def test_chain_rule_masks_the_tokens_after_the_scored_one(mdm):
     assert res.logprob == pytest.approx(expected, abs=1e-5)
 
 
-def test_mc_estimate_equals_its_definition(mdm):
+def test_inverse_t_estimate_equals_its_definition(mdm):
     """Reproduce the draws from the request key and score every sample row directly."""
     ctx, cont, n, eps = [5, 6, 7], [8, 9, 10], 16, 1e-3
-    res = _scorer(mdm, mc_samples=n, seed=11).loglikelihood([(ctx, cont)])[0]
+    scorer = _scorer(mdm, mc_samples=n, seed=11, mc_weighting="inverse_t")
+    res = scorer.loglikelihood([(ctx, cont)])[0]
     g = row_generator(request_key(11, ctx, cont))
     t = (
         torch.rand(1, generator=g, dtype=torch.float64) + torch.arange(n, dtype=torch.float64) / n
@@ -169,20 +176,159 @@ def test_mc_estimate_equals_its_definition(mdm):
     assert res.stderr == pytest.approx(float(scores_t.std() / math.sqrt(n)), rel=1e-5)
 
 
-def test_mc_one_token_converges_to_conditional_ce(mdm):
+def test_fixed_count_estimate_equals_its_definition(mdm):
+    """Sample i masks the k_i positions drawn from the request key; score l/k_i times its sum."""
+    ctx, cont, n = [5, 6, 7], [8, 9, 10, 11], 16
+    res = _scorer(mdm, mc_samples=n, seed=11).loglikelihood([(ctx, cont)])[0]
+    masks = fixed_count_masks(request_key(11, ctx, cont), n, len(cont))
+    scores = []
+    for mask in masks.tolist():
+        logp = _logp(mdm, ctx + [MASK if hit else tok for hit, tok in zip(mask, cont)])
+        hit = [j for j in range(len(cont)) if mask[j]]
+        scores.append(len(cont) / len(hit) * sum(float(logp[len(ctx) + j, cont[j]]) for j in hit))
+    scores_t = torch.tensor(scores, dtype=torch.float64)
+    assert res.logprob == pytest.approx(float(scores_t.mean()), rel=1e-5)
+    assert res.stderr == pytest.approx(float(scores_t.std() / math.sqrt(n)), rel=1e-5)
+
+
+def test_fixed_count_masks_exactly_k_of_uniform_sets_with_stratified_k():
+    n, length = 6000, 3
+    masks = fixed_count_masks(123, n, length)
+    k = masks.sum(dim=1)
+    for size in range(1, length + 1):  # stratified: every count n / l times (+-1 at a boundary)
+        assert abs(int((k == size).sum()) - n // length) <= 1
+        sets = list(itertools.combinations(range(length), size))
+        expected = n / length / len(sets)  # each set of that size equally likely
+        sd = math.sqrt(n / length * (1 / len(sets)) * (1 - 1 / len(sets)))
+        for subset in sets:
+            row = torch.zeros(length, dtype=torch.bool)
+            row[list(subset)] = True
+            assert abs(int((masks == row).all(dim=1).sum()) - expected) <= 5 * sd + 1
+    # fewer samples than tokens: one count per stratum of l / n counts
+    few = fixed_count_masks(7, 4, 16).sum(dim=1)
+    assert sorted((few - 1) // 4) == [0, 1, 2, 3]
+
+
+def test_one_token_fixed_count_is_exact_and_never_zero(mdm):
+    """l = 1: every fixed-count sample is the one row log p(y | x, [MASK]), so even one sample is
+    exact; the 1/t form scores 0 whenever its only sample masks nothing."""
+    ctx = [4, 8, 15, 16]
+    exact = _logp(mdm, ctx + [MASK])[len(ctx)]
+    requests = [(ctx, [tok]) for tok in range(VOCAB)]
+    for n in (1, 16):
+        results = _scorer(mdm, mc_samples=n, greedy=False).loglikelihood(requests)
+        for tok, res in enumerate(results):
+            assert res.logprob == pytest.approx(float(exact[tok]), abs=1e-5)
+            assert res.stderr == 0.0 if n > 1 else math.isnan(res.stderr)
+    one = _scorer(mdm, mc_samples=1, greedy=False, mc_weighting="inverse_t")
+    zeros = sum(r.logprob == 0.0 for r in one.loglikelihood(requests))
+    assert 0.3 * VOCAB < zeros < 0.7 * VOCAB  # the bug this form cannot have
+
+
+def test_inverse_t_one_token_converges_to_conditional_ce(mdm):
     ctx, tok = [4, 8, 15, 16], 23
     exact = float(_logp(mdm, ctx + [MASK])[len(ctx), tok])
-    res = _scorer(mdm, mc_samples=4096, greedy=False).loglikelihood([(ctx, [tok])])[0]
+    scorer = _scorer(mdm, mc_samples=4096, greedy=False, mc_weighting="inverse_t")
+    res = scorer.loglikelihood([(ctx, [tok])])[0]
     assert 0 < res.stderr < 0.1 * abs(exact)
     assert abs(res.logprob - exact) < 4 * res.stderr
 
 
+@pytest.fixture(scope="module")
+def ramp_mdm() -> Transformer:
+    """An MDM trained 100 steps on ramps (~2 s): its predictions depend strongly on how much of
+    the continuation is masked, which is where the two MC forms' targets differ."""
+    return tiny_model("mdm", 100)[0]
+
+
+def _every_mask(model, ctx, cont, mask: int) -> dict[tuple[int, ...], float]:
+    """g(M) = sum over j in M of log p(y_j | x, y with M masked), for every non-empty M."""
+    table = {}
+    for size in range(1, len(cont) + 1):
+        for subset in itertools.combinations(range(len(cont)), size):
+            logp = _logp(model, ctx + [mask if j in subset else t for j, t in enumerate(cont)])
+            table[subset] = sum(float(logp[len(ctx) + j, cont[j]]) for j in subset)
+    return table
+
+
+def _fixed_count_expectation(table, length: int) -> float:
+    """sum over k of P(k) = 1/l, over the C(l, k) sets of size k equally likely, of l/k g(M)."""
+    total = 0.0
+    for k in range(1, length + 1):
+        sets = [g for subset, g in table.items() if len(subset) == k]
+        total += (1 / length) * statistics.fmean(length / k * g for g in sets)
+    return total
+
+
+def _inverse_t_expectation(table, length: int, eps: float) -> float:
+    """integral over t of sum over M of P(M | t) g(M) / p, p = (1 - eps) t + eps, exactly:
+    P(M | t) / p = p^(|M|-1) (1-p)^(l-|M|), integrated over p in [eps, 1] (dt = dp / (1-eps))
+    by expanding (1 - p)^(l - |M|)."""
+    total = 0.0
+    for subset, g in table.items():
+        k, rest = len(subset), length - len(subset)
+        integral = sum(
+            math.comb(rest, r) * (-1) ** r * (1 - eps ** (k + r)) / (k + r) for r in range(rest + 1)
+        )
+        total += g * integral / (1 - eps)
+    return total
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4])
+def test_both_mc_forms_unbiased_against_every_mask(ramp_mdm, length):
+    """Each form's mean over many samples hits its own expectation, computed by enumerating
+    every mask set (plans' docstring): fixed_count the eps = 0 ELBO, inverse_t the eps-ELBO;
+    the two agree at eps -> 0 and at l = 1, and differ (by > 10 standard errors) at a large
+    eps, so the check can tell one target from the other."""
+    ctx, cont, eps, n = [3, 5, 7, 9], [11, 13, 15, 17][:length], 0.5, 20000
+    mask = ramp_mdm.cfg.mask_id
+    table = _every_mask(ramp_mdm, ctx, cont, mask)
+    fixed = _fixed_count_expectation(table, length)
+    inverse_t = _inverse_t_expectation(table, length, eps)
+    assert _inverse_t_expectation(table, length, 1e-12) == pytest.approx(fixed, abs=1e-9)
+    for weighting, target, other in (
+        ("fixed_count", fixed, inverse_t),
+        ("inverse_t", inverse_t, fixed),
+    ):
+        cfg = LikelihoodConfig(mc_samples=n, eps=eps, mc_weighting=weighting, greedy=False)
+        scorer = Scorer(ramp_mdm, causal=False, mask_id=mask, seq_len=ramp_mdm.cfg.seq_len, cfg=cfg)
+        res = scorer.loglikelihood([(ctx, cont)])[0]
+        assert abs(res.logprob - target) <= 4 * res.stderr + 1e-5, weighting
+        if length == 1:
+            assert target == pytest.approx(other, abs=1e-9)
+        else:
+            assert abs(res.logprob - other) > 10 * res.stderr, weighting
+
+
 def test_stderr_positive_for_mc_zero_for_exact(mdm, arm):
-    requests = _requests(4, seed=5)
-    assert all(r.stderr > 0 for r in _scorer(mdm, mc_samples=32).loglikelihood(requests))
+    requests = [(ctx, cont + [1]) for ctx, cont in _requests(4, seed=5)]  # l >= 2
+    for weighting in ("fixed_count", "inverse_t"):
+        scorer = _scorer(mdm, mc_samples=32, mc_weighting=weighting)
+        assert all(r.stderr > 0 for r in scorer.loglikelihood(requests))
+        assert math.isnan(_scorer(mdm, mc_samples=1).loglikelihood(requests[:1])[0].stderr)
     assert all(r.stderr == 0 for r in _scorer(mdm, estimator="chain_rule").loglikelihood(requests))
     assert all(r.stderr == 0 for r in _scorer(arm).loglikelihood(requests))
-    assert math.isnan(_scorer(mdm, mc_samples=1).loglikelihood(requests[:1])[0].stderr)
+
+
+def test_eps_comes_from_the_run_unless_set(mdm):
+    """from_loaded: an unset eps is the run's mdm.eps; an explicit one wins; a bare Scorer takes
+    the trainer's default; the caller's config is not changed."""
+    loaded = SimpleNamespace(
+        model=mdm, causal=False, mask_id=MASK, seq_len=SEQ, device=torch.device("cpu"),
+        eos_id=7, mdm_eps=0.3,
+    )  # fmt: skip
+    cfg = LikelihoodConfig(mc_weighting="inverse_t", mc_samples=8, greedy=False)
+    from_run = Scorer.from_loaded(loaded, cfg)
+    assert (from_run.cfg.eps, cfg.eps) == (0.3, None)
+    assert Scorer.from_loaded(loaded).cfg.eps == 0.3
+    explicit = Scorer.from_loaded(loaded, LikelihoodConfig(eps=0.05))
+    assert explicit.cfg.eps == 0.05
+    assert _scorer(mdm).cfg.eps == MDMConfig.eps
+    requests = _requests(4, seed=14)
+    same = _scorer(mdm, mc_weighting="inverse_t", mc_samples=8, greedy=False, eps=0.3)
+    _close(from_run.loglikelihood(requests), same.loglikelihood(requests))
+    default = _scorer(mdm, mc_weighting="inverse_t", mc_samples=8, greedy=False)
+    assert from_run.loglikelihood(requests) != default.loglikelihood(requests)
 
 
 def test_seeded_reproducible_and_order_free(mdm):
@@ -277,12 +423,17 @@ def test_greedy_off_chain_rule_is_left_to_right_greedy(mdm):
 
 @pytest.mark.parametrize(
     "family,estimator,w",
-    [("arm", "mc", 0.0), ("mdm", "mc", 0.0), ("mdm", "mc", 1.0), ("mdm", "chain_rule", 1.0)],
-)
+    [
+        ("arm", "mc", 0.0), ("mdm", "mc", 0.0), ("mdm", "mc", 1.0), ("mdm", "inverse_t", 1.0),
+        ("mdm", "chain_rule", 1.0),
+    ],
+)  # fmt: skip
 def test_packing_order_and_budget_do_not_change_results(mdm, arm, family, estimator, w):
     model = arm if family == "arm" else mdm
     requests = _requests(8, seed=9)
     kw = {"estimator": estimator, "mc_samples": 8, "cfg_scale": w}
+    if estimator == "inverse_t":
+        kw.update(estimator="mc", mc_weighting="inverse_t")
     reference = _scorer(model, token_budget=4096, **kw).loglikelihood(requests)
     one_row = _scorer(model, token_budget=1, **kw).loglikelihood(requests)
     _close(one_row, reference)
@@ -335,6 +486,11 @@ def test_bad_requests_name_the_request(mdm):
         _scorer(mdm, estimator="exact")
     with pytest.raises(ConfigError, match="likelihood.mc_samples"):
         _scorer(mdm, mc_samples=0)
+    with pytest.raises(ConfigError, match="likelihood.mc_weighting: 'one_over_t' is not one of"):
+        _scorer(mdm, mc_weighting="one_over_t")
+    for bad in (0.0, 1.5, "0.1", True):
+        with pytest.raises(ConfigError, match="likelihood.eps"):
+            _scorer(mdm, eps=bad)
 
 
 # ----------------------------------------------------------------------------- rolling
@@ -367,10 +523,12 @@ def test_arm_rolling_windows_predict_each_token_once_with_left_context(arm):
 
 
 def test_mdm_rolling_is_mc_elbo_over_disjoint_windows(mdm):
+    """The validation ELBO's 1/t form over windows, whatever mc_weighting says."""
     rng = random.Random(13)
     tokens = [rng.randrange(VOCAB) for _ in range(2 * SEQ + 7)]
-    scorer = _scorer(mdm, mc_samples=8, greedy=False)
+    scorer = _scorer(mdm, mc_samples=8, greedy=False, mc_weighting="inverse_t")
     res = scorer.loglikelihood_rolling(tokens)
+    assert _scorer(mdm, mc_samples=8, greedy=False).loglikelihood_rolling(tokens) == res
     parts = scorer.loglikelihood([([], tokens[i : i + SEQ]) for i in range(0, len(tokens), SEQ)])
     assert res.n_tokens == len(tokens)
     assert res.logprob == pytest.approx(sum(p.logprob for p in parts), rel=1e-9)

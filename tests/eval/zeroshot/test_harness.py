@@ -141,6 +141,24 @@ def test_mdm_model_by_registered_name_with_estimator_and_cfg(world):
     assert res["results"]["ramp_mc"]["sample_len"] == 2
 
 
+def test_mc_weighting_model_arg_and_eps_from_the_run(world, tmp_path):
+    """mc_weighting reaches the Scorer (fixed_count by default); the 1/t form's eps is the
+    run's mdm.eps from its config.yaml; a bad value names the model arg."""
+    import shutil
+
+    import yaml
+
+    run = shutil.copytree(world["mdm"], tmp_path / "mdm")
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**conf, "mdm": {"eps": 0.25}}))
+    loaded = load_model(run, device="cpu")
+    cfg = MaskscaleLM(loaded=loaded, mc_weighting="inverse_t", mc_samples=8).text.scorer.cfg
+    assert (cfg.estimator, cfg.mc_weighting, cfg.eps) == ("mc", "inverse_t", 0.25)
+    assert MaskscaleLM(loaded=loaded).text.scorer.cfg.mc_weighting == "fixed_count"
+    with pytest.raises(EvalError, match="model arg mc_weighting='1/t'"):
+        MaskscaleLM(loaded=loaded, mc_weighting="1/t")
+
+
 def test_generate_until_task_through_the_samplers(world, tmp_path, capsys):
     """ramp_generate: 2 new tokens cut at the first space; the trained ARM gets them all."""
     out = tmp_path / "gen.json"
