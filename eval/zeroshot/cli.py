@@ -94,15 +94,14 @@ def cmd_harness(args: argparse.Namespace) -> int:
     from eval.measure.loading import EvalError
     from eval.measure.outputs import write_json_atomic
     from eval.zeroshot.harness import (
-        ModelArgs,
         flat_metrics,
         group_tasks,
         load_paper_tasks,
-        parse_model_args,
         results_name,
         run_groups,
         task_manager,
     )
+    from eval.zeroshot.text import ModelArgs, parse_model_args
 
     try:
         base = parse_model_args(args.model_args)

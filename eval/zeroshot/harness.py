@@ -4,15 +4,13 @@ Why the real harness: the paper's zero-shot numbers come from lm-evaluation-harn
 (prompt templates, answer sets, metrics), so reimplementing them would measure something else.
 The harness only needs a model that answers ``loglikelihood`` requests (text pairs) and
 ``loglikelihood_rolling`` requests (whole texts). ``MaskscaleLM`` is that model for both
-families: it turns text into token ids with the run's own tokenizer (``tasks.encode_pair``,
-the harness's standard split, after the EOS that starts every training document; a
-continuation that tokenises to nothing scores the context's last token) and hands them to
-``likelihood.Scorer`` - exact for an ARM; Monte Carlo ELBO or chain rule, optionally with
-unsupervised classifier-free guidance, for an MDM. A whole text is scored after that EOS too
-(ARM: the Scorer's first window; MDM: the first window's context). ``generate_until``
-requests are answered by ``sampling.Sampler`` (MDM reverse process with the model args' steps /
-strategy / block_length / cfg; ARM KV-cache sampling), with the task's ``until`` stop strings,
-``max_gen_toks``, ``temperature`` / ``do_sample`` and ``top_p``.
+families: ``text.TextScorer`` turns text into token ids with the run's own tokenizer (the
+harness's pair split after the EOS that starts every training document, ``tasks.encode_pair``)
+and hands them to ``likelihood.Scorer`` - exact for an ARM; Monte Carlo ELBO or chain rule,
+optionally with unsupervised classifier-free guidance, for an MDM. ``generate_until`` requests
+are answered by ``sampling.Sampler`` (``eval/generation/generate.py``: MDM reverse process with
+the model args' steps / strategy / block_length / cfg; ARM KV-cache sampling), with the task's
+``until`` stop strings, ``max_gen_toks``, ``temperature`` / ``do_sample`` and ``top_p``.
 
 Guidance is not the model's likelihood: with ``cfg`` != 0 (MDM) ``loglikelihood_rolling`` is
 refused (a whole text has no prompt to guide, and its word / byte perplexity would pass for the
@@ -55,14 +53,7 @@ from lm_eval.api.registry import register_model
 
 from eval.measure.loading import EvalError, load_model
 from eval.measure.ppl import init_distributed
-from eval.zeroshot.text import (  # noqa: F401  (re-exported: the harness's model args and scorer)
-    ESTIMATORS,
-    ModelArgs,
-    TextScorer,
-    batch_size_arg,
-    likelihood_config,
-    parse_model_args,
-)
+from eval.zeroshot.text import ModelArgs, TextScorer, parse_model_args
 
 PAPER_TASKS = "eval/paper-tasks.yaml"
 """The reference's protocol, inside the config folder (pipeline/configdir.py)."""

@@ -112,7 +112,8 @@ def parse_model_args(text: str | dict | None) -> dict:
 
 def batch_size_arg(value):
     """The harness's batch size: an int, or the lm_eval command line's string ("8", "auto",
-    "auto:N"). ``auto`` -> None (the token budget rules); anything else is left to validate."""
+    "auto:N"). ``auto`` -> None (the token budget rules); another string is refused, a
+    non-string is left to ``ModelArgs.validate``."""
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
@@ -135,6 +136,7 @@ class TextScorer:
         self.loaded = loaded
         self.args = args
         self.scorer = Scorer.from_loaded(loaded, likelihood_config(loaded, args))
+        self._rolling_scorer: Scorer | None = None
 
     @property
     def family(self) -> str:
@@ -179,14 +181,14 @@ class TextScorer:
         try:
             if self.family == "arm":  # the Scorer's first window predicts after its prefix EOS
                 return self.scorer.loglikelihood_rolling(ids).logprob
-            return math.fsum(r.logprob for r in self._rolling().loglikelihood(mdm_windows(
-                ids, self.loaded.eos_id, self.loaded.seq_len)))  # fmt: skip
+            windows = mdm_windows(ids, self.loaded.eos_id, self.loaded.seq_len)
+            return math.fsum(r.logprob for r in self._rolling().loglikelihood(windows))
         except LikelihoodError as e:
             raise EvalError(str(e)) from None
 
     def _rolling(self) -> Scorer:
         """The MDM's whole-text scorer: Monte Carlo ELBO, no guidance, no greedy unmasking."""
-        if not hasattr(self, "_rolling_scorer"):
+        if self._rolling_scorer is None:
             cfg = dataclasses.replace(self.scorer.cfg, estimator="mc", cfg_scale=0.0, greedy=False)
             self._rolling_scorer = Scorer.from_loaded(self.loaded, cfg)
         return self._rolling_scorer
