@@ -380,6 +380,10 @@ def register(eval_subparsers) -> None:
     _model_options(m)
     m.set_defaults(func=cmd_mc)
 
+    _register_cloze(eval_subparsers)
+
+
+def _register_cloze(eval_subparsers) -> None:
     c = eval_subparsers.add_parser(
         "cloze",
         help="temporal cloze task: last-word accuracy per period",
