@@ -3,9 +3,15 @@
 A request is ``(context, gen_kwargs)`` with the harness's keys: ``until`` (stop strings, a
 string or a list), ``max_gen_toks``, ``do_sample``, ``temperature`` and ``top_p``. Requests with
 the same length and sampling settings share one ``sampling.Sampler`` call (batched, with a
-progress bar); the MDM settings (steps, strategy, CFG scale) and the seed come from the model
-args. The answer is the decoded sample cut before the first stop string: an ARM row stops as
-soon as its text contains one, an MDM answer (all slots are filled together) is cut afterwards.
+progress bar); the MDM settings (steps, strategy, semi-autoregressive ``block_length``, CFG
+scale) and the seed come from the model args. The answer is the decoded sample cut before the
+first stop string: an ARM row stops as soon as its text contains one, an MDM answer (all slots
+are filled together) is cut afterwards.
+
+Every prompt starts with the EOS id, as every training document follows one (not doubled when
+the context's own tokens start with it; the same rule as ``eval.zeroshot.tasks.encode_pair``).
+With ``block_length`` and no ``steps``, an MDM takes the answer length rounded up to a multiple
+of the block count (the sampler needs the same steps per block).
 
 The answer length L is the request's ``max_gen_toks`` (the model args' default when the task
 sets none), capped at half the model's context so a prompt keeps room; contexts longer than
@@ -19,6 +25,7 @@ import sys
 
 from eval.generation.sampling import Sampler, SamplingConfig
 from eval.measure.loading import EvalError
+from pipeline.configlib import ConfigError
 
 KNOWN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}
 
@@ -61,6 +68,21 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
     return text
 
 
+def mdm_steps(args, length: int) -> int | None:
+    """The model args' steps; with blocks and no steps, ``length`` rounded up to a multiple of
+    the block count."""
+    if args.steps is not None or not args.block_length:
+        return args.steps
+    blocks = -(-length // args.block_length)
+    return blocks * -(-length // blocks)
+
+
+def prompt_ids(tok, context: str, eos_id: int) -> list[int]:
+    """The context's ids after the EOS that starts every training document (once)."""
+    ids = list(tok.encode(context, add_special_tokens=False).ids)
+    return ids if ids[:1] == [eos_id] else [eos_id, *ids]
+
+
 def generate_until(loaded, args, requests: list[tuple[str, dict]]) -> list[str]:
     """Answers (text) to ``(context, gen_kwargs)`` requests, in order; ``args`` is the
     harness model's ``ModelArgs``."""
@@ -71,22 +93,27 @@ def generate_until(loaded, args, requests: list[tuple[str, dict]]) -> list[str]:
         where = f"generate_until request {i}"
         kwargs = dict(kwargs or {})
         stops.append(_stop_strings(kwargs.get("until"), where))
-        prompts.append(list(tok.encode(context, add_special_tokens=False).ids))
+        prompts.append(prompt_ids(tok, context, loaded.eos_id))
         groups.setdefault(_settings(loaded, args, kwargs, where), []).append(i)
     answers: list[str] = [""] * len(requests)
     cut = 0
+    mdm = loaded.family == "mdm"
     for (length, temperature, top_p), members in groups.items():
         cfg = SamplingConfig(
             length=length,
-            steps=args.steps,
+            steps=mdm_steps(args, length) if mdm else args.steps,
             strategy=args.strategy,
             temperature=temperature,
             top_p=top_p,
-            cfg_scale=args.cfg if loaded.family == "mdm" else 0.0,
+            cfg_scale=args.cfg if mdm else 0.0,
             seed=args.seed,
             batch_size=args.batch_size or 16,
+            block_length=args.block_length if mdm else None,
         )
-        sampler = Sampler.from_loaded(loaded, cfg)
+        try:
+            sampler = Sampler.from_loaded(loaded, cfg)
+        except ConfigError as e:
+            raise EvalError(f"generate_until (model args steps / block_length): {e}") from None
 
         def stop(j: int, ids: list[int], members=members) -> bool:
             found = stops[members[j]]

@@ -7,7 +7,9 @@
 - ``mc RUN FILE.jsonl`` scores a local multiple-choice file (``{context, choices, label}`` per
   line) directly, without writing a task YAML.
 - ``cloze RUN`` builds the temporal cloze task from the run's corpus (``cloze``) and
-  reports last-word accuracy per period, with a plot.
+  reports last-word accuracy per period (letter-only target words; number targets apart,
+  scored with ``--numbers``), with seeded bootstrap intervals per period and for each period's
+  difference from validation, the counts behind each figure, and a plot.
 
 Every command prints a table, writes JSON under ``RUN_DIR/eval/`` (``EXPORT_DIR/eval/`` for an
 export folder) and logs its metrics to the run's MLflow run. User errors (unknown task, bad
@@ -18,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
+
+from eval.measure.defaults import BOOTSTRAP
 
 # ----------------------------------------------------------------------------- shared options
 
@@ -89,15 +94,14 @@ def cmd_harness(args: argparse.Namespace) -> int:
     from eval.measure.loading import EvalError
     from eval.measure.outputs import write_json_atomic
     from eval.zeroshot.harness import (
-        ModelArgs,
         flat_metrics,
         group_tasks,
         load_paper_tasks,
-        parse_model_args,
         results_name,
         run_groups,
         task_manager,
     )
+    from eval.zeroshot.text import ModelArgs, parse_model_args
 
     try:
         base = parse_model_args(args.model_args)
@@ -147,8 +151,8 @@ def _task_list(text: str | None) -> list[str]:
 def cmd_mc(args: argparse.Namespace) -> int:
     from eval.measure.loading import EvalError
     from eval.measure.outputs import write_json_atomic
-    from eval.zeroshot.harness import ModelArgs, TextScorer
     from eval.zeroshot.tasks import TaskError, read_mc_jsonl, score_mc
+    from eval.zeroshot.text import ModelArgs, TextScorer
 
     try:
         docs = read_mc_jsonl(args.file)
@@ -198,7 +202,7 @@ def _cloze_tasks(args, loaded):
     """The built task folder: reused if it was built from the same corpus and settings."""
     import json
 
-    from eval.zeroshot.cloze import INFO, ClozeConfig, build_cloze
+    from eval.zeroshot.cloze import FORMAT, INFO, ClozeConfig, build_cloze
 
     cfg = ClozeConfig(n=args.n, words=args.words, seed=args.draw_seed, splits=args.splits)
     cfg.min_target_chars = args.min_target_chars
@@ -208,7 +212,7 @@ def _cloze_tasks(args, loaded):
     if info_file.is_file() and not args.rebuild:
         info = json.loads(info_file.read_text())
         same = info.get("config") == vars(cfg) and info.get("corpus") == str(corpus.resolve())
-        if same:
+        if same and info.get("format") == FORMAT:
             return task_dir, info
     info = build_cloze(corpus, task_dir, cfg)
     for split, entry in info["splits"].items():
@@ -242,23 +246,30 @@ def cmd_cloze(args: argparse.Namespace) -> int:
     from eval.measure.loading import EvalError
     from eval.measure.outputs import write_json_atomic
     from eval.zeroshot.cloze import evaluate_cloze, plot_cloze, read_cloze
-    from eval.zeroshot.harness import ModelArgs, TextScorer
     from eval.zeroshot.tasks import TaskError
+    from eval.zeroshot.text import ModelArgs, TextScorer
 
     try:
         margs = ModelArgs(**_model_args(args, greedy=True))  # accuracy = greedy unmasking
         margs.validate()
+        if args.bootstrap < 1:
+            raise EvalError(f"--bootstrap {args.bootstrap}: must be >= 1 (resamples per interval)")
         loaded = _load(args)
         task_dir, info = _cloze_tasks(args, loaded)
-        _, docs = read_cloze(task_dir)
-        results = evaluate_cloze(docs, TextScorer(loaded, margs).score)
+        text = TextScorer(loaded, margs)
+        kw = {"n_boot": args.bootstrap, "seed": args.seed, "guided": text.guided}
+        results = evaluate_cloze(read_cloze(task_dir)[1], text.score, **kw)
+        numbers = None
+        if args.numbers:
+            numbers = evaluate_cloze(read_cloze(task_dir, numbers=True)[1], text.score, **kw)
     except (EvalError, TaskError) as e:
         return _fails("cloze", e)
-    print(f"{'period':<20}{'n':>6}{'acc':>10}{'± se':>8}{'target ppl':>14}")
-    for split, r in results.items():
-        print(
-            f"{split:<20}{r['n']:>6}{r['acc']:>10.4f}{r['acc_stderr']:>8.4f}{r['perplexity']:>14.2f}"
-        )
+    _print_cloze("target words (letters only)", results)
+    if numbers is not None:
+        _print_cloze("number targets (facts, not language)", numbers)
+    else:
+        counts = ", ".join(f"{s} {e['number_passages']}" for s, e in info["splits"].items())
+        print(f"number targets left out ({counts}); --numbers scores them apart")
     eval_dir = loaded.out_dir
     ppl = _temporal_ppl(eval_dir)
     report = {
@@ -266,20 +277,59 @@ def cmd_cloze(args: argparse.Namespace) -> int:
         "tasks": str(task_dir),
         "build": info,
         "model_args": dataclasses.asdict(margs),
+        "bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "guided": text.guided,
         "splits": results,
+        "numbers": numbers,
     }
     out = write_json_atomic(eval_dir / "cloze-results.json", report)
     title = f"temporal cloze: {loaded.name} ({loaded.family.upper()}, step {loaded.step})"
     png = plot_cloze(results, eval_dir / "cloze.png", title, ppl)
     print(f"results: {out}\nplot: {png}")
     if not args.no_mlflow:
-        metrics = {
-            f"eval/cloze/{split}/{k}": float(r[k])
-            for split, r in results.items()
-            for k in ("acc", "acc_stderr", "mean_logprob")
-        }
+        metrics = _cloze_metrics("eval/cloze", results)
+        metrics.update(_cloze_metrics("eval/cloze_numbers", numbers or {}))
         print(_to_mlflow(loaded, metrics, [out, png]))
     return 0
+
+
+def _print_cloze(title: str, results: dict) -> None:
+    """One row per period: passages (whole documents among them), accuracy and its 95%
+    interval, the difference from the reference period with its interval, target perplexity."""
+    guided = any("cfg_perplexity" in r for r in results.values())
+    ppl = "cfg ppl" if guided else "target ppl"
+    ref = next((r["reference"] for r in results.values()), None)
+    print(f"{title}: n passages (one per row; documents unknown, 'whole' = complete ones), "
+          f"accuracy, Δ = accuracy - {ref}'s, 95% bootstrap intervals")  # fmt: skip
+    print(f"{'period':<18}{'n':>5}{'whole':>6}{'acc':>8}{'95% CI':>17}"
+          f"{'Δ':>10}{'95% CI':>19}{ppl:>12}")  # fmt: skip
+    for split, r in results.items():
+        ci = "[{:.3f}, {:.3f}]".format(*r["acc_ci"])
+        delta, dci = "(ref)", ""
+        if r["acc_delta"] is not None:
+            delta, dci = f"{r['acc_delta']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*r["acc_delta_ci"])
+        value = r.get("cfg_perplexity", r.get("perplexity"))
+        print(f"{split:<18}{r['n']:>5}{r['whole_documents']:>6}{r['acc']:>8.3f}{ci:>17}"
+              f"{delta:>10}{dci:>19}{value:>12.2f}")  # fmt: skip
+
+
+def _cloze_metrics(prefix: str, results: dict) -> dict[str, float]:
+    """MLflow metrics of one cloze table: acc with its bounds and stderr, the difference from
+    the reference with its bounds, the mean target log-likelihood (cfg_ under guidance), n."""
+    out = {}
+    for split, r in results.items():
+        values = {"acc": r["acc"], "acc_stderr": r["acc_stderr"], "n": r["n"]}
+        values["acc_lo"], values["acc_hi"] = r["acc_ci"]
+        if r["acc_delta"] is not None:
+            values["acc_delta"] = r["acc_delta"]
+            values["acc_delta_lo"], values["acc_delta_hi"] = r["acc_delta_ci"]
+        for key in ("mean_logprob", "cfg_mean_logprob"):
+            if key in r:
+                values[key] = r[key]
+        kept = {k: float(v) for k, v in values.items() if math.isfinite(v)}  # empty: NaN
+        out.update({f"{prefix}/{split}/{k}": v for k, v in kept.items()})
+    return out
 
 
 # ----------------------------------------------------------------------------- register
@@ -330,10 +380,16 @@ def register(eval_subparsers) -> None:
     _model_options(m)
     m.set_defaults(func=cmd_mc)
 
+    _register_cloze(eval_subparsers)
+
+
+def _register_cloze(eval_subparsers) -> None:
     c = eval_subparsers.add_parser(
         "cloze",
         help="temporal cloze task: last-word accuracy per period",
-        description="Build (once) and score the temporal cloze task (see eval/zeroshot/cloze.py).",
+        description="Build (once) and score the temporal cloze task (see eval/zeroshot/cloze.py): "
+        "accuracy on letter-only target words per period, 95% bootstrap intervals per period "
+        "and for the difference from validation (seeded by --seed).",
     )
     c.add_argument("run", help="run directory or export directory")
     c.add_argument("--corpus", help="corpus to draw passages from (default: the run's)")
@@ -344,6 +400,14 @@ def register(eval_subparsers) -> None:
     c.add_argument("--splits", nargs="+", help="splits (default validation + every holdout)")
     c.add_argument("--task-dir", help="where the task files go (default RUN_DIR/eval/cloze)")
     c.add_argument("--rebuild", action="store_true", help="redraw the passages")
+    c.add_argument(
+        "--numbers",
+        action="store_true",
+        help="also score the number-target passages (years, amounts), reported apart",
+    )
+    c.add_argument(
+        "--bootstrap", type=int, default=BOOTSTRAP, help=f"resamples per interval ({BOOTSTRAP})"
+    )
     c.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow run")
     _model_options(c, estimator="chain_rule")
     c.set_defaults(func=cmd_cloze)

@@ -12,21 +12,38 @@ Building: packed rows hold token ids, so passages are decoded text. For each spl
 drawn in a seeded random order over *all* of its shards (never a prefix); a row is cut at its EOS
 tokens into document pieces; a piece that starts (or ends) at the row boundary may begin (or
 end) inside a word, so its first (last) word is dropped. A passage is ``words`` consecutive
-words whose last one is a plain word (letters/digits only, at least ``min_target_chars`` long)
-- the target - and whose earlier words are the context, whitespace-normalised. One passage per row, from the last such window of
-its longest usable piece. Rows without one are counted by reason, never silently dropped.
+words whose last one is the target and whose earlier words are the context,
+whitespace-normalised. One passage per row, from the last such window of its longest usable
+piece. Rows without one are counted by reason, never silently dropped.
+
+**Targets are words**: letters only (any script), at least ``min_target_chars`` long. Years
+and other numbers are facts about a period, not its language (a model trained before 1990 cannot
+know "1995"), so they never count towards the task's accuracy: from the same rows, the last
+window ending in a number (digits, with ``,`` or ``.`` between groups) is kept apart as a
+*number passage* (``temporal_cloze_numbers_<split>``), counted in ``cloze.json`` and scored
+separately when asked (``maskscale eval cloze --numbers``). Words mixing letters and digits
+("1990s", "COVID19") and words with punctuation attached are neither.
+
+Counts: packed rows carry no document ids, so documents are not known; every passage comes
+from a different row, and ``whole_documents`` counts those whose piece is a complete document
+(EOS on both sides inside the row, so distinct documents).
 
 Output (written to a temporary folder, then renamed: nothing half-written): per split
-``temporal_cloze_<split>.jsonl`` (``{context, target, split, row}``) and a harness task YAML of
-the same name (tag ``temporal_cloze``), plus ``cloze.json`` describing the build. The harness
-runs the YAMLs with ``--include-path DIR --tasks temporal_cloze``; ``maskscale eval cloze``
-scores the JSONL directly.
+``temporal_cloze_<split>.jsonl`` (``{context, target, split, row, whole_document}``) and a
+harness task YAML of the same name (tag ``temporal_cloze``), the same for number passages (tag
+``temporal_cloze_numbers``), plus ``cloze.json`` describing the build (``format`` 2: letter-only
+targets; a folder of an older format is rebuilt). The harness runs the YAMLs with
+``--include-path DIR --tasks temporal_cloze``; ``maskscale eval cloze`` scores the JSONL
+directly.
+
+Intervals (``evaluate_cloze``): 95% percentile bootstrap over passages, per period, and for the
+difference of each period's accuracy from the reference period's (``validation``, else the
+first), the two periods resampled independently (their passages are distinct rows); seeded.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -39,8 +56,11 @@ import numpy as np
 from eval.zeroshot.tasks import ScoreFn, TaskError, mean_stderr
 
 TAG = "temporal_cloze"
+NUMBERS_TAG = "temporal_cloze_numbers"
 INFO = "cloze.json"
-_WORD = re.compile(r"\w+")
+FORMAT = 2
+"""cloze.json format: 2 = letter-only targets plus number passages (1 took any \\w+ word)."""
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 @dataclass
@@ -101,23 +121,47 @@ def _pieces(ids: np.ndarray, eos_id: int) -> list[tuple[np.ndarray, bool, bool]]
     return out
 
 
-def passage_from_row(
-    ids: np.ndarray, eos_id: int, tokenizer, words: int, min_chars: int = 1
-) -> dict | str:
-    """{context, target} from one packed row, or the reason there is none."""
-    best: tuple[int, list[str]] | None = None
+def is_word(word: str, min_chars: int = 1) -> bool:
+    """A target word: letters only, at least ``min_chars`` of them."""
+    return word.isalpha() and len(word) >= min_chars
+
+
+def is_number(word: str) -> bool:
+    """A number target: digit groups joined by ``,`` or ``.`` (1990, 2,000, 3.5)."""
+    return _NUMBER.fullmatch(word) is not None
+
+
+def _best_piece(ids: np.ndarray, eos_id: int, tokenizer, words: int) -> tuple[list, bool] | None:
+    """(words, whole document?) of a row's longest piece with at least ``words`` words."""
+    best: tuple[list[str], bool] | None = None
     for piece, starts, ends in _pieces(ids, eos_id):
         ws = tokenizer.decode(piece.tolist(), skip_special_tokens=False).split()
         ws = ws[(0 if starts else 1) : (len(ws) if ends else len(ws) - 1)]
-        if len(ws) >= words and (best is None or len(ws) > best[0]):
-            best = (len(ws), ws)
+        if len(ws) >= words and (best is None or len(ws) > len(best[0])):
+            best = (ws, starts and ends)
+    return best
+
+
+def _last_window(ws: list[str], words: int, accept) -> dict | None:
+    for k in range(len(ws) - 1, words - 2, -1):
+        if accept(ws[k]):
+            return {"context": " ".join(ws[k - words + 1 : k]), "target": ws[k]}
+    return None
+
+
+def passage_from_row(
+    ids: np.ndarray, eos_id: int, tokenizer, words: int, min_chars: int = 1, kind: str = "word"
+) -> dict | str:
+    """{context, target, whole_document} from one packed row, or the reason there is none;
+    ``kind`` ``word`` (the task) or ``number`` (kept apart)."""
+    best = _best_piece(ids, eos_id, tokenizer, words)
     if best is None:
         return "too_short"
-    ws = best[1]
-    for k in range(len(ws) - 1, words - 2, -1):
-        if len(ws[k]) >= min_chars and _WORD.fullmatch(ws[k]):
-            return {"context": " ".join(ws[k - words + 1 : k]), "target": ws[k]}
-    return "no_target_word"
+    accept = (lambda w: is_word(w, min_chars)) if kind == "word" else is_number
+    got = _last_window(best[0], words, accept)
+    if got is None:
+        return "no_target_word" if kind == "word" else "no_number"
+    return {**got, "whole_document": best[1]}
 
 
 class _Rows:
@@ -141,30 +185,38 @@ class _Rows:
 
 
 def draw_split(corpus: Path, manifest: dict, split: str, tokenizer, cfg: ClozeConfig) -> dict:
-    """Passages of one split and the count of rows skipped by reason."""
+    """Word passages of one split, number passages of the same rows (at most ``n``), the rows
+    scanned and the count of rows without a word passage by reason."""
     rows = _Rows(corpus, manifest["splits"][split]["shards"])
     rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())])
     eos_id = int(manifest["tokenizer"]["eos_id"])
-    docs, skipped = [], {}
+    docs, numbers, skipped, scanned = [], [], {}, 0
     for i in rng.permutation(len(rows)):
-        row = np.asarray(rows[int(i)])
-        got = passage_from_row(row, eos_id, tokenizer, cfg.words, cfg.min_target_chars)
-        if isinstance(got, str):
-            skipped[got] = skipped.get(got, 0) + 1
-            continue
-        docs.append({**got, "split": split, "row": int(i)})
         if len(docs) == cfg.n:
             break
-    return {"docs": docs, "rows": len(rows), "skipped": skipped}
+        scanned += 1
+        best = _best_piece(np.asarray(rows[int(i)]), eos_id, tokenizer, cfg.words)
+        where = {"split": split, "row": int(i), "whole_document": bool(best and best[1])}
+        word = best and _last_window(best[0], cfg.words, lambda w: is_word(w, cfg.min_target_chars))
+        number = best and _last_window(best[0], cfg.words, is_number)
+        if number and len(numbers) < cfg.n:
+            numbers.append({**number, **where})
+        if not word:
+            reason = "too_short" if best is None else "no_target_word"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        docs.append({**word, **where})
+    return {"docs": docs, "numbers": numbers, "rows": len(rows), "scanned": scanned,
+            "skipped": skipped}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- build
 
 
-def task_yaml(name: str, data_file: Path) -> str:
+def task_yaml(name: str, data_file: Path, tag: str = TAG) -> str:
     """A harness task over one JSONL file: loglikelihood of " " + target after the context."""
     return (
-        f"tag: {TAG}\n"
+        f"tag: {tag}\n"
         f"task: {name}\n"
         "dataset_path: json\n"
         "dataset_kwargs:\n"
@@ -204,21 +256,30 @@ def build_cloze(corpus_dir: str | Path, out_dir: str | Path, cfg: ClozeConfig) -
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    info = {"corpus": str(corpus.resolve()), "config": asdict(cfg), "splits": {}}
+    info = {"format": FORMAT, "corpus": str(corpus.resolve()), "config": asdict(cfg)}
+    info["splits"] = {}
     info["tokenizer_sha256"] = manifest["tokenizer"]["sha256"]
     for split in splits:
         drawn = draw_split(corpus, manifest, split, tokenizer, cfg)
-        name = f"{TAG}_{split}"
-        with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            for doc in drawn["docs"]:
-                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        (tmp / f"{name}.yaml").write_text(task_yaml(name, out / f"{name}.jsonl"))
+        name, numbers = f"{TAG}_{split}", f"{NUMBERS_TAG}_{split}"
+        for task, tag, docs in (
+            (name, TAG, drawn["docs"]),
+            (numbers, NUMBERS_TAG, drawn["numbers"]),
+        ):
+            with (tmp / f"{task}.jsonl").open("w", encoding="utf-8") as f:
+                f.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
+            (tmp / f"{task}.yaml").write_text(task_yaml(task, out / f"{task}.jsonl", tag))
         start = period_dates(split, _ranges(manifest))[0]
         info["splits"][split] = {
             "task": name,
             "file": f"{name}.jsonl",
             "passages": len(drawn["docs"]),
+            "whole_documents": sum(d["whole_document"] for d in drawn["docs"]),
+            "number_task": numbers,
+            "number_file": f"{numbers}.jsonl",
+            "number_passages": len(drawn["numbers"]),
             "rows": drawn["rows"],
+            "rows_scanned": drawn["scanned"],
             "skipped": drawn["skipped"],
             "period_start": start,
         }
@@ -231,25 +292,37 @@ def build_cloze(corpus_dir: str | Path, out_dir: str | Path, cfg: ClozeConfig) -
 # ----------------------------------------------------------------------------- evaluate
 
 
-def read_cloze(cloze_dir: str | Path) -> tuple[dict, dict[str, list[dict]]]:
-    """(cloze.json, {split: passages}) of a built task folder."""
+def read_cloze(cloze_dir: str | Path, numbers: bool = False) -> tuple[dict, dict[str, list[dict]]]:
+    """(cloze.json, {split: passages}) of a built task folder; ``numbers``: the number passages."""
     cloze_dir = Path(cloze_dir)
     if not (cloze_dir / INFO).is_file():
         raise TaskError(f"{cloze_dir}: no {INFO}; build the task first (maskscale eval cloze)")
     info = json.loads((cloze_dir / INFO).read_text())
+    if info.get("format") != FORMAT:
+        raise TaskError(
+            f"{cloze_dir}: built by an older maskscale (targets were not letter-only words); "
+            "rebuild it (maskscale eval cloze --rebuild)"
+        )
     docs = {}
     for split, entry in info["splits"].items():
-        path = cloze_dir / entry["file"]
+        path = cloze_dir / entry["number_file" if numbers else "file"]
         with path.open(encoding="utf-8") as f:
             docs[split] = [json.loads(line) for line in f if line.strip()]
     return info, docs
 
 
-def evaluate_cloze(docs: dict[str, list[dict]], score: ScoreFn) -> dict[str, dict]:
-    """Per split: accuracy (target is the greedy continuation), its stderr, target perplexity."""
+def evaluate_cloze(
+    docs: dict[str, list[dict]], score: ScoreFn, n_boot: int = 1000, seed: int = 0,
+    guided: bool = False,
+) -> dict[str, dict]:  # fmt: skip
+    """Per split: accuracy (the target is the greedy continuation) with its stderr and 95%
+    bootstrap interval, the difference from the reference period with its interval, the mean
+    log-likelihood and perplexity of the targets (``cfg_``-prefixed when ``guided``: scores
+    under classifier-free guidance are not the model's likelihood), counts and per-passage
+    hits and log-likelihoods. Seeded: the same seed gives the same intervals."""
     pairs = [(d["context"], " " + d["target"]) for split in docs for d in docs[split]]
     results = score(pairs) if pairs else []
-    out, pos = {}, 0
+    out, pos, prefix = {}, 0, "cfg_" if guided else ""
     for split, split_docs in docs.items():
         chunk = results[pos : pos + len(split_docs)]
         pos += len(split_docs)
@@ -257,18 +330,44 @@ def evaluate_cloze(docs: dict[str, list[dict]], score: ScoreFn) -> dict[str, dic
         lls = [float(ll) for ll, _ in chunk]
         out[split] = {
             "n": len(chunk),
+            "whole_documents": sum(bool(d.get("whole_document")) for d in split_docs),
             "acc": sum(hits) / len(hits) if hits else float("nan"),
             "acc_stderr": mean_stderr(hits),
-            "mean_logprob": sum(lls) / len(lls) if lls else float("nan"),
-            "perplexity": float(np.exp(-np.mean(lls))) if lls else float("nan"),
+            "acc_ci": _interval(hits, None, n_boot, seed, split),
+            prefix + "mean_logprob": sum(lls) / len(lls) if lls else float("nan"),
+            prefix + "perplexity": float(np.exp(-np.mean(lls))) if lls else float("nan"),
+            "hits": hits,
+            "logprobs": lls,
         }
+    ref = "validation" if "validation" in out else next(iter(out), None)
+    for split, r in out.items():
+        r["reference"] = ref
+        same = split == ref
+        r["acc_delta"] = None if same else r["acc"] - out[ref]["acc"]
+        r["acc_delta_ci"] = (
+            None if same else _interval(r["hits"], out[ref]["hits"], n_boot, seed, split)
+        )
     return out
+
+
+def _interval(hits: list, ref: list | None, n_boot: int, seed: int, split: str) -> list[float]:
+    """95% bootstrap interval of mean(hits) (- mean(ref), resampled independently)."""
+    from eval.measure.ppl import bootstrap_means, interval
+    from eval.measure.rows import split_seed
+
+    if not hits or (ref is not None and not ref) or n_boot < 1:
+        return [float("nan"), float("nan")]
+    boots = bootstrap_means(np.asarray(hits), n_boot, split_seed(seed, split, "cloze"))
+    if ref is not None:
+        boots -= bootstrap_means(np.asarray(ref), n_boot, split_seed(seed, split, "cloze-ref"))
+    return interval(boots)
 
 
 def plot_cloze(
     results: dict[str, dict], png: str | Path, title: str, ppl: dict[str, float] | None = None
 ) -> Path:
-    """Accuracy per period (error bars = 1 stderr); perplexity on a second axis if given."""
+    """Accuracy per period with its 95% interval and passage count; perplexity (of ``maskscale
+    eval ppl``) on a second axis if given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,15 +375,15 @@ def plot_cloze(
 
     splits = list(results)
     x = np.arange(len(splits))
-    acc = [results[s]["acc"] for s in splits]
-    err = [
-        0.0 if math.isnan(results[s]["acc_stderr"]) else results[s]["acc_stderr"] for s in splits
-    ]
+    acc = np.array([results[s]["acc"] for s in splits], dtype=float)
+    ci = np.array([results[s].get("acc_ci") or [np.nan, np.nan] for s in splits], dtype=float)
+    err = np.nan_to_num(np.abs(ci - acc[:, None]).T)  # [2, periods]: below, above
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(splits)), 3.6))
     ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, color="tab:blue", label="cloze accuracy")
-    ax.set_ylabel("last-word accuracy", color="tab:blue")
-    ax.set_xticks(x, splits, rotation=20)
-    ax.set_ylim(0, min(1.05, max(0.05, max(a + e for a, e in zip(acc, err)) * 1.15)))
+    ax.set_ylabel("last-word accuracy (95% CI)", color="tab:blue")
+    ax.set_xticks(x, [f"{s}\nn={results[s]['n']}" for s in splits], rotation=20)
+    top = np.nanmax(np.append(acc + err[1], 0.0))
+    ax.set_ylim(0, min(1.05, max(0.05, top * 1.15)))
     if ppl:
         twin = ax.twinx()
         ys = [ppl.get(s, float("nan")) for s in splits]

@@ -4,12 +4,26 @@ Why the real harness: the paper's zero-shot numbers come from lm-evaluation-harn
 (prompt templates, answer sets, metrics), so reimplementing them would measure something else.
 The harness only needs a model that answers ``loglikelihood`` requests (text pairs) and
 ``loglikelihood_rolling`` requests (whole texts). ``MaskscaleLM`` is that model for both
-families: it turns text into token ids with the run's own tokenizer (``tasks.encode_pair``,
-the harness's standard split) and hands them to ``likelihood.Scorer`` - exact for an ARM;
-Monte Carlo ELBO or chain rule, optionally with unsupervised classifier-free guidance, for an MDM.
-``generate_until`` requests are answered by ``sampling.Sampler`` (MDM reverse process with
-the model args' steps / strategy / cfg; ARM KV-cache sampling), with the task's ``until`` stop
-strings, ``max_gen_toks``, ``temperature`` / ``do_sample`` and ``top_p``.
+families: ``text.TextScorer`` turns text into token ids with the run's own tokenizer (the
+harness's pair split after the EOS that starts every training document, ``tasks.encode_pair``)
+and hands them to ``likelihood.Scorer`` - exact for an ARM; Monte Carlo ELBO or chain rule,
+optionally with unsupervised classifier-free guidance, for an MDM. ``generate_until`` requests
+are answered by ``sampling.Sampler`` (``eval/generation/generate.py``: MDM reverse process with
+the model args' steps / strategy / block_length / cfg; ARM KV-cache sampling), with the task's
+``until`` stop strings, ``max_gen_toks``, ``temperature`` / ``do_sample`` and ``top_p``.
+
+Guidance is not the model's likelihood: with ``cfg`` != 0 (MDM) ``loglikelihood_rolling`` is
+refused (a whole text has no prompt to guide, and its word / byte perplexity would pass for the
+model's), and ``run_groups`` renames every perplexity-type metric the harness derived from the
+guided log-likelihoods (``perplexity``, ``word_perplexity``, ``byte_perplexity``,
+``bits_per_byte``) to ``cfg_<metric>``. Through bare ``lm_eval`` no such renaming happens: use
+``maskscale eval harness``, or cfg=0, when a task reports perplexity.
+
+``lm-eval`` >= 0.4.12 is required (pyproject pins it; ``MaskscaleLM`` checks it): older
+evaluators reach for ``lm.accelerator`` under data parallelism. The harness's ``--batch_size``
+(an int, or the command line's string: ``"8"``, ``"auto"``, ``"auto:4"``) sets rows per
+forward as a token budget of batch_size x seq_len; ``auto`` leaves the token budget to
+``token_budget`` (or the Scorer's default); ``max_batch_size`` is not used.
 
 It is registered as ``maskscale`` (family from the run), ``maskscale-arm`` and ``maskscale-mdm``
 (the same, but refusing a run of the other family), so ``lm_eval.simple_evaluate(model=
@@ -30,163 +44,36 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from eval.measure.likelihood import MC_WEIGHTINGS, LikelihoodConfig, LikelihoodError, Scorer
 from eval.measure.loading import EvalError, load_model
 from eval.measure.ppl import init_distributed
-from eval.zeroshot.tasks import encode_pair
+from eval.zeroshot.text import ModelArgs, TextScorer, parse_model_args
 
 PAPER_TASKS = "eval/paper-tasks.yaml"
 """The reference's protocol, inside the config folder (pipeline/configdir.py)."""
-ESTIMATORS = ("mc", "chain_rule")
+MIN_HARNESS = (0, 4, 12)
+"""Oldest lm-eval whose evaluator uses only what ``MaskscaleLM`` has (``device``, ``rank``,
+``world_size``, ``all_gather``, ``gather_object``, ``barrier``); 0.4.11 and older call
+``lm.accelerator``."""
+PERPLEXITIES = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+"""Harness metrics computed from log-likelihoods as if they were the model's."""
 
 
-# ----------------------------------------------------------------------------- model args
-
-
-@dataclass
-class ModelArgs:
-    """What ``--model-args`` (or ``lm_eval --model_args``) may set on a maskscale model."""
-
-    path: str | None = None
-    """Run directory (uses RUN/export/) or export directory."""
-    checkpoint: int | None = None
-    """Export this checkpoint step first (run directories only)."""
-    estimator: str = "mc"
-    """MDM likelihood estimator: ``mc`` (Monte Carlo ELBO) or ``chain_rule``. ARMs are exact."""
-    mc_weighting: str = "fixed_count"
-    """Form of ``mc``: ``fixed_count`` (LLaDA's, never an empty mask) or ``inverse_t`` (the
-    1/t form of training); ``eval.measure.likelihood.LikelihoodConfig.mc_weighting``."""
-    mc_samples: int = 128
-    """Monte Carlo samples per continuation (the reference used 1024)."""
-    cfg: float = 0.0
-    """Unsupervised classifier-free guidance scale w (MDM only; 0 = off)."""
-    greedy: bool = True
-    """MDM ``is_greedy`` by greedy unmasking (LAMBADA-style accuracy; up to l extra forwards
-    per request). False reads it off the estimator's rows for free: enough for
-    multiple-choice tasks, whose metrics never use it."""
-    token_budget: int | None = None
-    """Tokens per forward batch; None = the Scorer's default (or batch_size * seq_len)."""
-    batch_size: int | None = None
-    """Rows per forward batch (the harness's --batch_size), turned into a token budget."""
-    device: str = "auto"
-    """``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:1`` ..."""
-    dtype: str = "auto"
-    """``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
-    seed: int = 0
-    """Seed of the MC draws and of sampling (the same seed and requests give the same numbers)."""
-    steps: int | None = None
-    """MDM reverse-process steps for ``generate_until``; None = the answer length."""
-    strategy: str = "low-confidence"
-    """MDM unmasking for ``generate_until``: ``low-confidence`` or ``random``."""
-    max_gen_toks: int = 256
-    """Answer length when a task does not set ``max_gen_toks`` (capped at half of seq_len)."""
-
-    def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise EvalError(f"model arg estimator={self.estimator!r}: use one of {ESTIMATORS}")
-        if self.mc_weighting not in MC_WEIGHTINGS:
-            raise EvalError(
-                f"model arg mc_weighting={self.mc_weighting!r}: use one of {MC_WEIGHTINGS}"
-            )
-        if not isinstance(self.greedy, bool):
-            raise EvalError(f"model arg greedy={self.greedy!r}: must be true or false")
-        if not (isinstance(self.mc_samples, int) and self.mc_samples >= 1):
-            raise EvalError(f"model arg mc_samples={self.mc_samples!r}: must be an integer >= 1")
-        if not (isinstance(self.cfg, int | float) and math.isfinite(self.cfg) and self.cfg >= 0):
-            raise EvalError(f"model arg cfg={self.cfg!r}: must be a number >= 0")
-        if self.strategy not in ("low-confidence", "random"):
-            raise EvalError(f"model arg strategy={self.strategy!r}: low-confidence or random")
-        for key in ("token_budget", "batch_size", "checkpoint", "steps", "max_gen_toks"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise EvalError(f"model arg {key}={value!r}: must be a positive integer")
-
-
-def parse_model_args(text: str | dict | None) -> dict:
-    """``k=v,k=v`` (or a dict) -> typed keyword args, refusing keys ModelArgs does not have."""
-    from lm_eval.utils import simple_parse_args_string
-
-    args = dict(text) if isinstance(text, dict) else simple_parse_args_string(text or "")
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise EvalError(f"unknown model arg(s) {unknown}; known: {sorted(known)}")
-    if isinstance(args.get("batch_size"), str):  # the harness's "auto": the token budget rules
-        args.pop("batch_size")
-    if isinstance(args.get("cfg"), int):
-        args["cfg"] = float(args["cfg"])
-    return args
-
-
-# ----------------------------------------------------------------------------- text scoring
-
-
-class TextScorer:
-    """A Scorer that takes text: the run's tokenizer and the harness's pair split in front."""
-
-    def __init__(self, loaded, args: ModelArgs):
-        self.loaded = loaded
-        self.args = args
-        self.scorer = Scorer.from_loaded(loaded, likelihood_config(loaded, args))
-
-    @property
-    def family(self) -> str:
-        return self.loaded.family
-
-    def encode(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        out = []
-        for context, continuation in pairs:
-            ids = encode_pair(self.loaded.tokenizer, context, continuation, self.loaded.eos_id)
-            if not ids[1]:
-                raise EvalError(
-                    f"continuation {continuation!r} (after context ...{context[-40:]!r}) encodes "
-                    "to no tokens; a task must give every answer some text"
-                )
-            out.append(ids)
-        return out
-
-    def loglikelihood(self, pairs: list[tuple[str, str]], progress: bool = False) -> list:
-        """One ``eval.measure.likelihood.LLResult`` per (context, continuation) text pair."""
-        try:
-            return self.scorer.loglikelihood(self.encode(pairs), progress=progress)
-        except LikelihoodError as e:
-            raise EvalError(str(e)) from None
-
-    def score(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) per pair: the ``eval.zeroshot.tasks.ScoreFn`` shape."""
-        return [(r.logprob, r.is_greedy) for r in self.loglikelihood(pairs, progress=True)]
-
-    def loglikelihood_rolling(self, text: str) -> float:
-        """Log-likelihood of a whole text, conditioned on the EOS that precedes every document."""
-        ids = list(self.loaded.tokenizer.encode(text, add_special_tokens=False).ids)
-        try:
-            return self.scorer.loglikelihood_rolling(ids).logprob
-        except LikelihoodError as e:
-            raise EvalError(str(e)) from None
-
-
-def likelihood_config(loaded, args: ModelArgs) -> LikelihoodConfig:
-    """The Scorer settings of a set of model args (token budget from batch_size if not given)."""
-    budget = args.token_budget
-    if budget is None and args.batch_size is not None:
-        budget = args.batch_size * loaded.seq_len
-    kw = {
-        "estimator": args.estimator,
-        "mc_weighting": args.mc_weighting,
-        "mc_samples": args.mc_samples,
-        "cfg_scale": args.cfg if loaded.family == "mdm" else 0.0,
-        "greedy": args.greedy,
-        "seed": args.seed,
-    }
-    if budget is not None:
-        kw["token_budget"] = budget
-    return LikelihoodConfig(**kw)
+def check_harness_version(text: str) -> None:
+    """Refuse an lm-eval older than MIN_HARNESS, saying how to upgrade."""
+    got = tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    if got < MIN_HARNESS:
+        need = ".".join(map(str, MIN_HARNESS))
+        raise EvalError(
+            f"lm-eval {text} is older than {need}: its evaluator calls lm.accelerator, which "
+            f"maskscale models do not have; pip install 'lm-eval>={need},<0.5'"
+        )
 
 
 # ----------------------------------------------------------------------------- harness model
@@ -201,6 +88,7 @@ class MaskscaleLM(LM):
 
     def __init__(self, loaded=None, max_batch_size=None, **kwargs):
         super().__init__()
+        check_harness_version(installed_version("lm_eval"))
         self.args = ModelArgs(**parse_model_args(kwargs))
         self.args.validate()
         if loaded is None:
@@ -404,17 +292,38 @@ def run_groups(loaded, groups: list[tuple[list[str], dict]], manager, **kw) -> d
         res = evaluate(lm, tasks, manager, **kw)
         if res is None:  # not rank 0 of a data-parallel run: rank 0 holds the results
             continue
+        guided = label_guided(res) if lm.text.guided else []
         for key, value in res.items():
             if isinstance(value, dict) and key != "config":
                 merged.setdefault(key, {}).update(value)
             else:
                 merged.setdefault(key, value)
         merged.setdefault("maskscale", {"groups": []})["groups"].append(
-            {"tasks": tasks, "model_args": dataclasses.asdict(lm.args)}
+            {"tasks": tasks, "model_args": dataclasses.asdict(lm.args), "cfg_metrics": guided}
         )
     if merged:
         merged["maskscale"].update(model_info(loaded))
     return merged
+
+
+def label_guided(results: dict) -> list[str]:
+    """Rename the perplexity-type metrics of guided results to ``cfg_<metric>`` (in place), in
+    ``results``, ``groups`` and ``higher_is_better``; the renamed ``task/metric`` names."""
+    renamed = []
+    for section in ("results", "groups", "higher_is_better"):
+        for task, metrics in (results.get(section) or {}).items():
+            new = {}
+            for key, value in metrics.items():
+                metric, comma, filt = key.partition(",")
+                base = metric.removesuffix("_stderr")
+                if base in PERPLEXITIES:
+                    new["cfg_" + metric + comma + filt] = value
+                    if section == "results" and metric == base:
+                        renamed.append(f"{task}/{metric}")
+                else:
+                    new[key] = value
+            results[section][task] = new
+    return renamed
 
 
 def describe(loaded, args: ModelArgs) -> str:

@@ -7,8 +7,22 @@ same question would score differently through the harness and through the direct
 split is the harness's standard one: whitespace at the end of the context moves to the
 continuation, the whole string is encoded once, and the continuation is the tail of the whole
 encoding after the context's own encoding (so a BPE merge across the boundary never produces
-tokens that the model would not see on the full text). An empty context is replaced by the EOS
-token, which every packed row of the corpus uses as the document separator.
+tokens that the model would not see on the full text).
+
+Two rules of our own on top of it:
+
+* **EOS before every context.** Every training document follows an EOS (the corpus joins
+  documents with it), so a text scored without one is off the training distribution. Both
+  encodings start with the EOS id, once: a text whose own tokens already start with it (a
+  literal special token at its start) gets no second one. An empty context is therefore the
+  EOS alone, as the harness's ``prefix_token_id`` makes it.
+* **A continuation always has a token.** The split point is where the whole encoding and the
+  context's encoding stop agreeing (a BPE token that spans the join, ``"Ans" + "wer"``, moves
+  the context's last token into the continuation), and at least one token before the end: a
+  continuation that tokenises to nothing (``""``, or text that merges into the context's last
+  token) scores the context's last token given the tokens before it instead of stopping the
+  run. lm-evaluation-harness 0.4.12-0.4.13's HFLM stops with ``assert len(continuation_enc) >
+  0`` there; only a pair whose context *and* continuation are both empty is refused.
 
 A local multiple-choice file is JSON lines ``{"context": str, "choices": [str, ...], "label":
 int}``. Each choice is scored as ``context`` + ``delimiter`` + ``choice`` (the harness's
@@ -39,21 +53,33 @@ class TaskError(ValueError):
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix_id: int) -> tuple[list, list]:
-    """(context ids, continuation ids) the way the lm-evaluation-harness splits a pair.
+def encode_pair(tokenizer, context: str, continuation: str, eos_id: int) -> tuple[list, list]:
+    """(context ids, continuation ids) the harness's way, with the module docstring's two rules.
 
-    ``tokenizer`` is a ``tokenizers.Tokenizer``; special tokens are never added (the packed
-    corpus has none but EOS). An empty context becomes ``[prefix_id]`` (the EOS id).
+    ``tokenizer`` is a ``tokenizers.Tokenizer``; special tokens are never added by it (the
+    packed corpus has none but EOS, added here). Raises ``TaskError`` when both are empty.
     """
-    if context == "":
-        return [prefix_id], _ids(tokenizer, continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _ids(tokenizer, context + continuation)
-    context_ids = _ids(tokenizer, context)
-    return context_ids, whole[len(context_ids) :]
+    whole = document_ids(tokenizer, context + continuation, eos_id)
+    context_ids = document_ids(tokenizer, context, eos_id)
+    if len(whole) < 2:
+        raise TaskError(
+            f"context {context!r} and continuation {continuation!r} hold no token to score; "
+            "give the request some text"
+        )
+    split = 0
+    while split < min(len(whole) - 1, len(context_ids)) and whole[split] == context_ids[split]:
+        split += 1
+    return whole[:split], whole[split:]
+
+
+def document_ids(tokenizer, text: str, eos_id: int) -> list[int]:
+    """``text``'s ids after the EOS that starts every document (not doubled if it has one)."""
+    ids = _ids(tokenizer, text)
+    return ids if ids[:1] == [eos_id] else [eos_id, *ids]
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -25,6 +25,21 @@ V, T = 32, 16
 """Vocabulary and row length of the tiny runs."""
 
 
+def cloze_words(vocab_size: int = V) -> list[str]:
+    """Words for ids 2..vocab_size-1 with every kind a cloze target can be: letter-only words
+    (``w`` + the id's digits as letters: 12 -> ``wbc``), years (every 5th id: ``1885``...) and
+    letters with digits (every 7th id otherwise: ``n7``)."""
+    out = []
+    for i in range(2, vocab_size):
+        if i % 5 == 0:
+            out.append(str(1880 + i))
+        elif i % 7 == 0:
+            out.append(f"n{i}")
+        else:
+            out.append("w" + "".join(chr(ord("a") + int(d)) for d in str(i)))
+    return out
+
+
 def ramp_batch(g: torch.Generator, b: int = 32) -> torch.Tensor:
     """Rows like make_corpus(kind="ramp"): x_i = (start + stride * i) mod V, stride 1..3."""
     start = torch.randint(0, V, (b, 1), generator=g)
@@ -52,8 +67,11 @@ def tiny_model(objective: str, train_steps: int) -> tuple[Transformer, ModelConf
     return model.eval(), cfg
 
 
-def make_run(root: Path, objective: str, train_steps: int, corpus: Path, uri: str) -> Path:
-    """RUN_DIR with export/ (export_checkpoint's format), config.yaml and an MLflow run."""
+def make_run(
+    root: Path, objective: str, train_steps: int, corpus: Path, uri: str, words=None
+) -> Path:
+    """RUN_DIR with export/ (export_checkpoint's format), config.yaml and an MLflow run;
+    ``words``: the tokenizer's words for ids 2.. (default ``w2 w3 ...``)."""
     from trainer.tracking import Tracker, TrackingConfig
 
     model, cfg = tiny_model(objective, train_steps)
@@ -75,7 +93,7 @@ def make_run(root: Path, objective: str, train_steps: int, corpus: Path, uri: st
         "checkpoint": str(root / "checkpoints" / f"step_{train_steps:08d}"),
     }
     (export / "config.json").write_text(json.dumps(info, indent=2))
-    write_tokenizer(export / "tokenizer.json", V)
+    write_tokenizer(export / "tokenizer.json", V, words)
     tracking = {"uri": uri, "experiment": "eval-tests"}
     conf = {
         "corpus": str(corpus),

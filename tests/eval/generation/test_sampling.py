@@ -295,6 +295,6 @@ def test_harness_generate_until_uses_the_samplers(runs):
     mdm = MaskscaleLM(loaded=loaded, steps=2, strategy="random", cfg=0.5, seed=7)
     out = mdm.generate_until(instances)
     cfg = SamplingConfig(length=6, steps=2, strategy="random", cfg_scale=0.5, seed=7)
-    direct = Sampler.from_loaded(loaded, cfg).generate([[3, 5, 7]])[0]
+    direct = Sampler.from_loaded(loaded, cfg).generate([[0, 3, 5, 7]])[0]  # EOS first
     assert out[0] == loaded.tokenizer.decode(direct.tokens).split(" w13")[0]
     assert len(out[1].split()) <= 3 and mdm.generate_until(instances) == out

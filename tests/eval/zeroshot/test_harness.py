@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from eval.measure.likelihood import Scorer
+from eval.measure.likelihood import LikelihoodConfig, Scorer
 from eval.measure.loading import EvalError, load_model
 from eval.zeroshot.harness import (
     MaskscaleLM,
-    ModelArgs,
     PaperTasks,
-    TextScorer,
+    check_harness_version,
+    flat_metrics,
     group_tasks,
-    likelihood_config,
     load_paper_tasks,
 )
-from tests.eval.runs import T, V, make_run
+from eval.zeroshot.text import ModelArgs, TextScorer, likelihood_config
+from tests.eval.runs import T, V, cloze_words, make_run
 from tests.trainer.conftest import make_corpus
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -47,11 +47,16 @@ def world(tmp_path_factory):
     splits = {"train": 8, "validation": 24, "holdout_2001": 24, "holdout_1999": 16}
     corpus = make_corpus(base / "corpus", vocab_size=V, seq_len=T, splits=splits, kind="ramp")
     uri = f"sqlite:///{base / 'mlflow.db'}"
+    # the same ramps spelled in letter words, years and letters+digits: the cloze task's world
+    words = cloze_words(V)
+    letters = make_corpus(base / "letters", vocab_size=V, seq_len=T, splits=splits, kind="ramp",
+                          words=words)  # fmt: skip
     return {
         "corpus": corpus,
         "uri": uri,
         "arm": make_run(base / "arm", "arm", 100, corpus, uri),
         "mdm": make_run(base / "mdm", "mdm", 0, corpus, uri),
+        "arm_letters": make_run(base / "arm_letters", "arm", 100, letters, uri, words),
     }
 
 
@@ -222,29 +227,45 @@ def test_paper_tasks_file_and_grouping_by_model_args():
 
 
 def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys):
-    arm, uri = world["arm"], world["uri"]
+    arm, uri = world["arm_letters"], world["uri"]
     # perplexities of `maskscale eval ppl` in the same folder go next to accuracy in the plot
     ppl = {"validation": 1.5, "holdout_1999": 1.6, "holdout_2001": 1.7}
     (arm / "eval").mkdir(exist_ok=True)
     (arm / "eval" / "ppl.json").write_text(
         json.dumps({"splits": {s: {"ppl": v} for s, v in ppl.items()}})
     )
-    assert cli("cloze", arm, "--n", 8, "--words", 5, "--min-target-chars", 2) == 0
+    argv = ["--n", 8, "--words", 5, "--min-target-chars", 2, "--numbers", "--bootstrap", 200]
+    assert cli("cloze", arm, *argv) == 0
     report = json.loads((arm / "eval" / "cloze-results.json").read_text())
-    splits = report["splits"]
-    assert report["ppl"] == ppl
-    assert list(splits) == ["validation", "holdout_1999", "holdout_2001"]
-    for r in splits.values():
+    splits, numbers = report["splits"], report["numbers"]
+    assert report["ppl"] == ppl and report["bootstrap"] == 200 and report["guided"] is False
+    assert list(splits) == list(numbers) == ["validation", "holdout_1999", "holdout_2001"]
+    for split, r in splits.items():
         assert r["n"] == 8 and r["acc"] >= 0.75  # the model learned the ramps
+        assert r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1]
+        assert r["reference"] == "validation"
+        assert (r["acc_delta"] is None) == (split == "validation")
+        # counts: word passages and, apart, number passages of the same rows
+        build = report["build"]["splits"][split]
+        assert build["passages"] == 8 and numbers[split]["n"] == build["number_passages"] > 0
+    docs = [json.loads(x) for x in (arm / "eval" / "cloze" / "temporal_cloze_validation.jsonl")
+            .read_text().splitlines()]  # fmt: skip
+    assert all(d["target"].isalpha() for d in docs)
     assert (arm / "eval" / "cloze.png").read_bytes()[:4] == b"\x89PNG"
-    assert mlflow_metrics(arm, uri)["eval/cloze/holdout_1999/acc"] == splits["holdout_1999"]["acc"]
+    metrics = mlflow_metrics(arm, uri)
+    assert metrics["eval/cloze/holdout_1999/acc"] == splits["holdout_1999"]["acc"]
+    assert (
+        metrics["eval/cloze/holdout_1999/acc_delta_lo"] == splits["holdout_1999"]["acc_delta_ci"][0]
+    )
+    assert "eval/cloze_numbers/validation/acc" in metrics
     out = capsys.readouterr().out
-    assert "holdout_2001" in out and "--include-path" in out
+    assert "holdout_2001" in out and "--include-path" in out and "number targets" in out
 
     # the same task files through the real harness: the same accuracies
     task_dir = arm / "eval" / "cloze"
     assert cli("harness", arm, "--include-path", task_dir, "--tasks", "temporal_cloze") == 0
     harness = json.loads((arm / "eval" / "harness-temporal_cloze.json").read_text())["results"]
+    assert set(harness) == {f"temporal_cloze_{s}" for s in splits}  # the numbers are apart
     for split, r in splits.items():
         assert harness[f"temporal_cloze_{split}"]["acc,none"] == pytest.approx(r["acc"])
 
@@ -275,3 +296,121 @@ def test_harness_under_torchrun_matches_one_process(world, tmp_path):
         for key, value in metrics.items():
             if isinstance(value, float) and "_stderr" not in key:  # bootstrap stderrs resample
                 assert two[task][key] == pytest.approx(value, rel=1e-6), (task, key)
+
+
+# ----------------------------------------------------------------------------- like the harness
+
+
+def test_lm_eval_pin_is_the_first_release_without_lm_accelerator(world):
+    """0.4.11 and older call lm.accelerator under data parallelism: pinned out and refused."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in deps if Requirement(d).name == "lm-eval"]
+    assert "0.4.11" not in spec and "0.4.12" in spec and "0.5.0" not in spec
+    assert version("lm_eval") in spec
+    check_harness_version(version("lm_eval"))
+    with pytest.raises(EvalError, match=r"lm-eval 0.4.8 is older than 0.4.12.*pip install"):
+        check_harness_version("0.4.8")
+    lm = MaskscaleLM(loaded=load_model(world["arm"], device="cpu"))
+    assert lm.device == lm.loaded.device and (lm.rank, lm.world_size) == (0, 1)
+
+
+def test_batch_size_string_of_the_lm_eval_command_line_is_honoured(world):
+    loaded = load_model(world["arm"], device="cpu")
+    path = f"path={world['arm']},device=cpu"
+    extra = {"max_batch_size": None, "device": None}
+    lm = MaskscaleLM.create_from_arg_string(path, {"batch_size": "8", **extra})
+    assert lm.args.batch_size == 8 and lm.text.scorer.cfg.token_budget == 8 * loaded.seq_len
+    for auto in ("auto", "auto:4"):  # the token budget rules
+        lm = MaskscaleLM.create_from_arg_string(path, {"batch_size": auto, **extra})
+        assert lm.args.batch_size is None
+        assert (
+            lm.text.scorer.cfg.token_budget == likelihood_config(loaded, ModelArgs()).token_budget
+        )
+    with pytest.raises(EvalError, match="batch_size='eight'"):
+        MaskscaleLM.create_from_arg_string(path, {"batch_size": "eight", **extra})
+
+
+def test_generate_until_with_block_length_and_an_eos_before_the_prompt(world):
+    from lm_eval.api.instance import Instance
+
+    from eval.generation.sampling import Sampler, SamplingConfig
+
+    loaded = load_model(world["mdm"], device="cpu")
+    reqs = [("w3 w5 w7", {"max_gen_toks": 6}), ("w4", {"max_gen_toks": 5})]
+    instances = [Instance("generate_until", {}, r, i) for i, r in enumerate(reqs)]
+    lm = MaskscaleLM(loaded=loaded, block_length=2, strategy="random", seed=3)
+    out = lm.generate_until(instances)
+    # the same as the sampler in blocks of 2, on the prompt after the EOS (id 0); without
+    # steps, L rounded up to a multiple of the block count (5 slots: 3 blocks, 6 steps)
+    for (prompt, length, steps), got in zip(([[0, 3, 5, 7], 6, 6], [[0, 4], 5, 6]), out):
+        cfg = SamplingConfig(length=length, steps=steps, strategy="random", seed=3, block_length=2)
+        direct = Sampler.from_loaded(loaded, cfg).generate([prompt])[0]
+        assert got == loaded.tokenizer.decode(direct.tokens)
+    plain = MaskscaleLM(loaded=loaded, strategy="random", seed=3).generate_until(instances)
+    assert plain != out
+    with pytest.raises(EvalError, match="block_length"):
+        MaskscaleLM(loaded=loaded, block_length=0)
+    with pytest.raises(EvalError, match="steps / block_length.*multiple"):
+        MaskscaleLM(loaded=loaded, block_length=2, steps=4).generate_until(instances[:1])
+
+
+def test_every_context_follows_an_eos_and_an_empty_continuation_is_scored(world):
+    from lm_eval.api.instance import Instance
+
+    for family in ("arm", "mdm"):
+        loaded = load_model(world[family], device="cpu")
+        args = ModelArgs(estimator="chain_rule")
+        scorer = Scorer.from_loaded(loaded, likelihood_config(loaded, args))
+        lm = MaskscaleLM(loaded=loaded, estimator="chain_rule")
+        pairs = [("w3 w5 w7", " w9"), ("w3 w5 w7", ""), ("<|endoftext|> w4", " w5"), ("", "w6")]
+        got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+        # an empty continuation scores the context's last token, like any other request
+        ids = [([0, 3, 5, 7], [9]), ([0, 3, 5], [7]), ([0, 4], [5]), ([0], [6])]
+        assert got == [(r.logprob, r.is_greedy) for r in scorer.loglikelihood(ids)]
+
+        # whole texts: after the document's EOS, each token scored once
+        n = loaded.seq_len
+        tokens = [(3 * i) % V for i in range(1, 2 * n + 4)]
+        text = " ".join(loaded.tokenizer.id_to_token(t) for t in tokens)
+        rolling = TextScorer(loaded, ModelArgs(mc_samples=8)).loglikelihood_rolling(text)
+        if family == "arm":
+            assert rolling == pytest.approx(scorer.loglikelihood_rolling(tokens).logprob)
+            first = scorer.loglikelihood([([0], tokens[:n])])[0].logprob
+            assert first == pytest.approx(scorer.loglikelihood_rolling(tokens[:n]).logprob)
+        else:  # the first window has the EOS as context, the others none
+            mc = Scorer.from_loaded(loaded, LikelihoodConfig(mc_samples=8, greedy=False))
+            windows = [([0], tokens[: n - 1]), ([], tokens[n - 1 : 2 * n - 1])]
+            windows.append(([], tokens[2 * n - 1 :]))
+            assert rolling == pytest.approx(sum(r.logprob for r in mc.loglikelihood(windows)))
+        assert TextScorer(loaded, args).loglikelihood_rolling("") == 0.0  # like the harness
+
+
+def test_no_perplexity_passes_for_the_model_s_under_cfg(world, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    mdm = world["mdm"]
+    loaded = load_model(mdm, device="cpu")
+    lm = MaskscaleLM(loaded=loaded, cfg=0.5)
+    with pytest.raises(EvalError, match="cfg=0.5.*perplexity"):
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("w3 w5",), 0)])
+    # the harness's perplexity of guided log-likelihoods is relabelled cfg_perplexity
+    out = tmp_path / "r.json"
+    base = ["--include-path", ASSETS, "--tasks", "ramp_next", "--limit", 2, "--no-mlflow"]
+    margs = "estimator=chain_rule,greedy=false"
+    assert cli("harness", mdm, *base, "--out", out, "--model-args", margs + ",cfg=0.5") == 0
+    res = json.loads(out.read_text())
+    assert "perplexity,none" not in res["results"]["ramp_next"]
+    assert "cfg_perplexity,none" in res["results"]["ramp_next"]
+    assert res["higher_is_better"]["ramp_next"]["cfg_perplexity"] is False
+    assert res["maskscale"]["groups"][0]["cfg_metrics"] == ["ramp_next/perplexity"]
+    assert flat_metrics(res).keys() >= {"eval/harness/ramp_next/cfg_perplexity"}
+    assert cli("harness", mdm, *base, "--out", out, "--model-args", margs) == 0
+    assert "perplexity,none" in json.loads(out.read_text())["results"]["ramp_next"]
+    # rolling tasks under CFG: refused, exit 2
+    rolling = ["--include-path", ASSETS, "--tasks", "ramp_rolling", "--limit", 1, "--no-mlflow"]
+    assert cli("harness", mdm, *rolling, "--out", out, "--model-args", "cfg=0.5") == 2
