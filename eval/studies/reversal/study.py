@@ -34,112 +34,17 @@ experiment end to end from two pretrained runs:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from eval.studies.reversal.config import FAMILIES, TRAIN_FILE, ReverseStudyConfig
+from eval.studies.reversal.finetune import file_sha256, fine_tune, resolve_uri, say
 from pipeline.configlib import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FILE = "all_prompts_train.jsonl"
-FAMILIES = ("arm", "mdm")
 STUDY_RUN = "study-reverse"
-STAMP_FILE = "study_run.json"
-
-
-@dataclass
-class ReverseStudyConfig:
-    """Settings of one reversal-curse study (the CLI's options)."""
-
-    arm: str
-    """Pretrained ARM run directory (or export) the ARM fine-tune starts from."""
-    mdm: str
-    """Pretrained MDM run directory (or export) the MDM fine-tune starts from."""
-    out: str = "studies/reverse"
-    """Study folder: data/, runs/<family>-sft, answers, table, plot, results."""
-    data: str | None = None
-    """Folder with Berglund et al.'s files; None = generate into OUT/data."""
-    seed: int = 0
-    """Generator seed (with ``data`` None)."""
-    people: int = 30
-    """Generated people per group (30 = the paper's 3600 training prompts)."""
-    train_templates: int = 30
-    """Generated training templates per direction."""
-    test_templates: int = 10
-    """Generated held-out test templates per direction."""
-    epochs: float = 10.0
-    """Fine-tuning passes over the training file (the paper: 10)."""
-    mdm_epochs: float | None = None
-    """The MDM's passes, when they differ (None = ``epochs``): a tiny MDM memorises the facts
-    far more slowly than an ARM (benchmarks/reverse_study.md); reported in the table."""
-    config: str | None = None
-    """Training recipe YAML for both fine-tunes (default: the trainer's paper recipe)."""
-    overrides: list[str] = field(default_factory=list)
-    """key=value overrides for both fine-tunes."""
-    steps: int = 32
-    """MDM reverse-process steps (low-confidence, temperature 0)."""
-    block_length: int | None = None
-    """MDM semi-autoregressive blocks (``SamplingConfig.block_length``); None =
-    the paper's plain reverse process over all L slots."""
-    length: int | None = None
-    """Answer tokens; None = longest tokenised reference + 4."""
-    batch_size: int = 32
-    """Prompts per sampling batch."""
-    tracking_uri: str | None = None
-    """MLflow URI for the fine-tunes and the study run; None = the ARM init run's, else
-    sqlite:///OUT/mlflow.db."""
-    experiment: str = "study-reverse"
-    """MLflow experiment of the fine-tunes and the study run."""
-    mlflow: bool = True
-    """False: no MLflow for the fine-tunes nor the study run."""
-    device: str = "auto"
-    dtype: str = "auto"
-    choice: bool = True
-    """Also rank every candidate answer by likelihood (:mod:`eval.studies.reversal.choice`)."""
-
-    def validate(self) -> None:
-        for key in ("arm", "mdm"):
-            if not Path(getattr(self, key)).exists():
-                raise ConfigError(f"--{key} {getattr(self, key)}: no such run directory")
-        if self.data is not None and not Path(self.data).is_dir():
-            raise ConfigError(f"--data {self.data}: no such folder")
-        if not self.epochs > 0:
-            raise ConfigError(f"--epochs: must be > 0, got {self.epochs}")
-        if self.mdm_epochs is not None and not self.mdm_epochs > 0:
-            raise ConfigError(f"--mdm-epochs: must be > 0, got {self.mdm_epochs}")
-        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
-        if self.length is not None and self.length < 1:
-            raise ConfigError(f"--length: must be >= 1, got {self.length}")
-        bad = [o for o in self.overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must be key=value, got {bad}")
-        if self.block_length is not None and self.block_length < 1:
-            raise ConfigError(f"--block-length: must be >= 1, got {self.block_length}")
-        if self.block_length and self.length and self.steps % -(-self.length // self.block_length):
-            raise ConfigError(
-                f"--steps {self.steps}: not a multiple of the blocks of {self.block_length} in "
-                f"--length {self.length}"
-            )
-
-    def epochs_of(self, family: str) -> float:
-        """Fine-tuning epochs of ``family``."""
-        return self.mdm_epochs if family == "mdm" and self.mdm_epochs else self.epochs
-
-    def epochs_text(self) -> str:
-        """ "10 epochs", or "ARM 30 / MDM 100 epochs" when they differ."""
-        arm, mdm = self.epochs_of("arm"), self.epochs_of("mdm")
-        return f"{arm:g} epochs" if arm == mdm else f"ARM {arm:g} / MDM {mdm:g} epochs"
-
-
-def say(text: str) -> None:
-    print(f"[study reverse] {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -188,118 +93,6 @@ def read_tests(folder: Path) -> dict[str, list[dict]]:
             raise ConfigError(f"{path}: no records")
         tests[stem] = records
     return tests
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-
-def resolve_uri(cfg: ReverseStudyConfig) -> str:
-    from eval.measure.outputs import mlflow_target
-
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    target = mlflow_target(Path(cfg.arm))
-    return target[0] if target else f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
-
-
-def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path) -> list[str]:
-    """The ``python -m pipeline.cli train task=sft`` command of one fine-tune."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "train"]
-    cmd += ["--config", str(cfg.config)] if cfg.config else []
-    init = Path(getattr(cfg, family)).resolve()
-    cmd += [
-        "task=sft", f"init={init}", f"objective={family}", f"sft.data={data / TRAIN_FILE}",
-        f"sft.epochs={cfg.epochs_of(family):g}", "budget.steps=null", "sft.val_fraction=0", f"run_dir={run_dir.resolve()}",
-        f"sft.target={'all' if family == 'mdm' else 'answer'}", "checkpoint.resume=auto",
-        "sft.seq_len=auto",  # rows as long as the longest fact, not the pretraining context
-        f"tracking.experiment={cfg.experiment}", f"tracking.run_name={family}-sft-reverse",
-    ]  # fmt: skip
-    cmd += [f"tracking.uri={resolve_uri(cfg)}"] if cfg.mlflow else ["tracking.enabled=false"]
-    return cmd + list(cfg.overrides)
-
-
-def study_stamp(cfg: ReverseStudyConfig, data_sha: str) -> dict:
-    """What a fine-tune was asked for: compared on every rerun into the same ``--out``."""
-    config = str(Path(cfg.config).resolve()) if cfg.config else None
-    return {"train_sha256": data_sha, "config": config, "overrides": list(cfg.overrides)}
-
-
-def saved_epochs(run_dir: Path) -> float | None:
-    """``sft.epochs`` of the run's saved config (after any extension), None before it exists."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    return float(((yaml.safe_load(path.read_text()) or {}).get("sft") or {}).get("epochs") or 0)
-
-
-def plan_fine_tune(run_dir: Path, stamp: dict, epochs: float) -> str:
-    """``"skip"`` (finished as asked), ``"extend"`` (fewer epochs so far) or ``"run"``.
-
-    A fine-tune asked for with another training file or other settings is refused (its answers
-    would not be the asked-for study); one asked for more epochs continues from its last
-    checkpoint with ``checkpoint.reschedule=true``; one with more epochs than asked is refused.
-    """
-    path, legacy = run_dir / STAMP_FILE, run_dir / "study_data.sha256"
-    if path.is_file():
-        old = json.loads(path.read_text())
-    elif legacy.is_file():  # stamps of earlier versions: the training file's hash only
-        old = {"train_sha256": legacy.read_text().strip()}
-    else:
-        return "run"
-    redo = "use another --out or delete it"
-    if old["train_sha256"] != stamp["train_sha256"]:
-        raise ConfigError(f"{run_dir} was fine-tuned on another training file; {redo}")
-    changed = [k for k in ("config", "overrides") if k in old and old[k] != stamp[k]]
-    if changed:
-        was = "; ".join(f"{k}: {old[k]} -> {stamp[k]}" for k in changed)
-        raise ConfigError(f"{run_dir} was fine-tuned with other settings ({was}); {redo}")
-    had = saved_epochs(run_dir)
-    if had is not None and had > epochs:
-        raise ConfigError(
-            f"{run_dir} is fine-tuned for {had:g} epochs, more than {epochs:g}; {redo}"
-        )
-    if had is not None and had < epochs:
-        return "extend"
-    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
-    return "skip" if done else "run"
-
-
-def fine_tune(cfg: ReverseStudyConfig, family: str, data: Path) -> Path:
-    """Fine-tune one family (skipped when finished, extended when asked for more epochs)."""
-    run_dir = Path(cfg.out) / "runs" / f"{family}-sft"
-    stamp = study_stamp(cfg, file_sha256(data / TRAIN_FILE))
-    plan = plan_fine_tune(run_dir, stamp, cfg.epochs_of(family))
-    if plan == "skip":
-        say(f"{family.upper()} fine-tune finished already: {run_dir} (skipped)")
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + "\n")
-    cmd = sft_command(cfg, family, data, run_dir)
-    if plan == "extend":
-        cmd.append("checkpoint.reschedule=true")
-        say(f"{family.upper()} fine-tune: extending to {cfg.epochs_of(family):g} epochs")
-    say(f"fine-tuning {family.upper()}: {' '.join(cmd[1:])}")
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise ConfigError(
-            f"{family.upper()} fine-tune failed (exit {result.returncode}); see its output above; "
-            f"rerunning the study resumes it from {run_dir}"
-        )
-    if not (run_dir / "summary.json").is_file():
-        raise ConfigError(f"{family.upper()} fine-tune ended without {run_dir}/summary.json")
-    say(f"{family.upper()} fine-tune done in {time.perf_counter() - start:.0f} s")
-    return run_dir
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -192,7 +192,8 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_mdm_epochs_reach_the_mdm_fine_tune_only_and_the_report(tmp_path):
-    from eval.studies.reversal.study import ReverseStudyConfig, sft_command
+    from eval.studies.reversal.config import ReverseStudyConfig
+    from eval.studies.reversal.finetune import sft_command
 
     (tmp_path / "a").mkdir(), (tmp_path / "m").mkdir()
     runs = {"arm": str(tmp_path / "a"), "mdm": str(tmp_path / "m")}
@@ -217,7 +218,7 @@ def _finished_run(run_dir: Path, stamp: dict, epochs: float) -> None:
 
 
 def test_rerun_plan_skips_extends_or_refuses(tmp_path):
-    from eval.studies.reversal.study import plan_fine_tune
+    from eval.studies.reversal.finetune import plan_fine_tune
 
     stamp = {"train_sha256": "abc", "config": None, "overrides": ["optim.lr=1e-3"]}
     run = tmp_path / "mdm-sft"
@@ -250,7 +251,7 @@ def test_rerun_plan_skips_extends_or_refuses(tmp_path):
     ],
 )
 def test_study_settings_are_checked_before_any_work(tmp_path, kw, message):
-    from eval.studies.reversal.study import ReverseStudyConfig
+    from eval.studies.reversal.config import ReverseStudyConfig
 
     cfg = ReverseStudyConfig(arm=str(tmp_path), mdm=str(tmp_path), **kw)
     with pytest.raises(ConfigError, match=message):
@@ -258,3 +259,9 @@ def test_study_settings_are_checked_before_any_work(tmp_path, kw, message):
     ReverseStudyConfig(
         arm=str(tmp_path), mdm=str(tmp_path), block_length=6, length=36, steps=36
     ).validate()
+
+
+def test_fine_tunes_get_the_repository_root_on_their_path():
+    from eval.studies.reversal.finetune import ROOT as FT_ROOT
+
+    assert FT_ROOT == ROOT and (FT_ROOT / "pipeline" / "cli.py").is_file()
