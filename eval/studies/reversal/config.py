@@ -6,6 +6,7 @@ them; neither has to import the other to know what was asked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from pipeline.configlib import ConfigError
 
 TRAIN_FILE = "all_prompts_train.jsonl"
 FAMILIES = ("arm", "mdm")
+SFT_GLOBAL_BATCH = 64
+"""The fine-tunes' global batch unless an override says otherwise: SMDM's reversal fine-tune
+(``sft/finetune_mdm_reverse.py``, ``--bs 64``); a ``--config`` file's batch is not used."""
 
 
 @dataclass
@@ -43,7 +47,7 @@ class ReverseStudyConfig:
     config: str | None = None
     """Training recipe YAML for both fine-tunes (default: the trainer's paper recipe)."""
     overrides: list[str] = field(default_factory=list)
-    """key=value overrides for both fine-tunes."""
+    """key=value overrides for both fine-tunes (after the study's own, so they win)."""
     steps: int = 32
     """MDM reverse-process steps (low-confidence, temperature 0)."""
     block_length: int | None = None
@@ -64,6 +68,10 @@ class ReverseStudyConfig:
     dtype: str = "auto"
     choice: bool = True
     """Also rank every candidate answer by likelihood (:mod:`eval.studies.reversal.choice`)."""
+    cfg_scale: float = 0.0
+    """``--cfg``: unsupervised classifier-free guidance scale w of the MDM's sampling and
+    likelihoods (SMDM's ``evaluate_reverse.py`` samples with 0.8). w > 0 reports the MDM twice,
+    unguided and guided, side by side; 0 = the paper-notes protocol, unguided only."""
 
     def validate(self) -> None:
         for key in ("arm", "mdm"):
@@ -85,6 +93,9 @@ class ReverseStudyConfig:
             raise ConfigError(f"overrides must be key=value, got {bad}")
         if self.block_length is not None and self.block_length < 1:
             raise ConfigError(f"--block-length: must be >= 1, got {self.block_length}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ConfigError(f"--cfg: must be a finite number >= 0, got {self.cfg_scale}")
+        self.global_batch()  # a malformed batch.global_batch override fails here, named
         if self.block_length and self.length and self.steps % -(-self.length // self.block_length):
             raise ConfigError(
                 f"--steps {self.steps}: not a multiple of the blocks of {self.block_length} in "
@@ -99,3 +110,34 @@ class ReverseStudyConfig:
         """ "10 epochs", or "ARM 30 / MDM 100 epochs" when they differ."""
         arm, mdm = self.epochs_of("arm"), self.epochs_of("mdm")
         return f"{arm:g} epochs" if arm == mdm else f"ARM {arm:g} / MDM {mdm:g} epochs"
+
+    def cfg_scales(self, family: str) -> list[float]:
+        """Guidance scales ``family`` is sampled and scored at: 0, and ``--cfg`` for the MDM."""
+        return [0.0, self.cfg_scale] if family == "mdm" and self.cfg_scale else [0.0]
+
+    def global_batch(self) -> int:
+        """The fine-tunes' global batch: the last ``batch.global_batch=N`` override, else
+        ``SFT_GLOBAL_BATCH`` (SMDM's 64)."""
+        asked = [
+            o.partition("=")[2] for o in self.overrides if override_key(o) == "batch.global_batch"
+        ]
+        if not asked:
+            return SFT_GLOBAL_BATCH
+        try:
+            value = int(asked[-1])
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"batch.global_batch: must be an integer >= 1, got {asked[-1]!r}")
+        return value
+
+
+def override_key(override: str) -> str:
+    """``a.b`` of a ``a.b=value`` override."""
+    return override.partition("=")[0].strip()
+
+
+def variant(family: str, cfg_scale: float) -> str:
+    """The report's name of a family sampled and scored at guidance ``cfg_scale``: ``mdm``,
+    ``mdm-cfg0.8`` (its column in the tables, its bar in the plot, its MLflow metric prefix)."""
+    return family if cfg_scale == 0 else f"{family}-cfg{cfg_scale:g}"

@@ -14,15 +14,22 @@ experiment end to end from two pretrained runs:
    ``python -m pipeline.cli train task=sft`` in a subprocess, so each is an ordinary run
    directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
    trains with the unconditional loss on prompt + completion (``sft.target=all``), as the
-   paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
-   same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
-   and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
+   paper; the ARM on completions; both at a global batch of 64 rows (SMDM's; an override
+   ``batch.global_batch=N`` wins, the ``--config`` file's batch does not). A finished
+   fine-tune (its ``summary.json`` and export exist, same training file, settings and batch)
+   is skipped, an unfinished one resumes from its checkpoint, and one asked for more
+   ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
 3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0 (``--block-length``:
    semi-autoregressive blocks, each filled before the next); ARM greedy with a KV cache;
    answers of ``--length`` tokens (default: the longest reference + 4);
 4. rank every candidate answer of each test prompt by likelihood (multiple choice:
-   does the model prefer the true name/description, against chance? ``--no-choice`` skips it);
-5. score each question type and direction (contained answers, BLEU) and write
+   does the model prefer the true name/description, against chance? Every candidate of a
+   test file is scored as candidate + EOS padding to one width, its longest candidate + 1; a
+   tie for first is no hit; ``--no-choice`` skips it);
+5. with ``--cfg W`` (unsupervised classifier-free guidance; SMDM's evaluation samples with
+   0.8), steps 3 and 4 run for the MDM twice, at w = 0 and at W, reported side by side
+   (columns ``MDM`` and ``MDM-CFG<W>``); the default 0 runs it once, unguided;
+6. score each question type and direction (contained answers, BLEU) and write
    ``OUT/answers.jsonl``, ``OUT/choices.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and
    ``OUT/reverse.png``; log the metrics and files to an MLflow run ``study-reverse`` (in the
    fine-tunes' tracking store and experiment).
@@ -40,7 +47,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from eval.studies.reversal.config import FAMILIES, TRAIN_FILE, ReverseStudyConfig
+from eval.studies.reversal.config import FAMILIES, TRAIN_FILE, ReverseStudyConfig, variant
 from eval.studies.reversal.finetune import file_sha256, fine_tune, resolve_uri, say
 from pipeline.configlib import ConfigError
 
@@ -118,16 +125,22 @@ def answer_length(tokenizer, tests: dict[str, list[dict]]) -> int:
 
 
 def sample_family(
-    cfg: ReverseStudyConfig, family: str, loaded, tests: dict[str, list[dict]]
+    cfg: ReverseStudyConfig,
+    family: str,
+    loaded,
+    tests: dict[str, list[dict]],
+    cfg_scale: float = 0.0,
 ) -> tuple[dict[str, list[dict]], dict]:
-    """Answers to every test prompt from one loaded fine-tune, and the sampling settings."""
+    """Answers to every test prompt from one loaded fine-tune (guided by ``cfg_scale``: MDM
+    only), each record's ``family`` its report name (``config.variant``), and the settings."""
     from eval.generation.sampling import Sampler, SamplingConfig
 
-    tok = loaded.tokenizer
+    tok, name = loaded.tokenizer, variant(family, cfg_scale)
     length = cfg.length or answer_length(tok, tests)
     scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
                           temperature=0.0, batch_size=cfg.batch_size, cache=True,
-                          block_length=cfg.block_length if family == "mdm" else None)  # fmt: skip
+                          block_length=cfg.block_length if family == "mdm" else None,
+                          cfg_scale=cfg_scale)  # fmt: skip
     sampler = Sampler.from_loaded(loaded, scfg)
     template = prompt_template(cfg.overrides)
     settings = {"length": length, "temperature": 0.0, "prompt_template": template}
@@ -136,6 +149,7 @@ def sample_family(
             "steps": cfg.steps,
             "strategy": "low-confidence",
             "block_length": cfg.block_length,
+            "cfg_scale": cfg_scale,
         }
     settings |= {"kv_cache": True} if family == "arm" else {}
     out = {}
@@ -147,19 +161,21 @@ def sample_family(
         ]
         samples = sampler.generate(prompts, progress=True)
         out[stem] = [
-            {**r, "family": family, "file": stem, "answer": tok.decode(s.tokens)}
+            {**r, "family": name, "file": stem, "answer": tok.decode(s.tokens)}
             for r, s in zip(rows, samples, strict=True)
         ]
     settings["seconds"] = round(time.perf_counter() - start, 2)
-    say(f"{family.upper()} sampled {sum(map(len, tests.values()))} prompts in "
-        f"{settings['seconds']:.1f} s ({_describe(family, settings)})")  # fmt: skip
+    say(f"{name.upper()} sampled {sum(map(len, tests.values()))} prompts in "
+        f"{settings['seconds']:.1f} s ({_describe(settings)})")  # fmt: skip
     return out, settings
 
 
-def _describe(family: str, s: dict) -> str:
-    if family == "mdm":
+def _describe(s: dict) -> str:
+    """One line of sampling settings (an MDM's have ``steps``)."""
+    if "steps" in s:
         blocks = f" in blocks of {s['block_length']}" if s.get("block_length") else ""
-        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0"
+        cfg = f", CFG w={s['cfg_scale']:g}" if s.get("cfg_scale") else ""
+        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0{cfg}"
     return f"L={s['length']}, greedy, KV cache"
 
 
@@ -186,16 +202,16 @@ def write_report(
         score_file,
     )
 
-    out = Path(cfg.out)
+    out, names = Path(cfg.out), list(settings)  # arm, mdm[, mdm-cfgW]
     cells = [
         score_file(fam, stem, [a for a in answers if a["family"] == fam and a["file"] == stem])
-        for fam in FAMILIES
+        for fam in names
         for stem in TEST_FILES
     ]
     choices = (
         [
             score_choices(fam, stem, [r for r in ranked if (r["family"], r["file"]) == (fam, stem)])
-            for fam in FAMILIES
+            for fam in names
             for stem in TEST_FILES
         ]
         if ranked
@@ -208,26 +224,42 @@ def write_report(
         "config": asdict(cfg), "runs": {k: str(v) for k, v in runs.items()},
         "sampling": settings, "cells": [asdict(c) | {"label": c.label} for c in cells],
         "choices": [asdict(c) for c in choices], "metrics": metrics_of(cells) | choice_metrics(choices),
+        "choice_widths": {r["file"]: r["width"] for r in ranked},
     }  # fmt: skip
     files.append(write_json_atomic(out / "results.json", results))
     head = (
         f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
         + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
         + f", {cfg.epochs_text()}.\nSampling: "
-        + "; ".join(f"{k.upper()} {_describe(k, s)}" for k, s in settings.items())
-        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n\n"
+        + "; ".join(f"{k.upper()} {_describe(s)}" for k, s in settings.items())
+        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n"
+        + _guidance_note(cfg)
+        + "\n"
     )
     table = head + markdown_table(cells)
     if choices:
         table += (
-            "\nMultiple choice: the true answer has the highest likelihood among every candidate "
-            "of its test file (ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
+            "\nMultiple choice: the true answer alone has the highest likelihood among every "
+            "candidate of its test file (a tie for first is no hit), each candidate scored as "
+            "candidate + EOS padding to one width per file, the longest candidate + 1 tokens "
+            "(ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
             + choice_table(choices)
         )
     files.append(write_text_atomic(out / "table.md", table))
     title = f"Reversal curse ({cfg.epochs_text()})"
     files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
     return cells, files
+
+
+def _guidance_note(cfg: ReverseStudyConfig) -> str:
+    """What the guided MDM column is, when there is one."""
+    if not cfg.cfg_scale:
+        return ""
+    name = variant("mdm", cfg.cfg_scale).upper()
+    return (
+        f"{name}: the same MDM fine-tune sampled and scored with unsupervised classifier-free "
+        f"guidance w = {cfg.cfg_scale:g} (`--cfg`), beside MDM without (w = 0).\n"
+    )
 
 
 def _jsonl(records: list[dict]) -> str:
@@ -247,7 +279,9 @@ def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Pa
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
         tags = {"study": "reverse", "arm_init": str(cfg.arm), "mdm_init": str(cfg.mdm)}
         rid = client.create_run(exp_id, run_name=STUDY_RUN, tags=tags).info.run_id
-        for key in ("epochs", "mdm_epochs", "steps", "block_length", "seed", "data", "people"):
+        for key in (
+            "epochs", "mdm_epochs", "steps", "block_length", "cfg_scale", "seed", "data", "people"
+        ):  # fmt: skip
             client.log_param(rid, key, str(getattr(cfg, key)))
         for key, value in metrics.items():
             client.log_metric(rid, key.replace("→", "-"), float(value))
@@ -275,12 +309,16 @@ def run_study(cfg: ReverseStudyConfig) -> dict:
     answers, settings, ranked = [], {}, []
     for fam in FAMILIES:
         loaded = load_model(runs[fam], None, cfg.device, cfg.dtype)
-        by_file, settings[fam] = sample_family(cfg, fam, loaded, tests)
-        answers += [a for rows in by_file.values() for a in rows]
-        if cfg.choice:
-            by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides))
-            ranked += [r | {"family": fam, "file": f} for f, rows in by_file.items() for r in rows]
-            say(f"{fam.upper()} ranked every candidate answer of each test prompt")
+        for w in cfg.cfg_scales(fam):  # the MDM unguided, then guided with --cfg
+            name = variant(fam, w)
+            by_file, settings[name] = sample_family(cfg, fam, loaded, tests, w)
+            answers += [a for rows in by_file.values() for a in rows]
+            if cfg.choice:
+                by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides), cfg_scale=w)
+                ranked += [
+                    r | {"family": name, "file": f} for f, rows in by_file.items() for r in rows
+                ]
+                say(f"{name.upper()} ranked every candidate answer of each test prompt")
         del loaded
     cells, files = write_report(cfg, data, answers, settings, runs, ranked)
     results = json.loads((out / "results.json").read_text())
@@ -327,6 +365,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-choice", action="store_true", help="skip the likelihood ranking of candidates"
     )
+    p.add_argument(
+        "--cfg", type=float, default=0.0, metavar="W",
+        help="MDM classifier-free guidance scale for sampling and likelihood; W > 0 reports "
+        "the MDM with and without it (SMDM's evaluate_reverse: 0.8; default 0)",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for both fine-tunes")
     p.set_defaults(func=cmd_reverse)
     study.set_defaults(func=lambda args: study.print_help() or 2)
@@ -344,7 +387,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         block_length=args.block_length,
         batch_size=args.batch_size, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
-        dtype=args.dtype, choice=not args.no_choice,
+        dtype=args.dtype, choice=not args.no_choice, cfg_scale=args.cfg,
     )  # fmt: skip
     try:
         results = run_study(cfg)
