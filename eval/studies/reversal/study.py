@@ -193,14 +193,8 @@ def write_report(
     """Score the answers (and the rankings, when any); write answers.jsonl, results.json,
     table.md, reverse.png and choices.jsonl."""
     from eval.measure.outputs import write_json_atomic, write_text_atomic
-    from eval.studies.reversal.choice import choice_metrics, choice_table, score_choices
-    from eval.studies.reversal.score import (
-        TEST_FILES,
-        bar_plot,
-        markdown_table,
-        metrics_of,
-        score_file,
-    )
+    from eval.studies.reversal.choice import choice_metrics, score_choices
+    from eval.studies.reversal.score import TEST_FILES, bar_plot, metrics_of, score_file
 
     out, names = Path(cfg.out), list(settings)  # arm, mdm[, mdm-cfgW]
     cells = [
@@ -227,6 +221,20 @@ def write_report(
         "choice_widths": {r["file"]: r["width"] for r in ranked},
     }  # fmt: skip
     files.append(write_json_atomic(out / "results.json", results))
+    table = _table_text(cfg, data, runs, settings, cells, choices)
+    files.append(write_text_atomic(out / "table.md", table))
+    title = f"Reversal curse ({cfg.epochs_text()})"
+    files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
+    return cells, files
+
+
+def _table_text(
+    cfg: ReverseStudyConfig, data: Path, runs: dict, settings: dict, cells: list, choices: list
+) -> str:
+    """table.md: what was run, the sampled table and, when ranked, the multiple-choice one."""
+    from eval.studies.reversal.choice import choice_table
+    from eval.studies.reversal.score import markdown_table
+
     head = (
         f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
         + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
@@ -245,10 +253,7 @@ def write_report(
             "(ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
             + choice_table(choices)
         )
-    files.append(write_text_atomic(out / "table.md", table))
-    title = f"Reversal curse ({cfg.epochs_text()})"
-    files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
-    return cells, files
+    return table
 
 
 def _guidance_note(cfg: ReverseStudyConfig) -> str:
