@@ -14,15 +14,32 @@ prefers the names it was trained to *produce* in that position (the d2p people's
 description -> name question), which would push the reverse group below chance for reasons
 that have nothing to do with the person asked about.
 
-Scoring (``eval/measure/likelihood.py``): the continuation is the candidate followed by EOS ("the
-answer is exactly this"), after the prompt in the fine-tunes' ``sft.prompt_template``. The ARM
-is exact; the MDM uses the chain-rule estimator (one row per answer token, deterministic), so
-the table is the same on every rerun. The score is the total log-likelihood (no length
-normalisation: a candidate is the whole answer, as in Berglund et al.).
+Scoring (``eval/measure/likelihood.py``): the continuation is the candidate followed by EOS
+padding up to one *width* per test file, the longest candidate of that file + 1 ("the answer
+slots read exactly this, then end"), after the prompt in the fine-tunes' ``sft.prompt_template``.
+One width is what makes the candidates of a prompt comparable for the MDM: its chain rule
+masks every slot after the one it scores, so a candidate scored as candidate + one EOS would be
+read with as many masked slots as it has tokens - a shorter name predicted under other
+conditions than a longer one (and, for a long prompt, after another cut of the context). At one
+width every candidate is scored over the same slots, each slot under the same number of masks,
+and the padding it ends with is what the fine-tunes learnt (SFT rows are EOS-padded and the
+padding is a target, ``trainer/sft_data.py``). The ARM scores the same padded continuation: its
+conditions never depend on later tokens, so for it the padding only adds the exact terms log
+p(EOS | ..., EOS), near 0 for a fine-tune that learnt its padding; scoring them keeps both
+families scoring the same event. The ARM is exact; the MDM uses the chain-rule estimator (one
+row per slot, deterministic), so the table is the same on every rerun, optionally with
+unsupervised classifier-free guidance (``cfg_scale``; the study reports the MDM with and
+without). The score is the total log-likelihood (no length normalisation: a candidate is the
+whole answer, as in Berglund et al.).
 
-Cost: candidates x prompts requests, chain-rule rows = answer tokens each (the original
-dataset's 30 people per group against 300 prompts per file is ~10^5 rows per file: a GPU job
-at 1B; ``--no-choice`` skips it).
+A hit is the true answer ranked strictly first: one that ties with another candidate for the
+highest score is not a hit (a model that scores every candidate alike knows nothing, and must
+not score 100 %). ``rank`` is 1 + the candidates scored strictly higher (tied candidates share
+the better rank) and ``ties`` the other candidates with exactly the true answer's score.
+
+Cost: candidates x prompts requests of the file's width in chain-rule rows each (guidance
+doubles the rows; the original dataset's 30 people per group against 300 prompts per file is
+~10^5 rows per file: a GPU job at 1B; ``--no-choice`` skips it).
 """
 
 from __future__ import annotations
@@ -42,11 +59,12 @@ class ChoiceCell:
     file: str
     n: int
     accuracy: float
-    """Share of prompts (0-1) whose true answer has the highest log-likelihood."""
+    """Share of prompts (0-1) whose true answer alone has the highest log-likelihood (a tie for
+    first is not a hit)."""
     chance: float
     """1 / number of candidates."""
     mean_rank: float
-    """Mean rank of the true answer among the candidates (1 = best)."""
+    """Mean rank of the true answer among the candidates (1 = best; ties share the better)."""
     p_value: float
     """One-sided binomial test: probability of at least this many first ranks by chance."""
 
@@ -58,42 +76,60 @@ def candidates(tests: dict[str, list[dict]]) -> dict[str, list[str]]:
     }
 
 
-def rank_answers(loaded, tests: dict[str, list[dict]], template: str, progress: bool = True):
-    """Per test file, one record per prompt: ``{prompt, completion, best, rank, n_candidates}``.
+def padded_answers(ids: dict[str, list[int]], eos_id: int) -> tuple[int, dict[str, list[int]]]:
+    """The file's width (longest candidate + 1) and each candidate padded with EOS to it."""
+    width = max(map(len, ids.values())) + 1
+    return width, {c: t + [eos_id] * (width - len(t)) for c, t in ids.items()}
+
+
+def rank_answers(
+    loaded,
+    tests: dict[str, list[dict]],
+    template: str,
+    progress: bool = True,
+    cfg_scale: float = 0.0,
+) -> dict[str, list[dict]]:
+    """Per test file, one record per prompt: ``{prompt, completion, best, rank, ties, hit,
+    n_candidates, width}``.
 
     ``loaded`` is an ``eval.measure.loading.LoadedModel``; ranks are by total log-likelihood of
-    candidate + EOS given the templated prompt (module docstring).
+    candidate + EOS padding to the file's width given the templated prompt, with guidance
+    ``cfg_scale`` for an MDM (module docstring).
     """
     from eval.measure.likelihood import LikelihoodConfig, Scorer
 
     tok = loaded.tokenizer
-    scorer = Scorer.from_loaded(loaded, LikelihoodConfig(estimator="chain_rule", greedy=False))
-    options = candidates(tests)
-    ids = {
-        c: tok.encode(c, add_special_tokens=False).ids + [loaded.eos_id]
-        for group in options.values()
-        for c in group
-    }
+    lcfg = LikelihoodConfig(estimator="chain_rule", greedy=False, cfg_scale=cfg_scale)
+    scorer = Scorer.from_loaded(loaded, lcfg)
     out: dict[str, list[dict]] = {}
-    for stem, rows in tests.items():
-        group = options[stem]
+    for stem, group in candidates(tests).items():
+        rows = tests[stem]
+        raw = {c: tok.encode(c, add_special_tokens=False).ids for c in group}
+        width, ids = padded_answers(raw, loaded.eos_id)
         contexts = [
             tok.encode(template.format(prompt=r["prompt"]), add_special_tokens=False).ids
             for r in rows
         ]
         pairs = [(ctx, ids[c]) for ctx in contexts for c in group]
         scores = [res.logprob for res in scorer.loglikelihood(pairs, progress=progress)]
-        out[stem] = []
-        for i, r in enumerate(rows):
-            mine = scores[i * len(group) : (i + 1) * len(group)]
-            truth = mine[group.index(r["completion"])]
-            best = group[max(range(len(group)), key=mine.__getitem__)]
-            rank = 1 + sum(s > truth for s in mine)
-            out[stem].append(
-                {"prompt": r["prompt"], "completion": r["completion"], "best": best,
-                 "rank": rank, "n_candidates": len(group)}
-            )  # fmt: skip
+        out[stem] = [
+            _ranked(r, group, scores[i * len(group) : (i + 1) * len(group)], width)
+            for i, r in enumerate(rows)
+        ]
     return out
+
+
+def _ranked(row: dict, group: list[str], scores: list[float], width: int) -> dict:
+    """One prompt's record from its candidates' scores (a tie for first is not a hit)."""
+    mine = group.index(row["completion"])
+    truth = scores[mine]
+    rank = 1 + sum(s > truth for s in scores)
+    ties = sum(s == truth for i, s in enumerate(scores) if i != mine)
+    best = group[max(range(len(group)), key=scores.__getitem__)]
+    return {
+        "prompt": row["prompt"], "completion": row["completion"], "best": best, "rank": rank,
+        "ties": ties, "hit": rank == 1 and ties == 0, "n_candidates": len(group), "width": width,
+    }  # fmt: skip
 
 
 def score_choices(family: str, file: str, records: Iterable[dict]) -> ChoiceCell:
@@ -101,7 +137,10 @@ def score_choices(family: str, file: str, records: Iterable[dict]) -> ChoiceCell
     rows = list(records)
     if not rows:
         raise ValueError(f"{family} {file}: no ranked answers to score")
-    n, hits, chance = len(rows), sum(r["rank"] == 1 for r in rows), 1.0 / rows[0]["n_candidates"]
+    missing = sorted({k for r in rows for k in ("hit", "rank", "n_candidates") if k not in r})
+    if missing:
+        raise ValueError(f"{family} {file}: ranked answers lack {missing} (from rank_answers)")
+    n, hits, chance = len(rows), sum(bool(r["hit"]) for r in rows), 1.0 / rows[0]["n_candidates"]
     return ChoiceCell(
         family, file, n, accuracy=hits / n, chance=chance,
         mean_rank=sum(r["rank"] for r in rows) / n, p_value=binomial_tail(hits, n, chance),

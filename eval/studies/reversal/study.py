@@ -14,15 +14,22 @@ experiment end to end from two pretrained runs:
    ``python -m pipeline.cli train task=sft`` in a subprocess, so each is an ordinary run
    directory (checkpoints, resume, export, MLflow) under ``OUT/runs/<family>-sft``. The MDM
    trains with the unconditional loss on prompt + completion (``sft.target=all``), as the
-   paper; the ARM on completions. A finished fine-tune (its ``summary.json`` and export exist,
-   same training file and settings) is skipped, an unfinished one resumes from its checkpoint,
-   and one asked for more ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
+   paper; the ARM on completions; both at a global batch of 64 rows (SMDM's; an override
+   ``batch.global_batch=N`` wins, the ``--config`` file's batch does not). A finished
+   fine-tune (its ``summary.json`` and export exist, same training file, settings and batch)
+   is skipped, an unfinished one resumes from its checkpoint, and one asked for more
+   ``--epochs`` than it ran continues (``checkpoint.reschedule=true``);
 3. sample every test prompt: MDM low-confidence, 32 steps, temperature 0 (``--block-length``:
    semi-autoregressive blocks, each filled before the next); ARM greedy with a KV cache;
    answers of ``--length`` tokens (default: the longest reference + 4);
 4. rank every candidate answer of each test prompt by likelihood (multiple choice:
-   does the model prefer the true name/description, against chance? ``--no-choice`` skips it);
-5. score each question type and direction (contained answers, BLEU) and write
+   does the model prefer the true name/description, against chance? Every candidate of a
+   test file is scored as candidate + EOS padding to one width, its longest candidate + 1; a
+   tie for first is no hit; ``--no-choice`` skips it);
+5. with ``--cfg W`` (unsupervised classifier-free guidance; SMDM's evaluation samples with
+   0.8), steps 3 and 4 run for the MDM twice, at w = 0 and at W, reported side by side
+   (columns ``MDM`` and ``MDM-CFG<W>``); the default 0 runs it once, unguided;
+6. score each question type and direction (contained answers, BLEU) and write
    ``OUT/answers.jsonl``, ``OUT/choices.jsonl``, ``OUT/results.json``, ``OUT/table.md`` and
    ``OUT/reverse.png``; log the metrics and files to an MLflow run ``study-reverse`` (in the
    fine-tunes' tracking store and experiment).
@@ -34,112 +41,17 @@ experiment end to end from two pretrained runs:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from eval.studies.reversal.config import FAMILIES, TRAIN_FILE, ReverseStudyConfig, variant
+from eval.studies.reversal.finetune import file_sha256, fine_tune, resolve_uri, say
 from pipeline.configlib import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_FILE = "all_prompts_train.jsonl"
-FAMILIES = ("arm", "mdm")
 STUDY_RUN = "study-reverse"
-STAMP_FILE = "study_run.json"
-
-
-@dataclass
-class ReverseStudyConfig:
-    """Settings of one reversal-curse study (the CLI's options)."""
-
-    arm: str
-    """Pretrained ARM run directory (or export) the ARM fine-tune starts from."""
-    mdm: str
-    """Pretrained MDM run directory (or export) the MDM fine-tune starts from."""
-    out: str = "studies/reverse"
-    """Study folder: data/, runs/<family>-sft, answers, table, plot, results."""
-    data: str | None = None
-    """Folder with Berglund et al.'s files; None = generate into OUT/data."""
-    seed: int = 0
-    """Generator seed (with ``data`` None)."""
-    people: int = 30
-    """Generated people per group (30 = the paper's 3600 training prompts)."""
-    train_templates: int = 30
-    """Generated training templates per direction."""
-    test_templates: int = 10
-    """Generated held-out test templates per direction."""
-    epochs: float = 10.0
-    """Fine-tuning passes over the training file (the paper: 10)."""
-    mdm_epochs: float | None = None
-    """The MDM's passes, when they differ (None = ``epochs``): a tiny MDM memorises the facts
-    far more slowly than an ARM (benchmarks/reverse_study.md); reported in the table."""
-    config: str | None = None
-    """Training recipe YAML for both fine-tunes (default: the trainer's paper recipe)."""
-    overrides: list[str] = field(default_factory=list)
-    """key=value overrides for both fine-tunes."""
-    steps: int = 32
-    """MDM reverse-process steps (low-confidence, temperature 0)."""
-    block_length: int | None = None
-    """MDM semi-autoregressive blocks (``SamplingConfig.block_length``); None =
-    the paper's plain reverse process over all L slots."""
-    length: int | None = None
-    """Answer tokens; None = longest tokenised reference + 4."""
-    batch_size: int = 32
-    """Prompts per sampling batch."""
-    tracking_uri: str | None = None
-    """MLflow URI for the fine-tunes and the study run; None = the ARM init run's, else
-    sqlite:///OUT/mlflow.db."""
-    experiment: str = "study-reverse"
-    """MLflow experiment of the fine-tunes and the study run."""
-    mlflow: bool = True
-    """False: no MLflow for the fine-tunes nor the study run."""
-    device: str = "auto"
-    dtype: str = "auto"
-    choice: bool = True
-    """Also rank every candidate answer by likelihood (:mod:`eval.studies.reversal.choice`)."""
-
-    def validate(self) -> None:
-        for key in ("arm", "mdm"):
-            if not Path(getattr(self, key)).exists():
-                raise ConfigError(f"--{key} {getattr(self, key)}: no such run directory")
-        if self.data is not None and not Path(self.data).is_dir():
-            raise ConfigError(f"--data {self.data}: no such folder")
-        if not self.epochs > 0:
-            raise ConfigError(f"--epochs: must be > 0, got {self.epochs}")
-        if self.mdm_epochs is not None and not self.mdm_epochs > 0:
-            raise ConfigError(f"--mdm-epochs: must be > 0, got {self.mdm_epochs}")
-        for key in ("steps", "batch_size", "people", "train_templates", "test_templates"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1")
-        if self.length is not None and self.length < 1:
-            raise ConfigError(f"--length: must be >= 1, got {self.length}")
-        bad = [o for o in self.overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must be key=value, got {bad}")
-        if self.block_length is not None and self.block_length < 1:
-            raise ConfigError(f"--block-length: must be >= 1, got {self.block_length}")
-        if self.block_length and self.length and self.steps % -(-self.length // self.block_length):
-            raise ConfigError(
-                f"--steps {self.steps}: not a multiple of the blocks of {self.block_length} in "
-                f"--length {self.length}"
-            )
-
-    def epochs_of(self, family: str) -> float:
-        """Fine-tuning epochs of ``family``."""
-        return self.mdm_epochs if family == "mdm" and self.mdm_epochs else self.epochs
-
-    def epochs_text(self) -> str:
-        """ "10 epochs", or "ARM 30 / MDM 100 epochs" when they differ."""
-        arm, mdm = self.epochs_of("arm"), self.epochs_of("mdm")
-        return f"{arm:g} epochs" if arm == mdm else f"ARM {arm:g} / MDM {mdm:g} epochs"
-
-
-def say(text: str) -> None:
-    print(f"[study reverse] {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,118 +102,6 @@ def read_tests(folder: Path) -> dict[str, list[dict]]:
     return tests
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- fine-tuning
-
-
-def resolve_uri(cfg: ReverseStudyConfig) -> str:
-    from eval.measure.outputs import mlflow_target
-
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    target = mlflow_target(Path(cfg.arm))
-    return target[0] if target else f"sqlite:///{(Path(cfg.out) / 'mlflow.db').resolve()}"
-
-
-def sft_command(cfg: ReverseStudyConfig, family: str, data: Path, run_dir: Path) -> list[str]:
-    """The ``python -m pipeline.cli train task=sft`` command of one fine-tune."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "train"]
-    cmd += ["--config", str(cfg.config)] if cfg.config else []
-    init = Path(getattr(cfg, family)).resolve()
-    cmd += [
-        "task=sft", f"init={init}", f"objective={family}", f"sft.data={data / TRAIN_FILE}",
-        f"sft.epochs={cfg.epochs_of(family):g}", "budget.steps=null", "sft.val_fraction=0", f"run_dir={run_dir.resolve()}",
-        f"sft.target={'all' if family == 'mdm' else 'answer'}", "checkpoint.resume=auto",
-        "sft.seq_len=auto",  # rows as long as the longest fact, not the pretraining context
-        f"tracking.experiment={cfg.experiment}", f"tracking.run_name={family}-sft-reverse",
-    ]  # fmt: skip
-    cmd += [f"tracking.uri={resolve_uri(cfg)}"] if cfg.mlflow else ["tracking.enabled=false"]
-    return cmd + list(cfg.overrides)
-
-
-def study_stamp(cfg: ReverseStudyConfig, data_sha: str) -> dict:
-    """What a fine-tune was asked for: compared on every rerun into the same ``--out``."""
-    config = str(Path(cfg.config).resolve()) if cfg.config else None
-    return {"train_sha256": data_sha, "config": config, "overrides": list(cfg.overrides)}
-
-
-def saved_epochs(run_dir: Path) -> float | None:
-    """``sft.epochs`` of the run's saved config (after any extension), None before it exists."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    return float(((yaml.safe_load(path.read_text()) or {}).get("sft") or {}).get("epochs") or 0)
-
-
-def plan_fine_tune(run_dir: Path, stamp: dict, epochs: float) -> str:
-    """``"skip"`` (finished as asked), ``"extend"`` (fewer epochs so far) or ``"run"``.
-
-    A fine-tune asked for with another training file or other settings is refused (its answers
-    would not be the asked-for study); one asked for more epochs continues from its last
-    checkpoint with ``checkpoint.reschedule=true``; one with more epochs than asked is refused.
-    """
-    path, legacy = run_dir / STAMP_FILE, run_dir / "study_data.sha256"
-    if path.is_file():
-        old = json.loads(path.read_text())
-    elif legacy.is_file():  # stamps of earlier versions: the training file's hash only
-        old = {"train_sha256": legacy.read_text().strip()}
-    else:
-        return "run"
-    redo = "use another --out or delete it"
-    if old["train_sha256"] != stamp["train_sha256"]:
-        raise ConfigError(f"{run_dir} was fine-tuned on another training file; {redo}")
-    changed = [k for k in ("config", "overrides") if k in old and old[k] != stamp[k]]
-    if changed:
-        was = "; ".join(f"{k}: {old[k]} -> {stamp[k]}" for k in changed)
-        raise ConfigError(f"{run_dir} was fine-tuned with other settings ({was}); {redo}")
-    had = saved_epochs(run_dir)
-    if had is not None and had > epochs:
-        raise ConfigError(
-            f"{run_dir} is fine-tuned for {had:g} epochs, more than {epochs:g}; {redo}"
-        )
-    if had is not None and had < epochs:
-        return "extend"
-    done = (run_dir / "summary.json").is_file() and (run_dir / "export/config.json").is_file()
-    return "skip" if done else "run"
-
-
-def fine_tune(cfg: ReverseStudyConfig, family: str, data: Path) -> Path:
-    """Fine-tune one family (skipped when finished, extended when asked for more epochs)."""
-    run_dir = Path(cfg.out) / "runs" / f"{family}-sft"
-    stamp = study_stamp(cfg, file_sha256(data / TRAIN_FILE))
-    plan = plan_fine_tune(run_dir, stamp, cfg.epochs_of(family))
-    if plan == "skip":
-        say(f"{family.upper()} fine-tune finished already: {run_dir} (skipped)")
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1) + "\n")
-    cmd = sft_command(cfg, family, data, run_dir)
-    if plan == "extend":
-        cmd.append("checkpoint.reschedule=true")
-        say(f"{family.upper()} fine-tune: extending to {cfg.epochs_of(family):g} epochs")
-    say(f"fine-tuning {family.upper()}: {' '.join(cmd[1:])}")
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise ConfigError(
-            f"{family.upper()} fine-tune failed (exit {result.returncode}); see its output above; "
-            f"rerunning the study resumes it from {run_dir}"
-        )
-    if not (run_dir / "summary.json").is_file():
-        raise ConfigError(f"{family.upper()} fine-tune ended without {run_dir}/summary.json")
-    say(f"{family.upper()} fine-tune done in {time.perf_counter() - start:.0f} s")
-    return run_dir
-
-
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -325,16 +125,22 @@ def answer_length(tokenizer, tests: dict[str, list[dict]]) -> int:
 
 
 def sample_family(
-    cfg: ReverseStudyConfig, family: str, loaded, tests: dict[str, list[dict]]
+    cfg: ReverseStudyConfig,
+    family: str,
+    loaded,
+    tests: dict[str, list[dict]],
+    cfg_scale: float = 0.0,
 ) -> tuple[dict[str, list[dict]], dict]:
-    """Answers to every test prompt from one loaded fine-tune, and the sampling settings."""
+    """Answers to every test prompt from one loaded fine-tune (guided by ``cfg_scale``: MDM
+    only), each record's ``family`` its report name (``config.variant``), and the settings."""
     from eval.generation.sampling import Sampler, SamplingConfig
 
-    tok = loaded.tokenizer
+    tok, name = loaded.tokenizer, variant(family, cfg_scale)
     length = cfg.length or answer_length(tok, tests)
     scfg = SamplingConfig(length=length, steps=cfg.steps, strategy="low-confidence",
                           temperature=0.0, batch_size=cfg.batch_size, cache=True,
-                          block_length=cfg.block_length if family == "mdm" else None)  # fmt: skip
+                          block_length=cfg.block_length if family == "mdm" else None,
+                          cfg_scale=cfg_scale)  # fmt: skip
     sampler = Sampler.from_loaded(loaded, scfg)
     template = prompt_template(cfg.overrides)
     settings = {"length": length, "temperature": 0.0, "prompt_template": template}
@@ -343,6 +149,7 @@ def sample_family(
             "steps": cfg.steps,
             "strategy": "low-confidence",
             "block_length": cfg.block_length,
+            "cfg_scale": cfg_scale,
         }
     settings |= {"kv_cache": True} if family == "arm" else {}
     out = {}
@@ -354,19 +161,21 @@ def sample_family(
         ]
         samples = sampler.generate(prompts, progress=True)
         out[stem] = [
-            {**r, "family": family, "file": stem, "answer": tok.decode(s.tokens)}
+            {**r, "family": name, "file": stem, "answer": tok.decode(s.tokens)}
             for r, s in zip(rows, samples, strict=True)
         ]
     settings["seconds"] = round(time.perf_counter() - start, 2)
-    say(f"{family.upper()} sampled {sum(map(len, tests.values()))} prompts in "
-        f"{settings['seconds']:.1f} s ({_describe(family, settings)})")  # fmt: skip
+    say(f"{name.upper()} sampled {sum(map(len, tests.values()))} prompts in "
+        f"{settings['seconds']:.1f} s ({_describe(settings)})")  # fmt: skip
     return out, settings
 
 
-def _describe(family: str, s: dict) -> str:
-    if family == "mdm":
+def _describe(s: dict) -> str:
+    """One line of sampling settings (an MDM's have ``steps``)."""
+    if "steps" in s:
         blocks = f" in blocks of {s['block_length']}" if s.get("block_length") else ""
-        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0"
+        cfg = f", CFG w={s['cfg_scale']:g}" if s.get("cfg_scale") else ""
+        return f"L={s['length']}, {s['steps']} steps low-confidence{blocks}, temperature 0{cfg}"
     return f"L={s['length']}, greedy, KV cache"
 
 
@@ -384,25 +193,19 @@ def write_report(
     """Score the answers (and the rankings, when any); write answers.jsonl, results.json,
     table.md, reverse.png and choices.jsonl."""
     from eval.measure.outputs import write_json_atomic, write_text_atomic
-    from eval.studies.reversal.choice import choice_metrics, choice_table, score_choices
-    from eval.studies.reversal.score import (
-        TEST_FILES,
-        bar_plot,
-        markdown_table,
-        metrics_of,
-        score_file,
-    )
+    from eval.studies.reversal.choice import choice_metrics, score_choices
+    from eval.studies.reversal.score import TEST_FILES, bar_plot, metrics_of, score_file
 
-    out = Path(cfg.out)
+    out, names = Path(cfg.out), list(settings)  # arm, mdm[, mdm-cfgW]
     cells = [
         score_file(fam, stem, [a for a in answers if a["family"] == fam and a["file"] == stem])
-        for fam in FAMILIES
+        for fam in names
         for stem in TEST_FILES
     ]
     choices = (
         [
             score_choices(fam, stem, [r for r in ranked if (r["family"], r["file"]) == (fam, stem)])
-            for fam in FAMILIES
+            for fam in names
             for stem in TEST_FILES
         ]
         if ranked
@@ -415,26 +218,53 @@ def write_report(
         "config": asdict(cfg), "runs": {k: str(v) for k, v in runs.items()},
         "sampling": settings, "cells": [asdict(c) | {"label": c.label} for c in cells],
         "choices": [asdict(c) for c in choices], "metrics": metrics_of(cells) | choice_metrics(choices),
+        "choice_widths": {r["file"]: r["width"] for r in ranked},
     }  # fmt: skip
     files.append(write_json_atomic(out / "results.json", results))
-    head = (
-        f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
-        + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
-        + f", {cfg.epochs_text()}.\nSampling: "
-        + "; ".join(f"{k.upper()} {_describe(k, s)}" for k, s in settings.items())
-        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n\n"
-    )
-    table = head + markdown_table(cells)
-    if choices:
-        table += (
-            "\nMultiple choice: the true answer has the highest likelihood among every candidate "
-            "of its test file (ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
-            + choice_table(choices)
-        )
+    table = _table_text(cfg, data, runs, settings, cells, choices)
     files.append(write_text_atomic(out / "table.md", table))
     title = f"Reversal curse ({cfg.epochs_text()})"
     files.append(bar_plot(cells, out / "reverse.png", title, choices=choices))
     return cells, files
+
+
+def _table_text(
+    cfg: ReverseStudyConfig, data: Path, runs: dict, settings: dict, cells: list, choices: list
+) -> str:
+    """table.md: what was run, the sampled table and, when ranked, the multiple-choice one."""
+    from eval.studies.reversal.choice import choice_table
+    from eval.studies.reversal.score import markdown_table
+
+    head = (
+        f"# Reversal-curse study\n\nData: `{data}`; fine-tunes: "
+        + ", ".join(f"{k.upper()} `{v}`" for k, v in runs.items())
+        + f", {cfg.epochs_text()}.\nSampling: "
+        + "; ".join(f"{k.upper()} {_describe(s)}" for k, s in settings.items())
+        + ".\nMetric: reference contained in output (%), BLEU for name→description.\n"
+        + _guidance_note(cfg)
+        + "\n"
+    )
+    table = head + markdown_table(cells)
+    if choices:
+        table += (
+            "\nMultiple choice: the true answer alone has the highest likelihood among every "
+            "candidate of its test file (a tie for first is no hit), each candidate scored as "
+            "candidate + EOS padding to one width per file, the longest candidate + 1 tokens "
+            "(ARM exact, MDM chain rule; `eval/studies/reversal/choice.py`).\n\n"
+            + choice_table(choices)
+        )
+    return table
+
+
+def _guidance_note(cfg: ReverseStudyConfig) -> str:
+    """What the guided MDM column is, when there is one."""
+    if not cfg.cfg_scale:
+        return ""
+    name = variant("mdm", cfg.cfg_scale).upper()
+    return (
+        f"{name}: the same MDM fine-tune sampled and scored with unsupervised classifier-free "
+        f"guidance w = {cfg.cfg_scale:g} (`--cfg`), beside MDM without (w = 0).\n"
+    )
 
 
 def _jsonl(records: list[dict]) -> str:
@@ -454,7 +284,9 @@ def log_study(cfg: ReverseStudyConfig, metrics: dict[str, float], files: list[Pa
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
         tags = {"study": "reverse", "arm_init": str(cfg.arm), "mdm_init": str(cfg.mdm)}
         rid = client.create_run(exp_id, run_name=STUDY_RUN, tags=tags).info.run_id
-        for key in ("epochs", "mdm_epochs", "steps", "block_length", "seed", "data", "people"):
+        for key in (
+            "epochs", "mdm_epochs", "steps", "block_length", "cfg_scale", "seed", "data", "people"
+        ):  # fmt: skip
             client.log_param(rid, key, str(getattr(cfg, key)))
         for key, value in metrics.items():
             client.log_metric(rid, key.replace("→", "-"), float(value))
@@ -482,12 +314,16 @@ def run_study(cfg: ReverseStudyConfig) -> dict:
     answers, settings, ranked = [], {}, []
     for fam in FAMILIES:
         loaded = load_model(runs[fam], None, cfg.device, cfg.dtype)
-        by_file, settings[fam] = sample_family(cfg, fam, loaded, tests)
-        answers += [a for rows in by_file.values() for a in rows]
-        if cfg.choice:
-            by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides))
-            ranked += [r | {"family": fam, "file": f} for f, rows in by_file.items() for r in rows]
-            say(f"{fam.upper()} ranked every candidate answer of each test prompt")
+        for w in cfg.cfg_scales(fam):  # the MDM unguided, then guided with --cfg
+            name = variant(fam, w)
+            by_file, settings[name] = sample_family(cfg, fam, loaded, tests, w)
+            answers += [a for rows in by_file.values() for a in rows]
+            if cfg.choice:
+                by_file = rank_answers(loaded, tests, prompt_template(cfg.overrides), cfg_scale=w)
+                ranked += [
+                    r | {"family": name, "file": f} for f, rows in by_file.items() for r in rows
+                ]
+                say(f"{name.upper()} ranked every candidate answer of each test prompt")
         del loaded
     cells, files = write_report(cfg, data, answers, settings, runs, ranked)
     results = json.loads((out / "results.json").read_text())
@@ -534,6 +370,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-choice", action="store_true", help="skip the likelihood ranking of candidates"
     )
+    p.add_argument(
+        "--cfg", type=float, default=0.0, metavar="W",
+        help="MDM classifier-free guidance scale for sampling and likelihood; W > 0 reports "
+        "the MDM with and without it (SMDM's evaluate_reverse: 0.8; default 0)",
+    )  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="for both fine-tunes")
     p.set_defaults(func=cmd_reverse)
     study.set_defaults(func=lambda args: study.print_help() or 2)
@@ -551,7 +392,7 @@ def cmd_reverse(args: argparse.Namespace) -> int:
         block_length=args.block_length,
         batch_size=args.batch_size, tracking_uri=args.tracking_uri,
         experiment=args.experiment, mlflow=not args.no_mlflow, device=args.device,
-        dtype=args.dtype, choice=not args.no_choice,
+        dtype=args.dtype, choice=not args.no_choice, cfg_scale=args.cfg,
     )  # fmt: skip
     try:
         results = run_study(cfg)

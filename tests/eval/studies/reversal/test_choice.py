@@ -77,6 +77,7 @@ def test_rank_answers_ranks_by_likelihood_and_appends_eos(monkeypatch):
     # ties among the rest (-3 each) share rank 2: only strictly better candidates count
     assert [r["rank"] for r in rows] == [2, 1, 2]
     assert {r["n_candidates"] for r in rows} == {3}
+    assert [r["hit"] for r in rows] == [False, True, False] and rows[0]["ties"] == 1
     assert len(scorer.seen) == 3 * 3 + 1 * 1  # prompts x candidates of their own file
     context, continuation = scorer.seen[0]
     assert context == tok.encode("Q: Who painted the moon? A:").ids
@@ -87,7 +88,10 @@ def test_rank_answers_ranks_by_likelihood_and_appends_eos(monkeypatch):
 
 
 def test_metrics_and_table():
-    rows = [{"rank": 1, "n_candidates": 5}, {"rank": 3, "n_candidates": 5}]
+    rows = [
+        {"rank": 1, "hit": True, "n_candidates": 5},
+        {"rank": 3, "hit": False, "n_candidates": 5},
+    ]
     cells = [
         score_choices("arm", "p2d_reverse_prompts_test", rows[1:]),
         score_choices("mdm", "p2d_reverse_prompts_test", rows),
@@ -112,3 +116,77 @@ def test_binomial_tail_against_hand_sums():
     assert binomial_tail(10, 25, 0.2) == pytest.approx(0.0173, abs=1e-4)
     with pytest.raises(ValueError, match="no ranked answers"):
         score_choices("arm", "d2p_prompts_test", [])
+
+
+@dataclass
+class TableScorer:
+    """log p from ``score(continuation)``; records every request."""
+
+    score: object
+    seen: list
+
+    def loglikelihood(self, pairs, progress=False):
+        self.seen += pairs
+        return [LLResult(self.score(list(c)), False, 0.0, len(c)) for _, c in pairs]
+
+
+def test_candidates_of_a_file_are_scored_at_one_width(monkeypatch):
+    tok = WordTokenizer()
+    loaded = SimpleNamespace(tokenizer=tok, eos_id=999)
+    tests = {
+        "p2d_reverse_prompts_test": [
+            {"prompt": "Who painted the moon?", "completion": " Ada Vale"},
+            {"prompt": "Who mapped the sea?", "completion": " Bo Quill of Old Yore"},
+        ],
+        "d2p_prompts_test": [{"prompt": "Who built it?", "completion": " Di Moss"}],
+    }
+    scorer = TableScorer(lambda c: -float(len(c)), [])
+    monkeypatch.setattr("eval.measure.likelihood.Scorer.from_loaded", lambda *a, **k: scorer)
+    out = rank_answers(loaded, tests, "{prompt}", progress=False)
+    reverse = scorer.seen[:4]  # 2 prompts x 2 candidates of 2 and 5 words
+    assert {len(c) for _, c in reverse} == {6}  # the longest candidate + 1: one EOS at least
+    for _, c in reverse:
+        words = [t for t in c if t != 999]
+        assert c == words + [999] * (6 - len(words)) and len(words) in (2, 5)
+    assert [len(c) for _, c in scorer.seen[4:]] == [3]  # the other file: its own width
+    assert {r["width"] for r in out["p2d_reverse_prompts_test"]} == {6}
+    # a length penalty no longer decides: every candidate was scored over the same 6 slots
+    assert [r["rank"] for r in out["p2d_reverse_prompts_test"]] == [1, 1]
+    assert [r["ties"] for r in out["p2d_reverse_prompts_test"]] == [1, 1]
+
+
+def test_a_tie_for_first_is_not_a_hit(monkeypatch):
+    tok = WordTokenizer()
+    loaded = SimpleNamespace(tokenizer=tok, eos_id=999)
+    ada, bo = tok.encode(" Ada Vale").ids, tok.encode(" Bo Quill").ids
+    table = {ada[0]: 0.0, bo[0]: 0.0}  # Ada and Bo tie for first, Cy is last
+    scorer = TableScorer(lambda c: table.get(c[0], -5.0), [])
+    monkeypatch.setattr("eval.measure.likelihood.Scorer.from_loaded", lambda *a, **k: scorer)
+    rows = rank_answers(loaded, TESTS, "{prompt}", progress=False)["p2d_reverse_prompts_test"]
+    assert [(r["rank"], r["ties"], r["hit"]) for r in rows] == [
+        (1, 1, False), (1, 1, False), (3, 0, False)
+    ]  # fmt: skip
+    cell = score_choices("mdm", "p2d_reverse_prompts_test", rows)
+    assert cell.accuracy == 0 and cell.p_value == 1.0
+    table[bo[0]] = -1.0  # Ada alone first: a hit
+    rows = rank_answers(loaded, TESTS, "{prompt}", progress=False)["p2d_reverse_prompts_test"]
+    assert [r["hit"] for r in rows] == [True, False, False]
+    with pytest.raises(ValueError, match=r"lack \['hit'\]"):
+        score_choices("mdm", "d2p_prompts_test", [{"rank": 1, "n_candidates": 2}])
+
+
+def test_rank_answers_scores_with_the_chain_rule_and_the_guidance_asked(monkeypatch):
+    tok = WordTokenizer()
+    loaded = SimpleNamespace(tokenizer=tok, eos_id=999)
+    configs = []
+
+    def from_loaded(loaded, cfg):
+        configs.append(cfg)
+        return TableScorer(lambda c: 0.0, [])
+
+    monkeypatch.setattr("eval.measure.likelihood.Scorer.from_loaded", from_loaded)
+    rank_answers(loaded, TESTS, "{prompt}", progress=False, cfg_scale=0.8)
+    rank_answers(loaded, TESTS, "{prompt}", progress=False)
+    assert [(c.estimator, c.cfg_scale, c.greedy) for c in configs] == [
+        ("chain_rule", 0.8, False), ("chain_rule", 0.0, False)
+    ]  # fmt: skip

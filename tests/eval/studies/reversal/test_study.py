@@ -134,7 +134,8 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     argv = [
         "study", "reverse", "--arm", runs["arm"], "--mdm", runs["mdm"], "--generate", *sizes,
         "--epochs", "2", "--out", out, "--config", ROOT / "configs/train/tiny-cpu.yaml",
-        "--steps", "4", "--tracking-uri", uri, "batch.global_batch=8", "batch.micro_batch=8",
+        "--steps", "4", "--tracking-uri", uri, "--cfg", "0.5", "batch.global_batch=8",
+        "batch.micro_batch=8",
         "checkpoint.every=0", "log.every=1", "optim.warmup_min=1",
     ]  # fmt: skip
     code, stdout, stderr = run_cli(capsys, *argv)
@@ -143,13 +144,17 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     for name in ("table.md", "results.json", "answers.jsonl", "reverse.png", "choices.jsonl"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
-    assert len(results["cells"]) == 8 and results["sampling"]["mdm"]["steps"] == 4
-    assert len(results["choices"]) == 8 and "Multiple choice" in stdout
+    assert len(results["cells"]) == 12 and results["sampling"]["mdm"]["steps"] == 4
+    assert results["sampling"]["mdm-cfg0.5"]["cfg_scale"] == 0.5  # --cfg: MDM with and without
+    assert len(results["choices"]) == 12 and "Multiple choice" in stdout
+    assert "MDM-CFG0.5 contained %" in stdout and "MDM-CFG0.5 choice %" in stdout
     ranked = [json.loads(x) for x in (out / "choices.jsonl").read_text().splitlines()]
-    assert len(ranked) == 2 * 16 and all(1 <= r["rank"] <= r["n_candidates"] for r in ranked)
+    assert len(ranked) == 3 * 16 and all(1 <= r["rank"] <= r["n_candidates"] for r in ranked)
     assert {r["n_candidates"] for r in ranked} == {2}  # 2 people per group in each file
+    assert all(r["width"] == results["choice_widths"][r["file"]] for r in ranked)
     answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 2 * 16 and {a["family"] for a in answers} == {"arm", "mdm"}
+    assert len(answers) == 3 * 16
+    assert {a["family"] for a in answers} == {"arm", "mdm", "mdm-cfg0.5"}
     sft = {f: json.loads((out / "runs" / f"{f}-sft/summary.json").read_text()) for f in runs}
     assert sft["arm"]["steps"] == sft["mdm"]["steps"] == 4  # ceil(2 epochs * 16 rows / 8)
     cfg = (out / "runs/mdm-sft/config.yaml").read_text()
@@ -162,6 +167,7 @@ def test_study_end_to_end_and_rerun_skips_finished_fine_tunes(tmp_path, capsys):
     study = by_name["study-reverse"]
     assert "mdm/reverse/contained" in study.data.metrics
     assert "arm/reverse/choice" in study.data.metrics
+    assert "mdm-cfg0.5/reverse/choice" in study.data.metrics
     assert "arm/p2d_prompts_test/bleu" in study.data.metrics
     logged = {f.path for f in client.list_artifacts(study.info.run_id)}
     assert {"table.md", "results.json", "reverse.png", "answers.jsonl", "choices.jsonl"} <= logged
@@ -192,7 +198,8 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_mdm_epochs_reach_the_mdm_fine_tune_only_and_the_report(tmp_path):
-    from eval.studies.reversal.study import ReverseStudyConfig, sft_command
+    from eval.studies.reversal.config import ReverseStudyConfig
+    from eval.studies.reversal.finetune import sft_command
 
     (tmp_path / "a").mkdir(), (tmp_path / "m").mkdir()
     runs = {"arm": str(tmp_path / "a"), "mdm": str(tmp_path / "m")}
@@ -217,7 +224,7 @@ def _finished_run(run_dir: Path, stamp: dict, epochs: float) -> None:
 
 
 def test_rerun_plan_skips_extends_or_refuses(tmp_path):
-    from eval.studies.reversal.study import plan_fine_tune
+    from eval.studies.reversal.finetune import plan_fine_tune
 
     stamp = {"train_sha256": "abc", "config": None, "overrides": ["optim.lr=1e-3"]}
     run = tmp_path / "mdm-sft"
@@ -247,10 +254,13 @@ def test_rerun_plan_skips_extends_or_refuses(tmp_path):
         ({"overrides": ["optim.lr"]}, "key=value"),
         ({"block_length": 0}, "--block-length: must be >= 1"),
         ({"block_length": 6, "length": 36, "steps": 32}, "not a multiple of the blocks"),
+        ({"cfg_scale": -0.5}, "--cfg: must be a finite number >= 0"),
+        ({"cfg_scale": float("nan")}, "--cfg: must be a finite number >= 0"),
+        ({"overrides": ["batch.global_batch=eight"]}, "batch.global_batch: must be an integer"),
     ],
 )
 def test_study_settings_are_checked_before_any_work(tmp_path, kw, message):
-    from eval.studies.reversal.study import ReverseStudyConfig
+    from eval.studies.reversal.config import ReverseStudyConfig
 
     cfg = ReverseStudyConfig(arm=str(tmp_path), mdm=str(tmp_path), **kw)
     with pytest.raises(ConfigError, match=message):
@@ -258,3 +268,121 @@ def test_study_settings_are_checked_before_any_work(tmp_path, kw, message):
     ReverseStudyConfig(
         arm=str(tmp_path), mdm=str(tmp_path), block_length=6, length=36, steps=36
     ).validate()
+
+
+def test_fine_tunes_get_the_repository_root_on_their_path():
+    from eval.studies.reversal.finetune import ROOT as FT_ROOT
+
+    assert FT_ROOT == ROOT and (FT_ROOT / "pipeline" / "cli.py").is_file()
+
+
+def test_fine_tunes_default_to_smdms_global_batch_and_an_override_wins(tmp_path):
+    from eval.studies.reversal.config import ReverseStudyConfig
+    from eval.studies.reversal.finetune import sft_command, study_stamp
+
+    (tmp_path / "a").mkdir(), (tmp_path / "m").mkdir()
+    runs = {"arm": str(tmp_path / "a"), "mdm": str(tmp_path / "m")}
+    cfg = ReverseStudyConfig(**runs)
+    for family in ("arm", "mdm"):
+        assert "batch.global_batch=64" in sft_command(cfg, family, tmp_path, tmp_path / family)
+    assert cfg.global_batch() == 64 and study_stamp(cfg, "abc")["global_batch"] == 64
+    cfg = ReverseStudyConfig(**runs, overrides=["batch.global_batch=8", "optim.lr=1e-2"])
+    cmd = sft_command(cfg, "mdm", tmp_path, tmp_path / "mdm")
+    assert cmd.index("batch.global_batch=8") > cmd.index("batch.global_batch=64")  # last wins
+    assert cfg.global_batch() == 8 and study_stamp(cfg, "abc")["global_batch"] == 8
+
+
+def test_rerun_refuses_a_fine_tune_made_at_another_global_batch(tmp_path):
+    from eval.studies.reversal.finetune import plan_fine_tune
+
+    old = {"train_sha256": "abc", "config": None, "overrides": []}  # before the default of 64
+    run = tmp_path / "arm-sft"
+    _finished_run(run, old, 10)
+    (run / "config.yaml").write_text("sft:\n  epochs: 10\nbatch:\n  global_batch: 16\n")
+    asked = {**old, "global_batch": 64}
+    with pytest.raises(ConfigError, match="batch.global_batch=16, the study asks for 64"):
+        plan_fine_tune(run, asked, 10)
+    keep = {**old, "overrides": ["batch.global_batch=16"], "global_batch": 16}
+    assert plan_fine_tune(run, keep, 10) == "skip"  # asking for its batch keeps it
+    with pytest.raises(ConfigError, match=r"other settings \(overrides"):
+        plan_fine_tune(run, {**keep, "overrides": [*keep["overrides"], "optim.lr=1"]}, 10)
+    (run / "config.yaml").unlink()  # no saved config yet: the stamp's batch decides
+    (run / "study_run.json").write_text(json.dumps(keep))
+    with pytest.raises(ConfigError, match="batch.global_batch=16, the study asks for 64"):
+        plan_fine_tune(run, asked, 10)
+
+
+def test_study_reports_the_mdm_with_and_without_guidance(tmp_path, monkeypatch):
+    """The whole study with the fine-tunes, models, sampler and scorer stubbed: ``--cfg 0.8``
+    samples and scores the MDM at w = 0 and w = 0.8, the ARM once, and reports all three."""
+    from types import SimpleNamespace
+
+    from eval.measure.likelihood import LLResult
+    from eval.studies.reversal.config import ReverseStudyConfig
+    from eval.studies.reversal.study import run_study
+
+    class Words:
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def encode(self, text, add_special_tokens=False):
+            return SimpleNamespace(
+                ids=[self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+            )
+
+        def decode(self, ids):
+            return ""
+
+    calls = []
+
+    def sampler(loaded, cfg):
+        calls.append(("sample", loaded.family, cfg.cfg_scale))
+        return SimpleNamespace(
+            generate=lambda prompts, progress: [SimpleNamespace(tokens=[])] * len(prompts)
+        )
+
+    def scorer(loaded, cfg):
+        calls.append(("score", loaded.family, cfg.cfg_scale))
+
+        def score(pairs, progress):
+            return [LLResult(-float(c[0]), False, 0.0, len(c)) for _, c in pairs]
+
+        return SimpleNamespace(loglikelihood=score)
+
+    runs = {f: tmp_path / f for f in ("arm", "mdm")}
+    for path in runs.values():
+        path.mkdir()
+    monkeypatch.setattr("eval.studies.reversal.study.fine_tune", lambda cfg, fam, data: runs[fam])
+    monkeypatch.setattr(
+        "eval.measure.loading.load_model",
+        lambda run, *a: SimpleNamespace(family=run.name, tokenizer=Words(), eos_id=10**6),
+    )
+    monkeypatch.setattr("eval.generation.sampling.Sampler.from_loaded", sampler)
+    monkeypatch.setattr("eval.measure.likelihood.Scorer.from_loaded", scorer)
+    cfg = ReverseStudyConfig(
+        arm=str(runs["arm"]), mdm=str(runs["mdm"]), out=str(tmp_path / "out"), people=2,
+        train_templates=2, test_templates=2, mlflow=False, cfg_scale=0.8,
+    )  # fmt: skip
+    results = run_study(cfg)
+    assert calls == [
+        ("sample", "arm", 0.0), ("score", "arm", 0.0), ("sample", "mdm", 0.0),
+        ("score", "mdm", 0.0), ("sample", "mdm", 0.8), ("score", "mdm", 0.8),
+    ]  # fmt: skip
+    names = ["arm", "mdm", "mdm-cfg0.8"]
+    assert list(results["sampling"]) == names
+    assert results["sampling"]["mdm-cfg0.8"]["cfg_scale"] == 0.8
+    assert [c["family"] for c in results["cells"][::4]] == names
+    assert [c["family"] for c in results["choices"][::4]] == names
+    for name in names:
+        assert f"{name}/reverse/contained" in results["metrics"]
+        assert f"{name}/reverse/choice" in results["metrics"]
+    table = (tmp_path / "out/table.md").read_text()
+    assert "| MDM contained % | MDM BLEU | MDM-CFG0.8 contained % |" in table
+    assert "| MDM choice % | MDM mean rank | MDM p | MDM-CFG0.8 choice % |" in table
+    assert "CFG w=0.8" in table and "guidance w = 0.8" in table
+    assert set(results["choice_widths"]) == set(TEST_FILES)
+    ranked = [json.loads(x) for x in (tmp_path / "out/choices.jsonl").read_text().splitlines()]
+    assert {r["family"] for r in ranked} == set(names)
+    calls.clear()
+    run_study(ReverseStudyConfig(**{**cfg.__dict__, "cfg_scale": 0.0}))
+    assert [c[2] for c in calls] == [0.0] * 4  # the default: each family once, unguided
