@@ -4,7 +4,7 @@
         --families arm,mdm --corpus data/corpus --out sweeps/cpu \\
         [--config configs/train/tiny-cpu.yaml] [KEY=VALUE ...]
     maskscale sweep run sweeps/cpu --launcher local|slurm|ray [--parallel K] [--gpus-per-run G]
-    maskscale sweep fit sweeps/cpu [--mlflow-experiment NAME]
+    maskscale sweep fit sweeps/cpu [--mlflow-experiment NAME] | --points FILE.csv
 
 ``plan`` writes sweeps/cpu/runs/<family>-<size>-C<budget>/config.yaml per point and
 sweeps/cpu/sweep.json; ``run`` trains what is not finished (resuming interrupted runs);
@@ -80,13 +80,17 @@ def _add_fit(sub) -> None:
     p = sub.add_parser(
         "fit",
         help="IsoFLOP optima, power laws L_opt(C) and N_opt(C), the ARM/MDM compute gap",
-        description="Fits the finished runs (missing and failed ones are listed, budgets with "
-        "fewer than 3 points reported as not fittable) and writes report.md, fit.json, "
-        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit. Every loss is "
-        "shown next to the unigram baseline of the training split on the same validation rows "
-        "(run_dir/eval_rows.json).",
+        description="Fits the finished runs on their realised compute (6 N x tokens trained; "
+        "missing and failed runs are listed, budgets with fewer than 3 points reported as not "
+        "fittable, a budget whose optimum lies beyond its sizes as a bound) with bootstrap "
+        "intervals, and writes report.md, fit.json, isoflop.png and scaling.png, logged to an "
+        "MLflow run named sweep-fit. Every loss is shown next to the unigram baseline of the "
+        "training split on the same validation rows (run_dir/eval_rows.json).",
     )
     p.add_argument("sweep", nargs="?", help="sweep folder (the planned grid)")
+    p.add_argument("--points", metavar="FILE.csv",
+                   help="fit this table instead of a sweep: columns family,N,C,loss (optional "
+                   "name, C_real); no unigram baseline, no MLflow run")  # fmt: skip
     p.add_argument("--mlflow-experiment", help="read final losses from this MLflow experiment")
     p.add_argument("--tracking-uri", help="MLflow URI (default: the sweep's, else env/default)")
     p.add_argument("--sweep-tag", help="without a sweep folder: only runs tagged sweep=NAME")
@@ -95,6 +99,10 @@ def _add_fit(sub) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log the fit to MLflow")
     p.add_argument("--no-unigram", action="store_true",
                    help="skip the unigram baseline of the runs' corpus on their validation rows")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
+                   help="resamples of the runs (within each budget) for the intervals of the "
+                   "exponents and the gap (default 1000; 0 = none)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=_lazy("eval.studies.scaling.fit", "cmd_fit"))
 
 
