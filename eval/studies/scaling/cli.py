@@ -32,12 +32,13 @@ def _add_plan(sub) -> None:
         description="Resolve every (family, size, budget) point as the trainer will (N of "
         "the preset, steps = C / (6 N global_batch seq_len)), print steps, tokens, epochs of "
         "the corpus and an estimated time, and write runs/<name>/config.yaml + sweep.json. "
-        "Points with less than one step are refused (listed).",
+        "Points with less than one step are refused (listed), runs under 200 steps warned "
+        "about. With --prior, each budget gets its own sizes around a prior optimum.",
     )
     p.add_argument("--budgets", required=True, help="FLOP budgets, e.g. 6e18,1e19,3e19")
     p.add_argument("--sizes", required=True,
                    help="model presets, e.g. 19M,34M,48M; `paper` = the paper's grid, "
-                   "`tiny` = the tiny CPU presets")  # fmt: skip
+                   "`tiny` = the tiny CPU presets; with --prior, the pool to pick from")  # fmt: skip
     p.add_argument("--families", default="arm,mdm", help="arm,mdm (default both)")
     p.add_argument("--corpus", help="corpus directory (default: the base config's)")
     p.add_argument("--out", default="sweeps/sweep", help="sweep folder (default sweeps/sweep)")
@@ -46,6 +47,16 @@ def _add_plan(sub) -> None:
     p.add_argument("--tokens-per-s", type=float, help="assumed tokens/s for time estimates")
     p.add_argument("--measured", nargs="+", metavar="RUN_DIR",
                    help="finished runs whose measured throughput sets the time estimates")  # fmt: skip
+    p.add_argument("--prior", metavar="N@C|FIT.json",
+                   help="space each budget's sizes (picked from --sizes) around a prior "
+                   "optimum: an anchor N_opt@C, e.g. 2e8@6e18, scaled as C^--prior-exponent, or "
+                   "each family's N_opt law of a previous fit.json")  # fmt: skip
+    p.add_argument("--prior-exponent", type=float, default=0.5,
+                   help="g of an anchor prior N_opt ~ C^g (default 0.5)")  # fmt: skip
+    p.add_argument("--window", type=float, default=4.0,
+                   help="with --prior: sizes within N_opt/W..N_opt*W (default 4)")  # fmt: skip
+    p.add_argument("--per-budget", type=int, default=5,
+                   help="with --prior: sizes per budget (default 5, at least 3)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the base config for every run, e.g. optim.lr=1e-3")  # fmt: skip
     p.set_defaults(func=_lazy("eval.studies.scaling.plan", "cmd_plan"))

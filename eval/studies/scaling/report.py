@@ -34,11 +34,14 @@ def _pm(value, std, fmt="{:.4g}") -> str:
 
 def basis_lines(points: list[dict], data: dict) -> list[str]:
     """How compute was taken and how the intervals were made."""
-    fitted = [p for p in points if p.get("C_source")]
+    fitted = [p for p in points if p["status"] == "finished" and p.get("loss") is not None]
     counts: dict[str, int] = {}
     for p in fitted:
-        counts[p["C_source"]] = counts.get(p["C_source"], 0) + 1
-    where = "; ".join(f"{n} from {SOURCES.get(k, k)}" for k, n in counts.items()) or "none"
+        source = p.get("C_source") or "nominal"
+        counts[source] = counts.get(source, 0) + 1
+    order = [*SOURCES, *sorted(set(counts) - set(SOURCES))]
+    where = "; ".join(f"{counts[k]} from {SOURCES.get(k, k)}" for k in order if k in counts)
+    where = where or "none"
     lines = [f"Compute: each run's realised C = 6 N D (D = tokens actually trained): {where}. "
              "Runs are grouped into IsoFLOP lines by their nominal budget C; a line's "
              "compute in the laws and the gap is the geometric mean of its runs' realised C "
