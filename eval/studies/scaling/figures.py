@@ -92,7 +92,8 @@ def _draw_family(ax_l, ax_n, fam: str, fit: dict, color, reach: float) -> None:
         keep = loss > 0  # a log axis shows positive losses only
         ax_l.scatter(env_c[keep], loss[keep], facecolors="none", edgecolors=color)
         if env_law is not None:
-            label = f"{fam.upper()}: L_env = {env_law.coef:.3g} C^{env_law.exponent:.4f}"
+            label = (f"{fam.upper()}: L_env = {env_law.coef:.3g} C^{env_law.exponent:.4f} "
+                     f"({env_law.n_points} budgets)")  # fmt: skip
             ax_l.plot(env_c, env_law(env_c), color=color, ls="--", label=label)
     good = [o for o in fit["optima"] if o.fitted]
     if not good:
@@ -103,7 +104,8 @@ def _draw_family(ax_l, ax_n, fam: str, fit: dict, color, reach: float) -> None:
     grid = np.geomspace(cs.min(), max(cs.max(), reach), 50)
     for ax, law, sym in ((ax_l, fit["loss_law"], "L"), (ax_n, fit["size_law"], "N")):
         if law is not None:
-            label = f"{fam.upper()}: {sym}_opt = {law.coef:.3g} C^{law.exponent:.4f}"
+            label = (f"{fam.upper()}: {sym}_opt = {law.coef:.3g} C^{law.exponent:.4f} "
+                     f"({law.n_points} budgets)")  # fmt: skip
             ax.plot(grid, law(grid), color=color, label=label)
 
 

@@ -176,7 +176,7 @@ def _bound(out: Optimum, side: str | None, n: list[float], why: str) -> Optimum:
     if side:
         where = "largest" if side == ">" else "smallest"
         n_text = f"N_opt {side} {out.N_edge:.4g} ({where} size)"
-    out.note = f"{why}: {n_text}; L_opt <= {out.L_upper:.4f} (best measured)"
+    out.note = f"{why}; bound: {n_text}, L_opt <= {out.L_upper:.4f} (best measured)"
     return out
 
 
@@ -205,14 +205,14 @@ def fit_isoflop(
     best = x_raw[int(np.argmin(y))]
     edge = ">" if best == x_raw.max() else "<" if best == x_raw.min() else None
     if a <= 0:
-        return _bound(out, edge, n, "no minimum: the points do not bend upwards")
+        return _bound(out, edge, n, "no minimum (the points do not bend upwards)")
     with np.errstate(all="ignore"):
         xv = -b / (2 * a)
         lv = c0 - b * b / (4 * a)
     if not (x.min() <= xv <= x.max()):  # also a vertex beyond float range (nan, inf)
         out.extrapolated = True
         side = "<" if xv < x.min() else ">"
-        return _bound(out, side, n, "vertex outside the sampled sizes; add sizes there")
+        return _bound(out, side, n, "vertex outside the sampled sizes (add sizes there)")
     if not (lv > 0 and math.isfinite(lv)):
         return _bound(out, None, n, f"vertex loss {lv:.3g} is not a loss (<= 0)")
     out.N_opt, out.L_opt = float(math.exp(xv + x0)), float(lv)

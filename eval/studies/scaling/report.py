@@ -89,7 +89,7 @@ def optimum_cells(o: dict) -> tuple[str, str, str]:
     if o.get("status") == "bound":
         side = o.get("N_bound")
         n_opt = f"{side} {o['N_edge']:.4g}" if side else "?"
-        return n_opt, f"<= {o['L_upper']:.4f}", "bound: " + note
+        return n_opt, f"<= {o['L_upper']:.4f}", note
     return "-", "-", note
 
 

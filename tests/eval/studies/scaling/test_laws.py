@@ -31,7 +31,7 @@ def test_near_straight_budget_is_a_bound_not_a_crash():
     opt = fit_isoflop(1e19, [1e7, 1e8, 1e9, 1e10], loss)
     assert opt.status == "bound" and opt.N_opt is None and opt.L_opt is None
     assert opt.N_bound == ">" and opt.N_edge == 1e10 and opt.L_upper == min(loss)
-    assert "N_opt > 1e+10 (largest size); L_opt <= 2.7000 (best measured)" in opt.note
+    assert "bound: N_opt > 1e+10 (largest size), L_opt <= 2.7000 (best measured)" in opt.note
 
 
 def test_off_grid_vertex_gives_a_bound_and_stays_out_of_the_laws_and_the_gap():
