@@ -151,12 +151,19 @@ def points_from_mlflow(
 
 
 def fittable(points: list[dict]) -> list[dict]:
-    """The finished points with a finite loss; a finished run whose loss is NaN or infinite
-    gets that status and is listed, not fitted."""
+    """The finished points the fit can take. A finished run with a NaN or infinite loss, a
+    family other than arm/mdm, or no positive N and C gets a status saying so and is listed,
+    not fitted (``laws.check_points`` would refuse it)."""
     for p in points:
         loss = p.get("loss")
-        if p["status"] == "finished" and loss is not None and not math.isfinite(loss):
+        if p["status"] != "finished" or loss is None:
+            continue
+        if not math.isfinite(loss):
             p["status"] = f"finished with a non-finite loss ({loss})"
+        elif p.get("family") not in FAMILIES:
+            p["status"] = f"not fitted: family {p.get('family')!r} is not arm or mdm"
+        elif not all(isinstance(p.get(k), int | float) and p[k] > 0 for k in ("N", "C")):
+            p["status"] = f"not fitted: N={p.get('N')!r}, C={p.get('C')!r} (need both > 0)"
     return [p for p in points if p["status"] == "finished" and p.get("loss") is not None]
 
 

@@ -184,3 +184,15 @@ def test_realised_compute_from_mlflow_runs():
     assert mlflow_compute(run, 7, 1e5) == (43008.0, "MLflow resolved.flops")
     run.data.params = {}
     assert mlflow_compute(run, 7, 1e5) == (1e5, "nominal")
+
+
+def test_runs_the_fit_cannot_take_are_listed_not_fitted():
+    """A sweep or MLflow run with a NaN loss or another family is given a status saying why
+    and left out, instead of stopping the whole fit."""
+    from eval.studies.scaling.fit import fittable
+
+    ok = {"name": "a", "family": "arm", "N": 10, "C": 1e12, "loss": 3.0, "status": "finished"}
+    points = [ok, dict(ok, name="b", loss=math.nan), dict(ok, name="c", family="sft")]
+    assert fittable(points) == [ok]
+    assert points[1]["status"] == "finished with a non-finite loss (nan)"
+    assert points[2]["status"] == "not fitted: family 'sft' is not arm or mdm"
