@@ -4,7 +4,7 @@
         --families arm,mdm --corpus data/corpus --out sweeps/cpu \\
         [--config configs/train/tiny-cpu.yaml] [KEY=VALUE ...]
     maskscale sweep run sweeps/cpu --launcher local|slurm|ray [--parallel K] [--gpus-per-run G]
-    maskscale sweep fit sweeps/cpu [--mlflow-experiment NAME]
+    maskscale sweep fit sweeps/cpu [--mlflow-experiment NAME] | --points FILE.csv
 
 ``plan`` writes sweeps/cpu/runs/<family>-<size>-C<budget>/config.yaml per point and
 sweeps/cpu/sweep.json; ``run`` trains what is not finished (resuming interrupted runs);
@@ -32,12 +32,13 @@ def _add_plan(sub) -> None:
         description="Resolve every (family, size, budget) point as the trainer will (N of "
         "the preset, steps = C / (6 N global_batch seq_len)), print steps, tokens, epochs of "
         "the corpus and an estimated time, and write runs/<name>/config.yaml + sweep.json. "
-        "Points with less than one step are refused (listed).",
+        "Points with less than one step are refused (listed), runs under 200 steps warned "
+        "about. With --prior, each budget gets its own sizes around a prior optimum.",
     )
     p.add_argument("--budgets", required=True, help="FLOP budgets, e.g. 6e18,1e19,3e19")
     p.add_argument("--sizes", required=True,
                    help="model presets, e.g. 19M,34M,48M; `paper` = the paper's grid, "
-                   "`tiny` = the tiny CPU presets")  # fmt: skip
+                   "`tiny` = the tiny CPU presets; with --prior, the pool to pick from")  # fmt: skip
     p.add_argument("--families", default="arm,mdm", help="arm,mdm (default both)")
     p.add_argument("--corpus", help="corpus directory (default: the base config's)")
     p.add_argument("--out", default="sweeps/sweep", help="sweep folder (default sweeps/sweep)")
@@ -46,6 +47,16 @@ def _add_plan(sub) -> None:
     p.add_argument("--tokens-per-s", type=float, help="assumed tokens/s for time estimates")
     p.add_argument("--measured", nargs="+", metavar="RUN_DIR",
                    help="finished runs whose measured throughput sets the time estimates")  # fmt: skip
+    p.add_argument("--prior", metavar="N@C|FIT.json",
+                   help="space each budget's sizes (picked from --sizes) around a prior "
+                   "optimum: an anchor N_opt@C, e.g. 2e8@6e18, scaled as C^--prior-exponent, or "
+                   "each family's N_opt law of a previous fit.json")  # fmt: skip
+    p.add_argument("--prior-exponent", type=float, default=0.5,
+                   help="g of an anchor prior N_opt ~ C^g (default 0.5)")  # fmt: skip
+    p.add_argument("--window", type=float, default=4.0,
+                   help="with --prior: sizes within N_opt/W..N_opt*W (default 4)")  # fmt: skip
+    p.add_argument("--per-budget", type=int, default=5,
+                   help="with --prior: sizes per budget (default 5, at least 3)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the base config for every run, e.g. optim.lr=1e-3")  # fmt: skip
     p.set_defaults(func=_lazy("eval.studies.scaling.plan", "cmd_plan"))
@@ -80,13 +91,17 @@ def _add_fit(sub) -> None:
     p = sub.add_parser(
         "fit",
         help="IsoFLOP optima, power laws L_opt(C) and N_opt(C), the ARM/MDM compute gap",
-        description="Fits the finished runs (missing and failed ones are listed, budgets with "
-        "fewer than 3 points reported as not fittable) and writes report.md, fit.json, "
-        "isoflop.png and scaling.png, logged to an MLflow run named sweep-fit. Every loss is "
-        "shown next to the unigram baseline of the training split on the same validation rows "
-        "(run_dir/eval_rows.json).",
+        description="Fits the finished runs on their realised compute (6 N x tokens trained; "
+        "missing and failed runs are listed, budgets with fewer than 3 points reported as not "
+        "fittable, a budget whose optimum lies beyond its sizes as a bound) with bootstrap "
+        "intervals, and writes report.md, fit.json, isoflop.png and scaling.png, logged to an "
+        "MLflow run named sweep-fit. Every loss is shown next to the unigram baseline of the "
+        "training split on the same validation rows (run_dir/eval_rows.json).",
     )
     p.add_argument("sweep", nargs="?", help="sweep folder (the planned grid)")
+    p.add_argument("--points", metavar="FILE.csv",
+                   help="fit this table instead of a sweep: columns family,N,C,loss (optional "
+                   "name, C_real); no unigram baseline, no MLflow run")  # fmt: skip
     p.add_argument("--mlflow-experiment", help="read final losses from this MLflow experiment")
     p.add_argument("--tracking-uri", help="MLflow URI (default: the sweep's, else env/default)")
     p.add_argument("--sweep-tag", help="without a sweep folder: only runs tagged sweep=NAME")
@@ -95,6 +110,10 @@ def _add_fit(sub) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log the fit to MLflow")
     p.add_argument("--no-unigram", action="store_true",
                    help="skip the unigram baseline of the runs' corpus on their validation rows")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
+                   help="resamples of the runs (within each budget) for the intervals of the "
+                   "exponents and the gap (default 1000; 0 = none)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.set_defaults(func=_lazy("eval.studies.scaling.fit", "cmd_fit"))
 
 

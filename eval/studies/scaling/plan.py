@@ -8,6 +8,11 @@ month), so the plan resolves every point the way the trainer will (preset -> N, 
 steps via trainer/budget.py, on the corpus's seq_len) and shows steps, tokens, epochs of the
 corpus and an estimated time before anything runs.
 
+With ``--prior`` (an anchor ``N0@C0`` or a previous fit.json) each budget gets its own sizes
+from the ``--sizes`` pool, spaced around a prior optimum (``prior``). Runs shorter than
+``MIN_STEPS`` are flagged: their warm-up and cosine schedule are a different shape from a long
+run's, so their final loss is not on the same IsoFLOP profile.
+
 The result is a folder that any launcher can work from: ``runs/<name>/config.yaml`` per point
 (a normal ``maskscale train --config`` file, which is also the run directory) and
 ``sweep.json`` (the grid, the refused points and where the runs are tracked). Every run is
@@ -29,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from eval.measure.outputs import write_json_atomic, write_text_atomic
+from eval.studies.scaling.prior import parse_prior, spaced_grid
 from pipeline.configlib import ConfigError, apply_overrides, from_dict, read_yaml
 from pipeline.shards import read_manifest
 from trainer.budget import resolve_budget
@@ -41,6 +47,9 @@ SWEEP_FILE = "sweep.json"
 RUNS_DIR = "runs"
 FORMAT = "maskscale-sweep/1"
 FAMILIES = ("arm", "mdm")
+MIN_STEPS = 200
+"""Runs with fewer optimizer steps are warned about: the warm-up (max(1% of steps,
+warmup_min)) and the cosine decay take a different shape than in a long run."""
 SWEEP_KEYS = ("objective", "model", "run_dir", "budget", "flops", "tokens", "steps")
 """Keys the sweep sets per point; a base config or override may not set them."""
 
@@ -70,6 +79,15 @@ class PlanConfig:
     """Assumed training tokens/s for time estimates when no run has been measured."""
     measured: list[str] = field(default_factory=list)
     """Finished run directories whose summary.json tokens/s calibrate the time estimates."""
+    prior: str | None = None
+    """Space each budget's sizes around a prior N_opt(C): ``N0@C0`` or a fit.json (``prior``);
+    the sizes are then picked per budget from ``sizes`` (the pool)."""
+    prior_exponent: float = 0.5
+    """g of an anchor prior N_opt(C) = N0 (C / C0)^g."""
+    window: float = 4.0
+    """Sizes within [N_opt / window, N_opt x window] of the prior optimum."""
+    per_budget: int = 5
+    """Sizes per budget with a prior."""
 
     def validate(self) -> None:
         if not self.budgets or any(not (c > 0 and math.isfinite(c)) for c in self.budgets):
@@ -83,6 +101,13 @@ class PlanConfig:
             raise ConfigError(f"--families: arm and/or mdm, got {self.families}")
         if self.tokens_per_s is not None and not self.tokens_per_s > 0:
             raise ConfigError(f"--tokens-per-s: must be > 0, got {self.tokens_per_s}")
+        if not (self.window > 1 and math.isfinite(self.window)):
+            raise ConfigError(f"--window: a factor > 1 (sizes N_opt/w..N_opt*w), got {self.window}")
+        if self.per_budget < 3:
+            raise ConfigError(f"--per-budget: at least 3 (a parabola needs three sizes), got "
+                              f"{self.per_budget}")  # fmt: skip
+        if not math.isfinite(self.prior_exponent):
+            raise ConfigError(f"--prior-exponent: a number, got {self.prior_exponent}")
 
 
 @dataclass
@@ -230,9 +255,10 @@ def make_plan(plan: PlanConfig) -> dict:
     manifest = read_manifest(base["corpus"]) if base.get("corpus") else None
     name = sweep_name(plan)
     points, refused, configs = [], [], {}
+    grid, prior = sizes_per_budget(plan, base, manifest, out, name)
     for family in plan.families:
         for c in plan.budgets:
-            for size in plan.sizes:
+            for size in grid[(family, c)]:
                 run_dir = out / RUNS_DIR / f"{family}-{size}-C{compact(c)}"
                 data = point_data(base, family, size, c, run_dir, name)
                 cfg, n, seq_len = resolve_point(data, manifest)
@@ -264,8 +290,23 @@ def make_plan(plan: PlanConfig) -> dict:
         "throughput": {"measured_flops_per_s": measured, "assumed_tokens_per_s": plan.tokens_per_s},
         "points": [asdict(p) for p in points],
         "refused": refused,
+        "prior": prior,
         "configs": configs,
     }
+
+
+def sizes_per_budget(plan: PlanConfig, base: dict, manifest: dict | None, out: Path, name: str):
+    """({(family, C): presets}, the prior's record or None): every size at every budget, or
+    with ``plan.prior`` the pool's presets spaced around the prior optimum per budget."""
+    if plan.prior is None:
+        return {(f, c): list(plan.sizes) for f in plan.families for c in plan.budgets}, None
+    prior = parse_prior(plan.prior, plan.families, plan.prior_exponent)
+    family, c = plan.families[0], plan.budgets[0]  # N does not depend on either
+    pool = {}
+    for size in plan.sizes:
+        data = point_data(base, family, size, c, out / RUNS_DIR / size, name)
+        pool[size] = resolve_point(data, manifest)[1]
+    return spaced_grid(prior, pool, plan.families, plan.budgets, plan.window, plan.per_budget)
 
 
 def check_started(out: Path, sweep: dict) -> None:
@@ -343,6 +384,17 @@ def warnings_for(sweep: dict) -> list[str]:
             f"warning: {p['name']} reads {p['epochs']:.2f} epochs of the corpus (> 1): rows "
             "repeat, so its loss is not a one-epoch loss like the paper's"
         )
+    short = [p for p in sweep["points"] if p["steps"] < MIN_STEPS]
+    if short:
+        shown = ", ".join(f"{p['name']} ({p['steps']})" for p in short[:4])
+        more = f" and {len(short) - 4} more" if len(short) > 4 else ""
+        out.append(
+            f"warning: {len(short)} run(s) train fewer than {MIN_STEPS} steps: {shown}{more}; "
+            "their warm-up and cosine schedule differ in shape from a long run's, so their "
+            "losses are not on the same IsoFLOP profile: raise the budgets, drop the largest "
+            "sizes or lower batch.global_batch"
+        )
+    out += [f"warning: {note}" for note in (sweep.get("prior") or {}).get("notes", [])]
     if sweep["corpus"] is None:
         out.append(
             "warning: no corpus (--corpus or corpus: in the base config): seq_len is the "
@@ -367,8 +419,18 @@ def cmd_plan(args) -> int:
         name=args.name,
         tokens_per_s=args.tokens_per_s,
         measured=list(args.measured or []),
+        prior=args.prior,
+        prior_exponent=args.prior_exponent,
+        window=args.window,
+        per_budget=args.per_budget,
     )
     sweep = make_plan(plan)
+    if sweep["prior"]:
+        print(f"sizes per budget around the prior optimum ({sweep['prior']['source']}; "
+              f"window x/÷ {plan.window:g}):")  # fmt: skip
+        for row in sweep["prior"]["budgets"]:
+            print(f"  {row['family']} C={row['C']:.3g}: N_opt ~ {fmt_count(row['N_opt'])} -> "
+                  + (", ".join(row["sizes"]) or "no preset in the window"))  # fmt: skip
     print(table(sweep))
     for line in warnings_for(sweep):
         print(line, file=sys.stderr)
