@@ -364,12 +364,14 @@ def pair_lines(report: dict) -> list[str]:
     return out
 
 
-def _band(ax, xs, rows, key, color) -> None:
-    """Shade the 95% interval where the row has one."""
+def _series(ax, rows: list[dict], key: str, index: dict, label: str, marker: str) -> None:
+    """One line of ``key`` by period, shaded with its 95% interval where it has one."""
+    xs = [index[r["split"]] for r in rows]
+    line = ax.plot(xs, [r[key] for r in rows], marker=marker, label=label)[0]
     have = [(x, r[f"{key}_ci"]) for x, r in zip(xs, rows) if r[f"{key}_ci"] is not None]
     if have:
         ax.fill_between([x for x, _ in have], [c[0] for _, c in have], [c[1] for _, c in have],
-                        color=color, alpha=0.2)  # fmt: skip
+                        color=line.get_color(), alpha=0.2)  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -386,11 +388,8 @@ def plot(report: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
     ax = axes[0][0]
     for run in report["runs"]:
-        rows = run["periods"]
-        xs = [index[r["split"]] for r in rows]
-        line = ax.plot(xs, [r["degradation"] for r in rows], marker="o",
-                       label=f"{run['run']} ({run['family'].upper()})")[0]  # fmt: skip
-        _band(ax, xs, rows, "degradation", line.get_color())
+        label = f"{run['run']} ({run['family'].upper()})"
+        _series(ax, run["periods"], "degradation", index, label, "o")
     ax.axhline(0.0, color="gray", lw=0.8)
     if report["gate"] is not None:
         ax.axhline(report["gate"]["max_degradation"], color="red", ls="--", lw=1, label="gate")
@@ -399,11 +398,8 @@ def plot(report: dict, path: Path) -> Path:
     if panels == 2:
         bx = axes[0][1]
         for pair in report["pairs"]:
-            rows = pair["periods"]
-            xs = [index[r["split"]] for r in rows]
-            line = bx.plot(xs, [r["difference"] for r in rows], marker="s",
-                           label=f"{pair['mdm']} - {pair['arm']}")[0]  # fmt: skip
-            _band(bx, xs, rows, "difference", line.get_color())
+            label = f"{pair['mdm']} - {pair['arm']}"
+            _series(bx, pair["periods"], "difference", index, label, "s")
         bx.axhline(0.0, color="gray", lw=0.8)
         bx.set_ylabel("MDM - ARM degradation (nats/token)")
         bx.set_title("Paired difference (same resampled documents)")

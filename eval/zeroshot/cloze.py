@@ -351,15 +351,20 @@ def evaluate_cloze(
 
 
 def _interval(hits: list, ref: list | None, n_boot: int, seed: int, split: str) -> list[float]:
-    """95% bootstrap interval of mean(hits) (- mean(ref), resampled independently)."""
-    from eval.measure.ppl import bootstrap_means, interval
+    """95% bootstrap interval of mean(hits) (- mean(ref), resampled independently); the
+    passages are the units (one per row)."""
+    from eval.measure.resample import interval, ratio_samples
     from eval.measure.rows import split_seed
+
+    def means(values: list, *names: str) -> np.ndarray:
+        ones = np.ones(len(values))
+        return ratio_samples(np.asarray(values, float), ones, n_boot, split_seed(seed, *names))
 
     if not hits or (ref is not None and not ref) or n_boot < 1:
         return [float("nan"), float("nan")]
-    boots = bootstrap_means(np.asarray(hits), n_boot, split_seed(seed, split, "cloze"))
+    boots = means(hits, split, "cloze")
     if ref is not None:
-        boots -= bootstrap_means(np.asarray(ref), n_boot, split_seed(seed, split, "cloze-ref"))
+        boots -= means(ref, split, "cloze-ref")
     return interval(boots)
 
 

@@ -383,7 +383,9 @@ def test_every_context_follows_an_eos_and_an_empty_continuation_is_scored(world)
             first = scorer.loglikelihood([([0], tokens[:n])])[0].logprob
             assert first == pytest.approx(scorer.loglikelihood_rolling(tokens[:n]).logprob)
         else:  # the first window has the EOS as context, the others none
-            mc = Scorer.from_loaded(loaded, LikelihoodConfig(mc_samples=8, greedy=False))
+            mc = Scorer.from_loaded(
+                loaded, LikelihoodConfig(mc_samples=8, greedy=False, mc_weighting="inverse_t")
+            )
             windows = [([0], tokens[: n - 1]), ([], tokens[n - 1 : 2 * n - 1])]
             windows.append(([], tokens[2 * n - 1 :]))
             assert rolling == pytest.approx(sum(r.logprob for r in mc.loglikelihood(windows)))
