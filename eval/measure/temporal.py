@@ -288,20 +288,25 @@ def _ci(ci: list[float] | None, fmt: str = ".3f") -> str:
 
 
 def settings_lines(report: dict) -> list[str]:
-    """What every run's numbers rest on; one line when all runs share their settings."""
+    """What every run's numbers rest on; one line when all runs share their settings (the MC
+    samples, an MDM-only setting, are compared among the MDM runs only)."""
 
     def line(s: dict) -> str:
-        mc = f", {s['mc_samples']} MC samples per row (MDM)" if s["mc_samples"] else ""
-        return (f"{s['rows'] or 'all'} rows per split (seed {s['seed']}){mc}, {s['dtype']}; 95% "
+        return (f"{s['rows'] or 'all'} rows per split (seed {s['seed']}), {s['dtype']}; 95% "
                 f"intervals from {s['bootstrap']} bootstrap resamples over documents (none "
                 f"below {s['min_docs']} documents); corpus manifest "
                 f"{str(s['corpus_manifest_sha256'])[:12]}")  # fmt: skip
 
     per_run = report["settings"]
     texts = {run: line(s) for run, s in per_run.items()}
-    if len(set(texts.values())) == 1:
-        return [next(iter(texts.values())) + "."]
-    return ["Settings differ between runs:", *(f"- `{run}`: {text}" for run, text in texts.items())]  # fmt: skip
+    mc = {s["mc_samples"] for s in per_run.values() if s["mc_samples"]}
+    if len(set(texts.values())) == 1 and len(mc) <= 1:
+        extra = f", {mc.pop()} MC samples per row (MDM)" if mc else ""
+        return [next(iter(texts.values())) + extra + "."]
+    return ["Settings differ between runs:"] + [
+        f"- `{run}`: {text}" + (f", {per_run[run]['mc_samples']} MC samples per row" if per_run[run]["mc_samples"] else "")
+        for run, text in texts.items()
+    ]  # fmt: skip
 
 
 def markdown(report: dict, png_name: str) -> str:
@@ -499,8 +504,10 @@ def cmd_temporal(args: argparse.Namespace) -> int:
     g = report["gate"]
     if g is None:
         return 0
-    undecided = [f"{r['run']}/{r['period']}" for r in g["periods"] if r["outcome"] != "pass"]
     if g["outcome"] != "pass":
+        named = {o: ", ".join(f"{r['run']}/{r['period']}" for r in g["periods"] if r["outcome"] == o)
+                 for o in ("fail", "inconclusive")}  # fmt: skip
+        parts = "; ".join(f"{o}: {names}" for o, names in named.items() if names)
         print(f"quality-degradation gate {g['outcome'].upper()} (max {g['max_degradation']} "
-              f"nats): {', '.join(undecided)}", file=sys.stderr)  # fmt: skip
+              f"nats): {parts}", file=sys.stderr)  # fmt: skip
     return g["exit_code"]
