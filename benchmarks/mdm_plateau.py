@@ -105,7 +105,7 @@ def unigram_log_probs(corpus: Path, vocab: int) -> torch.Tensor:
     """log q(token) from the training split's counts (add-one smoothed, over the scored
     positions ``tokens[:, :-1]`` of every row)."""
     counts = torch.ones(vocab, dtype=torch.float64)
-    for tokens, _ in iter_eval_batches(corpus, "train", batch_size=1024):
+    for tokens, _, _ in iter_eval_batches(corpus, "train", batch_size=1024):
         counts += torch.bincount(tokens[:, :-1].reshape(-1), minlength=vocab)[:vocab].double()
     return (counts / counts.sum()).log()
 
@@ -113,7 +113,7 @@ def unigram_log_probs(corpus: Path, vocab: int) -> torch.Tensor:
 def unigram_loss(corpus: Path, log_q: torch.Tensor) -> float:
     """Cross-entropy of the unigram on every scored token of the validation split (nats)."""
     total, count = 0.0, 0
-    for tokens, _ in iter_eval_batches(corpus, "validation", batch_size=256):
+    for tokens, _, _ in iter_eval_batches(corpus, "validation", batch_size=256):
         x = tokens[:, :-1]
         total -= float(log_q[x].sum())
         count += x.numel()
@@ -126,7 +126,7 @@ def unigram_elbo(corpus: Path, log_q: torch.Tensor, n_samples: int) -> float:
     unigram. Its expectation is :func:`unigram_loss`; with the same draws it carries the same
     Monte Carlo noise as the MDMs' ``val``, so the two compare draw for draw."""
     objective, totals, rows = MDMObjective(mask_id=len(log_q)), 0.0, 0
-    for tokens, keys in iter_eval_batches(corpus, "validation", batch_size=64):
+    for tokens, keys, _ in iter_eval_batches(corpus, "validation", batch_size=64):
         x = tokens[:, :-1]
         times, masks = objective.eval_draws(keys, n_samples, x.shape[1])
         p = (1 - objective.eps) * times + objective.eps  # [B, n]
@@ -171,7 +171,7 @@ def context_gain(run_dir: Path, corpus: Path, log_q: torch.Tensor) -> float:
 
     loaded = load_model(run_dir, device="cpu", dtype="fp32")
     model_ce, uni_ce, count = 0.0, 0.0, 0
-    for tokens, keys in iter_eval_batches(corpus, "validation", batch_size=32):
+    for tokens, keys, _ in iter_eval_batches(corpus, "validation", batch_size=32):
         x = tokens[:, :-1]
         for draw in range(PROBE_DRAWS):
             g = row_generator(int(keys[0]) + draw)
@@ -221,7 +221,7 @@ def loss_spread(run_dir: Path, corpus: Path, batch: int, draws: int) -> dict[str
     from eval.measure.loading import load_model
 
     loaded = load_model(run_dir, device="cpu", dtype="fp32")
-    tokens, _ = next(iter_eval_batches(corpus, "train", batch_size=batch))
+    tokens = next(iter_eval_batches(corpus, "train", batch_size=batch))[0]
     out = {}
     for t_sampling in ("iid", "stratified"):
         objective = MDMObjective(loaded.mask_id, t_sampling=t_sampling, loss_chunk=0)

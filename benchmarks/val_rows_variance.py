@@ -40,7 +40,7 @@ def row_losses(spec: str, split: str, rows: int | None, mc: int, key_seed: int) 
     with torch.no_grad():
         for b in tqdm(range(sample.n_batches(8)), desc=f"{spec} keys={key_seed}", leave=False):
             index = sample.batch_rows(b, 8)
-            tokens, _ = sample.batch(b, 8)
+            tokens = sample.batch(b, 8)[0]
             keys = torch.from_numpy(mix_keys(index, key_seed))
             out.append(objective.eval_row_losses(loaded.model, tokens, keys, mc).numpy())
     return np.concatenate(out), loaded.family
