@@ -20,15 +20,17 @@ FAMILIES = ("arm", "mdm")
 def summary_rows(
     ppl: dict[str, dict], unigram: dict[str, float], cloze: dict[str, dict] | None = None
 ) -> list[dict]:
-    """One dict per split: rows, unigram, arm, mdm (losses) and arm_cloze / mdm_cloze (acc)."""
+    """One dict per split: rows, documents, unigram, arm, mdm (losses) and arm_cloze /
+    mdm_cloze (acc)."""
     cloze = cloze or {}
     out = []
     for split, base in unigram.items():
-        row = {"split": split, "unigram": base, "rows": None}
+        row = {"split": split, "unigram": base, "rows": None, "documents": None}
         for family in FAMILIES:
             result = ppl.get(family, {}).get("splits", {}).get(split)
             row[family] = result["loss"] if result else math.nan
             row["rows"] = row["rows"] or (result["rows"] if result else None)
+            row["documents"] = row["documents"] or (result.get("documents") if result else None)
             acc = cloze.get(family, {}).get(split, {}).get("acc")
             row[f"{family}_cloze"] = math.nan if acc is None else float(acc)
         out.append(row)
@@ -42,16 +44,20 @@ def _cell(value: float, fmt: str, width: int) -> str:
 def format_summary(rows: list[dict]) -> str:
     """The table (plain text, also valid as a markdown code block) and a one-line verdict."""
     with_cloze = any(not math.isnan(r[f"{f}_cloze"]) for r in rows for f in FAMILIES)
-    head = f"{'split':<16}{'rows':>6}{'unigram':>10}{'ARM':>9}{'MDM':>9}"
+    head = f"{'split':<16}{'rows':>6}{'docs':>6}{'unigram':>10}{'ARM':>9}{'MDM':>9}"
     head += f"{'ARM cloze':>11}{'MDM cloze':>11}" if with_cloze else ""
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['split']:<16}{r['rows'] or '-':>6}{_cell(r['unigram'], '.3f', 10)}"
+        line = f"{r['split']:<16}{r['rows'] or '-':>6}{r['documents'] or '-':>6}"
+        line += _cell(r["unigram"], ".3f", 10)
         line += _cell(r["arm"], ".3f", 9) + _cell(r["mdm"], ".3f", 9)
         if with_cloze:
             line += _cell(r["arm_cloze"], ".3f", 11) + _cell(r["mdm_cloze"], ".3f", 11)
         lines.append(line)
-    lines.append("loss in nats/token on the same rows (MDM: ELBO upper bound); cloze: accuracy")
+    lines.append("loss in nats/token on the same rows (MDM: ELBO upper bound), padding not scored; "
+                 "cloze: accuracy")  # fmt: skip
+    lines.append("docs: documents those rows touch; intervals (bootstrap over documents) are in "
+                 "each run's eval/ppl.json and the temporal report")  # fmt: skip
     lines.append(verdict(rows))
     return "\n".join(lines)
 

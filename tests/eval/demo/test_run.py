@@ -45,7 +45,11 @@ def test_demo_settings_quick_and_overrides():
 
 def test_summary_table_and_verdict():
     ppl = {
-        f: {"splits": {s: {"loss": v + i, "rows": 64} for i, s in enumerate(SPLITS[:2])}}
+        f: {
+            "splits": {
+                s: {"loss": v + i, "rows": 64, "documents": 9 + i} for i, s in enumerate(SPLITS[:2])
+            }
+        }  # fmt: skip
         for f, v in (("arm", 5.0), ("mdm", 6.0))
     }
     unigram = {"validation": 6.5, "holdout_1990s": 6.6}
@@ -55,6 +59,8 @@ def test_summary_table_and_verdict():
     assert rows[1]["mdm"] == 7.0 and math.isnan(rows[1]["arm_cloze"])
     table = format_summary(rows)
     assert "6.500" in table and "7.000" in table and "0.250" in table
+    assert rows[1]["documents"] == 10 and "bootstrap over documents" in table
+    assert table.splitlines()[3].split()[:3] == ["holdout_1990s", "64", "10"]  # rows, docs
     assert "ARM below the unigram on 2/2 splits; MDM below the unigram on 1/2" in table
     assert "train.flops" in table  # says what to change when the MDM does not beat it
 
