@@ -177,6 +177,7 @@ class _SplitReader:
         self.views: list[np.ndarray] = []
         self.pads: list[np.ndarray] = []  # int64 pad ids per row, one array per record batch
         self._manifest = manifest
+        self._inferred: dict[str, dict[str, np.ndarray]] = {}  # split -> format-2 pads
         self._batches: list[pa.RecordBatch] = []
         self._batch_split: list[str] = []
         self.meta: ShardMeta | None = None
@@ -224,7 +225,7 @@ class _SplitReader:
             self.views.append(flat.reshape(-1, width))
             pads = batch_pads(batch)
             if pads is None:  # a format-2 shard: pads from the manifest's tail segments
-                inferred = inferred_pads(self._manifest, split).get(shard["path"])
+                inferred = self._legacy_pads(split).get(shard["path"])
                 pads = np.zeros(batch.num_rows, np.int64) if inferred is None else (
                     inferred[rows : rows + batch.num_rows])  # fmt: skip
             self.pads.append(pads)
@@ -236,6 +237,12 @@ class _SplitReader:
                 f"shard {path} has {rows} rows but manifest.json says {manifest_rows}: the "
                 "shard was truncated or replaced; rebuild the corpus"
             )
+
+    def _legacy_pads(self, split: str) -> dict[str, np.ndarray]:
+        """Pad counts a format-2 corpus's manifest implies (computed once per split)."""
+        if split not in self._inferred:
+            self._inferred[split] = inferred_pads(self._manifest, split)
+        return self._inferred[split]
 
     def source_runs(self) -> dict[tuple[str, str], list[tuple[int, int]]]:
         """{(split, source): [(first global row, length), ...]} -- contiguous runs."""

@@ -133,14 +133,17 @@ class SplitScores:
         return float(self.row_sum.sum() / max(int(self.row_tokens.sum()), 1))
 
 
-def _reduce(keys: tuple[np.ndarray, ...], values: np.ndarray, counts: np.ndarray):
-    """Sum ``values`` and ``counts`` over equal key tuples, in a fixed order (sorted by the
-    keys, ties in input order), so the float sums do not depend on how rows were dealt to
-    processes. Returns (first key of each group per key array, sums, counts)."""
+def _reduce(
+    keys: tuple[np.ndarray, ...], values: np.ndarray, counts: np.ndarray, group: int | None = None
+):
+    """Sum ``values`` and ``counts`` over equal tuples of the first ``group`` keys (default all),
+    in a fixed order (sorted by every key, ties in input order), so the float sums do not
+    depend on how rows were dealt to processes. Returns (first key of each group per key
+    array, sums, counts)."""
     order = np.lexsort(keys[::-1])
     sorted_keys = [k[order] for k in keys]
     change = np.zeros(len(order), bool)
-    for k in sorted_keys:
+    for k in sorted_keys[:group]:
         change[1:] |= k[1:] != k[:-1]
     starts = np.flatnonzero(change | (np.arange(len(order)) == 0))
     if len(order) == 0:
@@ -207,9 +210,8 @@ def score_rows(
         raise RuntimeError(f"gathered rows of {layout.split} do not match the sample")
     # a document's pieces, in (document, row) order whatever the process that scored them
     (doc_id, _), doc_sum, doc_tokens = _reduce(
-        (got["seg_doc"], got["seg_row"]), got["seg_sum"], got["seg_tokens"]
+        (got["seg_doc"], got["seg_row"]), got["seg_sum"], got["seg_tokens"], group=1
     )
-    (doc_id,), doc_sum, doc_tokens = _reduce((doc_id,), doc_sum, doc_tokens)
     return SplitScores(rows, got["sum"][order], got["tokens"][order], doc_id, doc_sum, doc_tokens)
 
 
@@ -290,8 +292,11 @@ def evaluate_run(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    documents: dict[tuple[str, str], DocumentIndex] | None = None,
 ) -> dict:
-    """The ppl result of one run on ``splits`` (saved splits reused when ``reuse``)."""
+    """The ppl result of one run on ``splits`` (saved splits reused when ``reuse``);
+    ``documents`` caches each (corpus, split)'s document index across runs."""
+    documents = {} if documents is None else documents
     settings = settings_for(loaded, corpus_dir, cfg)
     cached = saved_results(loaded, settings) if reuse else {}
     result = {
@@ -315,8 +320,10 @@ def evaluate_run(
             continue
         layout = SplitLayout.from_manifest(corpus_dir, manifest, split)
         rows = sample_rows(layout.rows, cfg.rows, cfg.seed, split)
-        documents = DocumentIndex(layout, manifest, manifest["tokenizer"]["eos_id"])
-        scores = score_rows(loaded, layout, rows, cfg, documents, rank, world, progress)
+        key = (str(corpus_dir.resolve()), split)
+        if key not in documents:  # one pass over the split, shared by every run on it
+            documents[key] = DocumentIndex(layout, manifest, manifest["tokenizer"]["eos_id"])
+        scores = score_rows(loaded, layout, rows, cfg, documents[key], rank, world, progress)
         seed = split_seed(cfg.seed, split, "boot")
         result["splits"][split] = split_result(layout, scores, cfg, seed)
     return result
@@ -423,10 +430,12 @@ def run_ppl(args: argparse.Namespace, reuse: bool = False) -> tuple[list[dict], 
     cfg = config_from_args(args)
     rank, world = init_distributed(resolve_device(args.device))
     plans = prepare_runs(args)
-    results = []
+    results, documents = [], {}
     for path, corpus_dir, manifest, splits in plans:
         loaded = load_model(path, args.checkpoint, args.device, args.dtype)
-        result = evaluate_run(loaded, corpus_dir, manifest, splits, cfg, reuse, rank, world)
+        result = evaluate_run(
+            loaded, corpus_dir, manifest, splits, cfg, reuse, rank, world, documents=documents
+        )
         if rank == 0 and len(result["reused"]) < len(result["splits"]):
             save_results(loaded, result)  # something new: write and log it
         results.append(result)

@@ -17,7 +17,7 @@ rows), so padding is never scored.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,10 @@ class SplitLayout:
     shards: tuple[Path, ...]
     starts: np.ndarray
     """int64[len(shards) + 1]: cumulative row counts (``starts[-1]`` = rows of the split)."""
-    legacy_pads: tuple[np.ndarray | None, ...] = ()
-    """Per shard: pad counts per row recovered from the manifest (format-2 corpora, whose
-    shards have no ``n_pad`` column), None where the shard holds no padding."""
+    entries: tuple[str, ...] = ()
+    """Each shard's path as the manifest names it."""
+    manifest: dict = field(default_factory=dict, repr=False, compare=False)
+    """The corpus manifest (a format-2 corpus's padding is recovered from it when needed)."""
 
     @classmethod
     def from_manifest(cls, corpus_dir: Path, manifest: dict, split: str) -> SplitLayout:
@@ -48,9 +49,13 @@ class SplitLayout:
             for e in entries
         )
         counts = [int(e["rows"]) for e in entries]
-        inferred = inferred_pads(manifest, split)
         starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        return cls(split, paths, starts, tuple(inferred.get(e["path"]) for e in entries))
+        return cls(split, paths, starts, tuple(e["path"] for e in entries), manifest)
+
+    def legacy_pads(self, index: int) -> np.ndarray | None:
+        """Pad counts per row of shard ``index`` recovered from the manifest (format-2
+        corpora, whose shards have no ``n_pad`` column); None where it holds no padding."""
+        return inferred_pads(self.manifest, self.split).get(self.entries[index])
 
     @property
     def rows(self) -> int:
@@ -79,8 +84,7 @@ class RowReader:
         meta = ShardMeta.from_arrow(reader.schema.metadata, path)
         if meta.tokenizer_sha256 != self.sha:
             raise ValueError(f"shard {path} was tokenized with {meta.tokenizer_sha256}")
-        views, pads, seen = [], [], 0
-        legacy = self.layout.legacy_pads[index] if self.layout.legacy_pads else None
+        views, pads, seen, legacy = [], [], 0, False  # legacy pads: looked up when needed
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             ids = batch.column(0)
@@ -88,6 +92,7 @@ class RowReader:
             views.append(flat.reshape(-1, ids.type.list_size))
             own = batch_pads(batch)
             if own is None:  # format 2: from the manifest, or none outside tails shards
+                legacy = self.layout.legacy_pads(index) if legacy is False else legacy
                 own = np.zeros(batch.num_rows, np.int64) if legacy is None else (
                     legacy[seen : seen + batch.num_rows])  # fmt: skip
             pads.append(own)
