@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import math
 import os
 import sys
 import threading
@@ -64,6 +65,9 @@ class Stage:
     key: str = ""
     after: Callable[[], None] | None = None
     """Run in this process once the stage has finished (local and Ray executors)."""
+    memory: Callable[[], tuple[float, str]] | None = None
+    """Slurm: (GB its task needs, what that was derived from), asked at submit time; raises the
+    ``mem_per_cpu_gb`` default (an ``executor.slurm.stages`` entry that sets it wins)."""
 
     @property
     def logging_dir(self) -> str:
@@ -308,13 +312,17 @@ def run_ray(stages: list[Stage]) -> None:
             stage.after()
 
 
-def stage_resources(sc, name: str) -> dict:
-    """Slurm resources of stage ``name``: its ``executor.slurm.stages`` entry over defaults."""
+def stage_resources(sc, name: str, need_gb: float | None = None) -> dict:
+    """Slurm resources of stage ``name``: its ``executor.slurm.stages`` entry over defaults;
+    ``need_gb`` (what its task needs) raises the default memory, never an explicit entry."""
     res = sc.stages.get(name)
     out = {}
     for key in ("time", "partition", "cpus_per_task", "mem_per_cpu_gb"):
         override = getattr(res, key) if res is not None else None
         out[key] = getattr(sc, key) if override is None else override
+    if need_gb is not None and (res is None or res.mem_per_cpu_gb is None):
+        per_cpu = math.ceil(need_gb / out["cpus_per_task"])
+        out["mem_per_cpu_gb"] = max(out["mem_per_cpu_gb"], per_cpu)
     return out
 
 
@@ -324,10 +332,15 @@ def submit_slurm(cfg: CorpusConfig, stages: list[Stage]) -> None:
     sc = cfg.executor.slurm
     previous = None
     for stage in stages:
+        need_gb, basis = stage.memory() if stage.memory else (None, "")
+        resources = stage_resources(sc, stage.name, need_gb)
+        if stage.memory:
+            print(f"maskscale: {stage.name}: {resources['mem_per_cpu_gb']} GB per CPU "
+                  f"(needs ~{need_gb:.1f} GB for {basis})", flush=True)  # fmt: skip
         previous = SlurmPipelineExecutor(
             stage.pipeline, tasks=stage.tasks, workers=cfg.executor.workers,
             sbatch_args=dict(sc.sbatch_args), job_name=f"maskscale-{stage.name}",
-            logging_dir=stage.logging_dir, depends=previous, **stage_resources(sc, stage.name),
+            logging_dir=stage.logging_dir, depends=previous, **resources,
         )  # fmt: skip
     previous.run()  # launches the whole dependency chain
 

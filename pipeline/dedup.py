@@ -11,8 +11,9 @@ it can have) and a document with neither comes last.
   year from 1000 to 1949; dates further out share the end values, and ties keep datatrove's
   order (lowest index in the task's stream first).
 - MinHash: the signature stage (datatrove's signatures, computed faster) also writes each document's day (``days/``), and our
-  cluster stage keeps, of each cluster, the member with the earliest day (ties: the first in
-  stream order), independent of how the buckets stage was parallelised.
+  cluster stage (``pipeline/cluster.py``, in arrays) keeps, of each cluster, the member with
+  the earliest day (ties: the first in stream order), independent of how the buckets stage
+  was parallelised.
 
 Both filters run inline in the later stages that read the documents (MinHash signatures and
 the split), each through the same deterministic raw reader, which therefore see exactly the
@@ -27,8 +28,6 @@ import struct
 
 import numpy as np
 from datatrove.data import Document
-from datatrove.io import get_datafolder
-from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
     ExactDedupFilter,
@@ -41,6 +40,7 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupFilter,
 )
 
+from pipeline.cluster import EarliestMinhashCluster, cluster_memory
 from pipeline.configlib import to_dict
 from pipeline.minhash import FastMinhashSignature
 from pipeline.temporal import doc_day, parse_bounds
@@ -123,70 +123,6 @@ class BalancedMinhashBuckets(MinhashDedupBuckets):
         return super().get_worker_hash_range([largest], rank, world_size)
 
 
-class EarliestMinhashCluster(PipelineStep):
-    """MinHash stage 3: joins duplicate pairs into clusters and keeps each one's earliest copy.
-
-    Writes ``{file:06d}.remove`` (sorted stream indices, little-endian uint32) for datatrove's
-    ``MinhashDedupFilter``.
-    """
-
-    type = "🫂 - DEDUP"
-    name = "🎯 MinHash stage 3 (earliest kept)"
-
-    def __init__(self, buckets_folder: str, signatures_folder: str, output_folder: str):
-        super().__init__()
-        self.buckets = get_datafolder(buckets_folder)
-        self.signatures = get_datafolder(signatures_folder)
-        self.output = get_datafolder(output_folder)
-        self._days: dict[int, np.ndarray] = {}
-
-    def day(self, node: int) -> int:
-        file, doc = node >> 32, node & 0xFFFFFFFF
-        if file not in self._days:
-            with self.signatures.open(f"days/{file:05d}.days", "rb") as f:
-                self._days[file] = np.frombuffer(f.read(), dtype="<i4")
-        return int(self._days[file][doc])
-
-    def clusters(self) -> dict[int, list[int]]:
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            root = x
-            while parent.setdefault(root, root) != root:
-                root = parent[root]
-            while parent[x] != root:  # path compression
-                parent[x], x = root, parent[x]
-            return root
-
-        for name in sorted(self.buckets.list_files(glob_pattern="*.dups")):
-            with self.buckets.open(name, "rb") as f:
-                pairs = np.frombuffer(f.read(), dtype="<u4").reshape(-1, 4).astype(np.int64)
-            for a, b in zip((pairs[:, 0] << 32) | pairs[:, 1], (pairs[:, 2] << 32) | pairs[:, 3]):
-                ra, rb = find(int(a)), find(int(b))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-        groups: dict[int, list[int]] = {}
-        for node in parent:
-            groups.setdefault(find(node), []).append(node)
-        return groups
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        with self.track_time():
-            removals: dict[int, list[int]] = {}
-            for members in self.clusters().values():
-                keep = min(members, key=lambda n: (self.day(n), n))
-                self.stat_update("clusters")
-                if keep != min(members):
-                    self.stat_update("kept_by_date")  # stream order alone would keep another
-                for node in members:
-                    if node != keep:
-                        removals.setdefault(node >> 32, []).append(node & 0xFFFFFFFF)
-                        self.stat_update("to_remove")
-            for file, docs in sorted(removals.items()):
-                with self.output.open(f"{file:06d}.remove", "wb") as f:
-                    f.write(np.asarray(sorted(docs), dtype="<u4").tobytes())
-
-
 def plan_dedup(p, reader, key: str, tasks: int):
     """Plan the dedup stages over the documents ``reader()`` yields (a new reader step per
     stage; the stream is keyed ``key``).
@@ -245,5 +181,9 @@ def _plan_minhash(p, reader, key: str, tasks: int, upstream_filters):
     cluster = p.add("minhash-cluster", sigs.key, {"cluster": "earliest"}, 1, lambda s: [
         EarliestMinhashCluster(buckets.data(), sigs.data(), s.data()),
     ])  # fmt: skip
+    # Slurm memory of the one clustering task, from the pair count at submit time
+    input_bytes = sum(unit.weight for task in reader().tasks for unit in task)
+    cluster.memory = lambda: cluster_memory(buckets.data(), sigs.data(), input_bytes,
+                                            d.num_buckets, d.num_buckets * per_bucket)  # fmt: skip
     # stage 4 (the filter) runs inside the split stage on exactly the stream stage 1 read
     return (lambda: MinhashDedupFilter(cluster.data())), cluster.key

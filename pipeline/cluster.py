@@ -1,0 +1,273 @@
+"""MinHash stage 3 (clusters of duplicate pairs, earliest-dated member kept) in arrays.
+
+The first version joined the ``.dups`` pairs in a Python dict union-find: ~130 B and ~1.8 us
+per pair. At SlimPajama/FineWeb scale (10^8 pairs and more) that is tens of GB and hours in
+one process, past the 1 CPU x 4 GB a Slurm stage gets by default. Here the pairs never become
+Python objects:
+
+1. every ``.dups`` file is read in chunks of ``CHUNK_PAIRS`` records (datatrove's layout: four
+   little-endian uint32, file and document of one copy, then of the other) and each copy
+   becomes one uint64 node key ``file << 32 | doc``;
+2. the distinct node keys are kept sorted (:class:`SortedUnion` merges chunk by chunk, so what
+   is held is about the distinct values, not the raw pairs: a pair repeated in many buckets
+   costs nothing after its first chunk), and their ranks are the compact node ids;
+3. a second read maps each pair to ``(low id << 32) | high id``; the distinct edges, one
+   direction only, form a CSR matrix and ``scipy.sparse.csgraph.connected_components`` labels
+   the components;
+4. each component keeps its member with the earliest day (``days/`` of the signature stage),
+   ties broken by the smallest node key, i.e. the first in stream order -- exactly the rule
+   of the dict version, so the ``.remove`` files are byte-identical
+   (``tests/pipeline/test_cluster.py`` runs both on planted chains, stars, repeats and ties).
+
+Peak memory is a few arrays over the *distinct* pairs and nodes (see :func:`memory_gb`, fitted
+to ``benchmarks/cluster_scale.py``), never a Python object per pair. Compact ids are int32 (what
+scipy's graph routines index with), so one build's clustering handles up to 2^31 - 1 distinct
+duplicated documents; past that the step says so instead of overflowing.
+
+The Slurm memory of the stage (one task) is derived from the pair count when it is submitted:
+from the sizes of the ``.dups`` files when the buckets stage has already written them (a
+resubmission), otherwise from an estimate, documents x ``ASSUMED_PAIRS_PER_DOC_PER_BUCKET`` x
+buckets, where the documents are counted from the signature stage's ``days/`` files when they
+exist and otherwise estimated as input bytes / ``ASSUMED_DOC_BYTES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from datatrove.io import DataFolder, get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
+"""One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
+CHUNK_PAIRS = 1 << 21  # 32 MiB of records per read
+MAX_NODES = np.iinfo(np.int32).max
+_LOW32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
+
+# memory model of this step: peak RSS ~ BASE_GB + BYTES_PER_PAIR * pairs, measured by
+# benchmarks/cluster_scale.py (synthetic pairs with datatrove's repeats across buckets) and
+# rounded up; SAFETY covers pair sets with fewer repeats than the benchmark's
+BASE_GB = 0.5
+BYTES_PER_PAIR = 40.0
+SAFETY = 1.5
+# used only before any .dups or days/ file exists (a first Slurm submission)
+ASSUMED_DOC_BYTES = 1500
+"""Stored (compressed) input bytes per document: SlimPajama's .jsonl.zst average, ~1.5 kB."""
+ASSUMED_PAIRS_PER_DOC_PER_BUCKET = 0.5
+"""A bucket holds at most one pair per document; SlimPajama's near-duplicate share is ~1/2."""
+
+
+def read_pairs(folder: DataFolder, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Node keys (uint64 ``file << 32 | doc``) of both copies of each pair, chunk by chunk."""
+    size = folder.size(name)
+    if size % PAIR.itemsize:
+        raise ValueError(f"{folder.path}/{name}: {size} bytes is not a whole number of "
+                         f"{PAIR.itemsize}-byte pairs (a truncated write?); delete the "
+                         "minhash-buckets stage's folder and rebuild")  # fmt: skip
+    with folder.open(name, "rb") as f:
+        for start in range(0, size, CHUNK_PAIRS * PAIR.itemsize):
+            # never ask for more than is left: a read allocates what it is asked for
+            buf = f.read(min(CHUNK_PAIRS * PAIR.itemsize, size - start))
+            rec = np.frombuffer(buf, dtype=PAIR)
+            a = (rec["f1"].astype(np.uint64) << _S32) | rec["d1"]
+            b = (rec["f2"].astype(np.uint64) << _S32) | rec["d2"]
+            yield a, b
+
+
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    values.sort(kind="stable")  # timsort: merging sorted runs is close to linear
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+class SortedUnion:
+    """The sorted distinct values of every array added, holding about the distinct values.
+
+    Chunks are reduced to their distinct values and merged into the result once the pending
+    ones outgrow it (amortised: each value is merged O(log n) times).
+    """
+
+    def __init__(self, dtype):
+        self.merged = np.empty(0, dtype=dtype)
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def add(self, values: np.ndarray) -> None:
+        part = _sorted_distinct(np.array(values, dtype=self.merged.dtype))
+        self.pending.append(part)
+        self.n_pending += len(part)
+        if self.n_pending > max(len(self.merged), CHUNK_PAIRS):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.pending:
+            self.merged = _sorted_distinct(np.concatenate([self.merged, *self.pending]))
+            self.pending, self.n_pending = [], 0
+
+    def result(self) -> np.ndarray:
+        self._merge()
+        return self.merged
+
+
+def pair_graph(folder: DataFolder, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct node keys, sorted distinct edges ``low id << 32 | high id``)."""
+    nodes = SortedUnion(np.uint64)
+    for name in names:
+        for a, b in read_pairs(folder, name):
+            nodes.add(np.concatenate([a, b]))
+    keys = nodes.result()
+    if len(keys) > MAX_NODES:
+        raise ValueError(f"{folder.path}: {len(keys)} distinct duplicated documents, more than "
+                         f"the {MAX_NODES} one clustering task handles; raise dedup "
+                         "thresholds (more hashes_per_bucket) or dedup the inputs in parts")  # fmt: skip
+    edges = SortedUnion(np.uint64)
+    for name in names:
+        for a, b in read_pairs(folder, name):
+            ia = np.searchsorted(keys, a).astype(np.uint64)
+            ib = np.searchsorted(keys, b).astype(np.uint64)
+            lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
+            distinct = lo != hi  # a document paired with itself is a cluster of one
+            edges.add((lo[distinct] << _S32) | hi[distinct])
+    return keys, edges.result()
+
+
+def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of the CSR matrix of the distinct upper edges (sorted by row)."""
+    rows = (edges >> _S32).astype(np.int32)
+    indptr = np.searchsorted(rows, np.arange(n_nodes + 1, dtype=np.int32)).astype(np.int64)
+    del rows
+    return indptr, (edges & _LOW32).astype(np.int32)
+
+
+def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Component label (int32) of each compact node id of the upper-edge CSR matrix."""
+    n = len(indptr) - 1
+    ones = np.broadcast_to(np.float64(1), cols.shape)  # unweighted: no data array is stored
+    return connected_components(csr_matrix((ones, cols, indptr), shape=(n, n)), False)[1]
+
+
+def node_days(signatures: DataFolder, keys: np.ndarray) -> np.ndarray:
+    """The day (int32 ordinal, ``days/{file:05d}.days``) of every node key (sorted)."""
+    days = np.empty(len(keys), dtype=np.int32)
+    files = (keys >> _S32).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]])
+    for start, stop in zip(starts, [*starts[1:], len(keys)]):
+        name = f"days/{files[start]:05d}.days"
+        if not signatures.exists(name):
+            raise FileNotFoundError(f"{signatures.path}/{name} is missing but the .dups files "
+                                    f"name documents of file {files[start]}; delete the "
+                                    "minhash stages' folders and rebuild")  # fmt: skip
+        with signatures.open(name, "rb") as f:
+            file_days = np.frombuffer(f.read(), dtype="<i4")
+        docs = (keys[start:stop] & _LOW32).astype(np.int64)
+        if docs[-1] >= len(file_days):
+            raise ValueError(f"{signatures.path}/{name} has {len(file_days)} documents but the "
+                             f".dups files name document {docs[-1]}: signatures and buckets are "
+                             "out of step; delete the minhash stages' folders and rebuild")  # fmt: skip
+        days[start:stop] = file_days[docs]
+    return days
+
+
+def earliest_members(labels: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Index of each component's kept node (earliest day, ties: smallest index), by label."""
+    order = np.lexsort((days, labels))  # stable: equal days stay in index (= stream) order
+    sorted_labels = labels[order]
+    first = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
+    return order[first]
+
+
+class EarliestMinhashCluster(PipelineStep):
+    """MinHash stage 3: joins duplicate pairs into clusters and keeps each one's earliest copy.
+
+    Writes ``{file:06d}.remove`` (sorted stream indices, little-endian uint32) for datatrove's
+    ``MinhashDedupFilter``.
+    """
+
+    type = "🫂 - DEDUP"
+    name = "🎯 MinHash stage 3 (earliest kept)"
+
+    def __init__(self, buckets_folder: str, signatures_folder: str, output_folder: str):
+        super().__init__()
+        self.buckets = get_datafolder(buckets_folder)
+        self.signatures = get_datafolder(signatures_folder)
+        self.output = get_datafolder(output_folder)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        with self.track_time():
+            names = sorted(self.buckets.list_files(glob_pattern="*.dups"))
+            keys, edges = pair_graph(self.buckets, names)
+            if not len(keys):
+                return
+            csr = upper_csr(len(keys), edges)
+            del edges  # scipy's transposed copy is the largest array held from here on
+            labels = component_labels(*csr)
+            del csr
+            keep = earliest_members(labels, node_days(self.signatures, keys))
+            first = np.unique(labels, return_index=True)[1]  # smallest key, by label like keep
+            del labels
+            self.stat_update("clusters", value=len(keep))
+            if by_date := int(np.count_nonzero(keep != first)):
+                self.stat_update("kept_by_date", value=by_date)  # stream order keeps another
+            removed = np.ones(len(keys), dtype=bool)
+            removed[keep] = False
+            self._write(keys[removed])
+
+    def _write(self, removed: np.ndarray) -> None:
+        """``{file:06d}.remove`` per file with removals: its sorted document indices."""
+        if len(removed):
+            self.stat_update("to_remove", value=len(removed))
+        files = removed >> _S32
+        starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]]) if len(removed) else []
+        for start, stop in zip(starts, [*starts[1:], len(removed)]):
+            docs = (removed[start:stop] & _LOW32).astype("<u4")
+            with self.output.open(f"{int(files[start]):06d}.remove", "wb") as f:
+                f.write(docs.tobytes())
+
+
+def count_pairs(buckets: DataFolder, files: int) -> int | None:
+    """Pairs in the ``.dups`` files, or None until the buckets stage has written all ``files``."""
+    if not buckets.exists(""):
+        return None
+    names = buckets.list_files(glob_pattern="*.dups")
+    return sum(buckets.size(n) for n in names) // PAIR.itemsize if len(names) >= files else None
+
+
+def count_documents(signatures: DataFolder) -> int | None:
+    """Documents the signature stage read (its ``days/`` files), None before it has run."""
+    if not signatures.exists("days"):
+        return None
+    names = signatures.list_files("days", glob_pattern="*.days")
+    return sum(signatures.size(n) for n in names) // 4 if names else None
+
+
+def memory_gb(pairs: int) -> float:
+    """Peak memory of this step over ``pairs`` pairs (with the safety margin), in GB."""
+    return (BASE_GB + BYTES_PER_PAIR * pairs / 1e9) * SAFETY
+
+
+def cluster_memory(
+    buckets_folder: str, signatures_folder: str, input_bytes: int, num_buckets: int, dups_files: int
+) -> tuple[float, str]:
+    """(GB the clustering task needs, what the pair count was taken from) at submit time:
+    the ``dups_files`` ``.dups`` files when all exist, else an estimate (module docstring)."""
+    pairs = count_pairs(get_datafolder(buckets_folder), dups_files)
+    if pairs is not None:
+        basis = f"{pairs:.3g} pairs in the .dups files"
+    else:
+        docs = count_documents(get_datafolder(signatures_folder))
+        basis = f"{docs:.3g} documents" if docs is not None else \
+            f"~{input_bytes / ASSUMED_DOC_BYTES:.3g} documents (input bytes / {ASSUMED_DOC_BYTES})"  # fmt: skip
+        docs = docs if docs is not None else math.ceil(input_bytes / ASSUMED_DOC_BYTES)
+        pairs = math.ceil(docs * num_buckets * ASSUMED_PAIRS_PER_DOC_PER_BUCKET)
+        basis = f"~{pairs:.3g} pairs estimated from {basis} x {num_buckets} buckets x " \
+                f"{ASSUMED_PAIRS_PER_DOC_PER_BUCKET}"  # fmt: skip
+    return memory_gb(pairs), basis
