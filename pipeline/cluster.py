@@ -44,7 +44,8 @@ from scipy.sparse.csgraph import connected_components
 
 PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
 """One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
-CHUNK_PAIRS = 1 << 21  # 32 MiB of records per read
+CHUNK_PAIRS = 1 << 20  # 16 MiB of records per read (~100 MB of temporaries)
+MIN_MERGE = 1 << 16  # distinct values pending before a merge, at least
 MAX_NODES = np.iinfo(np.int32).max
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
@@ -102,10 +103,11 @@ class SortedUnion:
         self.n_pending = 0
 
     def add(self, values: np.ndarray) -> None:
-        part = _sorted_distinct(np.array(values, dtype=self.merged.dtype))
+        """Adds ``values`` (sorted in place: pass an array that is not needed in its order)."""
+        part = _sorted_distinct(np.asarray(values, dtype=self.merged.dtype))
         self.pending.append(part)
         self.n_pending += len(part)
-        if self.n_pending > max(len(self.merged), CHUNK_PAIRS):
+        if self.n_pending > max(len(self.merged), MIN_MERGE):
             self._merge()
 
     def _merge(self) -> None:

@@ -147,28 +147,34 @@ def test_bad_files_are_named(tmp_path):
         run_step(b, s, tmp_path / "o")
 
 
-def test_memory_is_arrays_not_objects(tmp_path):
-    """Peak traced memory (numpy's allocations included) over 200k pairs, most repeated as
-    datatrove's buckets repeat them: well under the ~130 B per node of the dict version."""
-    rng = np.random.default_rng(0)
+def memory_case(tmp_path: Path) -> tuple[Path, Path]:
+    """100k documents in 50k clusters of two, each pair found in 8 buckets (400k pairs)."""
     b, s = tmp_path / "b", tmp_path / "s"
     b.mkdir()
     (s / "days").mkdir(parents=True)
-    docs = 50_000
-    rng.integers(1, 100, docs, dtype="<i4").tofile(s / "days" / "00000.days")
-    base = rng.integers(0, docs, (20_000, 2))
-    for bucket in range(10):
-        pairs = np.zeros((20_000, 4), dtype="<u4")
-        pairs[:, 1], pairs[:, 3] = base[:, 0], (base[:, 1] + bucket) % docs
+    docs = 100_000
+    np.random.default_rng(0).integers(1, 100, docs, dtype="<i4").tofile(s / "days" / "00000.days")
+    pairs = np.zeros((docs // 2, 4), dtype="<u4")
+    pairs[:, 1], pairs[:, 3] = np.arange(0, docs, 2), np.arange(1, docs, 2)
+    for bucket in range(8):
         pairs.tofile(b / f"{bucket:05d}_00.dups")
+    return b, s
+
+
+def test_memory_is_arrays_not_objects(tmp_path, monkeypatch):
+    """Peak traced memory (numpy's allocations are traced too) per duplicated document: the
+    dict version holds several Python objects per node (~200 B here), this one a few arrays
+    (chunks small next to the 100k nodes, as they are at scale)."""
+    b, s = memory_case(tmp_path)
+    monkeypatch.setattr(cluster, "CHUNK_PAIRS", 8192)
     tracemalloc.start()
     try:
         EarliestMinhashCluster(str(b), str(s), str(tmp_path / "o")).run()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak / 200_000 < 40  # bytes per pair (the dict version: several hundred)
-    assert peak < memory_gb(200_000) * 1e9
+    assert peak / 100_000 < 70  # bytes per node
+    assert peak < memory_gb(400_000) * 1e9
 
 
 def test_slurm_memory_follows_the_pair_count(tmp_path, dump):
