@@ -80,8 +80,8 @@ def read_pairs(folder: DataFolder, name: str) -> Iterator[tuple[np.ndarray, np.n
             yield a, b
 
 
-def _sorted_distinct(values: np.ndarray) -> np.ndarray:
-    values.sort(kind="stable")  # timsort: merging sorted runs is close to linear
+def _sorted_distinct(values: np.ndarray, kind: str | None = None) -> np.ndarray:
+    values.sort(kind=kind)
     if len(values) < 2:
         return values
     keep = np.empty(len(values), dtype=bool)
@@ -104,7 +104,7 @@ class SortedUnion:
 
     def add(self, values: np.ndarray) -> None:
         """Adds ``values`` (sorted in place: pass an array that is not needed in its order)."""
-        part = _sorted_distinct(np.asarray(values, dtype=self.merged.dtype))
+        part = _sorted_distinct(np.asarray(values, dtype=self.merged.dtype))  # numpy's SIMD sort
         self.pending.append(part)
         self.n_pending += len(part)
         if self.n_pending > max(len(self.merged), MIN_MERGE):
@@ -112,7 +112,9 @@ class SortedUnion:
 
     def _merge(self) -> None:
         if self.pending:
-            self.merged = _sorted_distinct(np.concatenate([self.merged, *self.pending]))
+            # timsort: a concatenation of sorted runs is merged in about linear time
+            merged = np.concatenate([self.merged, *self.pending])
+            self.merged = _sorted_distinct(merged, kind="stable")
             self.pending, self.n_pending = [], 0
 
     def result(self) -> np.ndarray:
@@ -120,26 +122,77 @@ class SortedUnion:
         return self.merged
 
 
-def pair_graph(folder: DataFolder, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct node keys, sorted distinct edges ``low id << 32 | high id``)."""
-    nodes = SortedUnion(np.uint64)
+class DocumentIndex:
+    """Dense ids of all the build's documents: document d of signature file f is
+    ``offsets[f] + d``, from the lengths of the ``days/`` files (one int32 per document)."""
+
+    def __init__(self, signatures: DataFolder):
+        self.folder = signatures
+        names = signatures.list_files("days", glob_pattern="*.days") if \
+            signatures.exists("days") else []  # fmt: skip
+        ranks = [int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names]
+        self.counts = np.full(max(ranks, default=-1) + 1, -1, dtype=np.int64)  # -1: no file
+        for rank, name in zip(ranks, names):
+            self.counts[rank] = signatures.size(name) // 4
+        self.offsets = np.r_[0, np.cumsum(np.maximum(self.counts, 0))]
+        self.total = int(self.offsets[-1])
+
+    def dense(self, keys: np.ndarray) -> np.ndarray:
+        """Dense ids (int64) of node keys ``file << 32 | doc``; a key outside the days files
+        is an error naming the file."""
+        files = (keys >> _S32).astype(np.int64)
+        docs = (keys & _LOW32).astype(np.int64)
+        known = files < len(self.counts)
+        counts = np.where(known, self.counts[np.where(known, files, 0)], -1)
+        if (bad := np.flatnonzero(docs >= counts)).size:
+            f, d, n = files[bad[0]], docs[bad[0]], counts[bad[0]]
+            name = f"{self.folder.path}/days/{f:05d}.days"
+            if n < 0:
+                raise FileNotFoundError(f"{name} is missing but the .dups files name documents "
+                                        f"of file {f}; delete the minhash stages' folders and "
+                                        "rebuild")  # fmt: skip
+            raise ValueError(f"{name} has {n} documents but the .dups files name document {d}: "
+                             "signatures and buckets are out of step; delete the minhash "
+                             "stages' folders and rebuild")  # fmt: skip
+        return self.offsets[files] + docs
+
+    def keys(self, dense: np.ndarray) -> np.ndarray:
+        """Node keys ``file << 32 | doc`` (uint64) of sorted dense ids."""
+        files = np.searchsorted(self.offsets, dense, side="right") - 1
+        docs = dense - self.offsets[files]
+        return (files.astype(np.uint64) << _S32) | docs.astype(np.uint64)
+
+
+def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
+    """(sorted distinct node keys, sorted distinct edges ``low id << 32 | high id``).
+
+    A node's compact id is its rank among the duplicated documents' dense ids: one pass marks
+    them in a bitmap over all documents, a prefix sum ranks them, a second pass maps each
+    pair by two lookups (no search, no per-node objects; 5 bytes per document of the build).
+    """
+    present = np.zeros(index.total, dtype=bool)
     for name in names:
         for a, b in read_pairs(folder, name):
-            nodes.add(np.concatenate([a, b]))
-    keys = nodes.result()
-    if len(keys) > MAX_NODES:
-        raise ValueError(f"{folder.path}: {len(keys)} distinct duplicated documents, more than "
-                         f"the {MAX_NODES} one clustering task handles; raise dedup "
+            present[index.dense(a)] = True
+            present[index.dense(b)] = True
+    nodes = np.flatnonzero(present)
+    if len(nodes) > MAX_NODES:
+        raise ValueError(f"{folder.path}: {len(nodes)} distinct duplicated documents, more "
+                         f"than the {MAX_NODES} one clustering task handles; raise dedup "
                          "thresholds (more hashes_per_bucket) or dedup the inputs in parts")  # fmt: skip
+    rank = np.cumsum(present, dtype=np.int32)
+    del present
+    rank -= 1
     edges = SortedUnion(np.uint64)
     for name in names:
         for a, b in read_pairs(folder, name):
-            ia = np.searchsorted(keys, a).astype(np.uint64)
-            ib = np.searchsorted(keys, b).astype(np.uint64)
+            ia = rank[index.dense(a)].astype(np.uint64)
+            ib = rank[index.dense(b)].astype(np.uint64)
             lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
             distinct = lo != hi  # a document paired with itself is a cluster of one
             edges.add((lo[distinct] << _S32) | hi[distinct])
-    return keys, edges.result()
+    del rank
+    return index.keys(nodes), edges.result()
 
 
 def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,24 +211,15 @@ def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def node_days(signatures: DataFolder, keys: np.ndarray) -> np.ndarray:
-    """The day (int32 ordinal, ``days/{file:05d}.days``) of every node key (sorted)."""
+    """The day (int32 ordinal, ``days/{file:05d}.days``) of every node key (sorted, checked
+    against the days files by :meth:`DocumentIndex.dense`)."""
     days = np.empty(len(keys), dtype=np.int32)
     files = (keys >> _S32).astype(np.int64)
     starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]])
     for start, stop in zip(starts, [*starts[1:], len(keys)]):
-        name = f"days/{files[start]:05d}.days"
-        if not signatures.exists(name):
-            raise FileNotFoundError(f"{signatures.path}/{name} is missing but the .dups files "
-                                    f"name documents of file {files[start]}; delete the "
-                                    "minhash stages' folders and rebuild")  # fmt: skip
-        with signatures.open(name, "rb") as f:
+        with signatures.open(f"days/{files[start]:05d}.days", "rb") as f:
             file_days = np.frombuffer(f.read(), dtype="<i4")
-        docs = (keys[start:stop] & _LOW32).astype(np.int64)
-        if docs[-1] >= len(file_days):
-            raise ValueError(f"{signatures.path}/{name} has {len(file_days)} documents but the "
-                             f".dups files name document {docs[-1]}: signatures and buckets are "
-                             "out of step; delete the minhash stages' folders and rebuild")  # fmt: skip
-        days[start:stop] = file_days[docs]
+        days[start:stop] = file_days[(keys[start:stop] & _LOW32).astype(np.int64)]
     return days
 
 
@@ -206,7 +250,7 @@ class EarliestMinhashCluster(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         with self.track_time():
             names = sorted(self.buckets.list_files(glob_pattern="*.dups"))
-            keys, edges = pair_graph(self.buckets, names)
+            keys, edges = pair_graph(self.buckets, names, DocumentIndex(self.signatures))
             if not len(keys):
                 return
             csr = upper_csr(len(keys), edges)
