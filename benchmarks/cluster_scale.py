@@ -12,7 +12,7 @@
    every document a random day.
 2. Runs ``pipeline.cluster.EarliestMinhashCluster`` and datatrove's ``MinhashDedupCluster``
    on the same files, each in a fresh subprocess that reports its wall time for ``run`` and
-   its peak RSS (``ru_maxrss``), plus the RSS after imports (the interpreter and libraries).
+   its peak RSS (``VmHWM``), plus the peak after imports (the interpreter and libraries).
 3. Prints a table with time and peak-memory ratios (datatrove / ours) and projects 10^8 and
    10^9 pairs by a log-log fit of the measured growth of time and of the memory above the
    import baseline over the measured sizes. ``--skip-datatrove-above N`` leaves datatrove out
@@ -70,6 +70,16 @@ def synth(folder: Path, pairs: int, seed: int = 0) -> dict:
     return {"pairs": written, "nodes": nodes, "clusters": clusters}
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec (``ru_maxrss``
+    does not: a child inherits the peak of the parent that forked it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux
+
+
 def child(which: str, folder: Path) -> None:
     """Run one implementation here (a fresh process) and print its measurements as JSON."""
     out = folder / f"out-{which}"
@@ -81,11 +91,11 @@ def child(which: str, folder: Path) -> None:
         from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupCluster
 
         step = MinhashDedupCluster(str(folder / "b"), str(out), MinhashConfig(num_buckets=BUCKETS))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     start = time.perf_counter()
     step.run()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     removed = sum(p.stat().st_size for p in out.glob("*.remove")) // 4
     print(json.dumps({"seconds": seconds, "peak_rss": peak, "base_rss": base,
                       "removed": removed}))  # fmt: skip

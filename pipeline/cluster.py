@@ -6,21 +6,23 @@ one process, past the 1 CPU x 4 GB a Slurm stage gets by default. Here the pairs
 Python objects:
 
 1. every ``.dups`` file is read in chunks of ``CHUNK_PAIRS`` records (datatrove's layout: four
-   little-endian uint32, file and document of one copy, then of the other) and each copy
-   becomes one uint64 node key ``file << 32 | doc``;
-2. the distinct node keys are kept sorted (:class:`SortedUnion` merges chunk by chunk, so what
-   is held is about the distinct values, not the raw pairs: a pair repeated in many buckets
-   costs nothing after its first chunk), and their ranks are the compact node ids;
-3. a second read maps each pair to ``(low id << 32) | high id``; the distinct edges, one
-   direction only, form a CSR matrix and ``scipy.sparse.csgraph.connected_components`` labels
-   the components;
+   little-endian uint32, file and document of one copy, then of the other);
+2. a document's dense id is its index among all the build's documents (``offsets[file] +
+   doc``, from the lengths of the signature stage's ``days/`` files); one pass marks the
+   duplicated ones in a bitmap, and their ranks among the marked ones (popcounts and one
+   prefix count per 64-bit word) are their compact node ids;
+3. a second read maps each pair by two array lookups to ``(low id << 32) | high id``; the
+   distinct edges (:class:`SortedUnion` merges each chunk's, so a pair repeated in many
+   buckets is held once), one direction only, form a CSR matrix and
+   ``scipy.sparse.csgraph.connected_components`` labels the components;
 4. each component keeps its member with the earliest day (``days/`` of the signature stage),
    ties broken by the smallest node key, i.e. the first in stream order -- exactly the rule
    of the dict version, so the ``.remove`` files are byte-identical
    (``tests/pipeline/test_cluster.py`` runs both on planted chains, stars, repeats and ties).
 
-Peak memory is a few arrays over the *distinct* pairs and nodes (see :func:`memory_gb`, fitted
-to ``benchmarks/cluster_scale.py``), never a Python object per pair. Compact ids are int32 (what
+Peak memory is a few arrays over the *distinct* pairs and duplicated documents plus 5 bytes
+per document of the build (while the bitmap is built), see :func:`memory_gb`, fitted to
+``benchmarks/cluster_scale.py``; never a Python object per pair. Compact ids are int32 (what
 scipy's graph routines index with), so one build's clustering handles up to 2^31 - 1 distinct
 duplicated documents; past that the step says so instead of overflowing.
 
@@ -44,7 +46,7 @@ from scipy.sparse.csgraph import connected_components
 
 PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
 """One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
-CHUNK_PAIRS = 1 << 20  # 16 MiB of records per read (~100 MB of temporaries)
+CHUNK_PAIRS = 1 << 18  # 4 MiB of records per read (~30 MB of temporaries)
 MIN_MERGE = 1 << 16  # distinct values pending before a merge, at least
 MAX_NODES = np.iinfo(np.int32).max
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -56,6 +58,7 @@ _S32 = np.uint64(32)
 BASE_GB = 0.5
 BYTES_PER_PAIR = 40.0
 SAFETY = 1.5
+BYTES_PER_DOC = 1.2  # the bitmap (1 byte per document while marking, then 0.19)
 # used only before any .dups or days/ file exists (a first Slurm submission)
 ASSUMED_DOC_BYTES = 1500
 """Stored (compressed) input bytes per document: SlimPajama's .jsonl.zst average, ~1.5 kB."""
@@ -63,8 +66,8 @@ ASSUMED_PAIRS_PER_DOC_PER_BUCKET = 0.5
 """A bucket holds at most one pair per document; SlimPajama's near-duplicate share is ~1/2."""
 
 
-def read_pairs(folder: DataFolder, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Node keys (uint64 ``file << 32 | doc``) of both copies of each pair, chunk by chunk."""
+def read_pairs(folder: DataFolder, name: str) -> Iterator[np.ndarray]:
+    """The records (dtype ``PAIR``) of one ``.dups`` file, chunk by chunk."""
     size = folder.size(name)
     if size % PAIR.itemsize:
         raise ValueError(f"{folder.path}/{name}: {size} bytes is not a whole number of "
@@ -73,11 +76,7 @@ def read_pairs(folder: DataFolder, name: str) -> Iterator[tuple[np.ndarray, np.n
     with folder.open(name, "rb") as f:
         for start in range(0, size, CHUNK_PAIRS * PAIR.itemsize):
             # never ask for more than is left: a read allocates what it is asked for
-            buf = f.read(min(CHUNK_PAIRS * PAIR.itemsize, size - start))
-            rec = np.frombuffer(buf, dtype=PAIR)
-            a = (rec["f1"].astype(np.uint64) << _S32) | rec["d1"]
-            b = (rec["f2"].astype(np.uint64) << _S32) | rec["d2"]
-            yield a, b
+            yield np.frombuffer(f.read(min(CHUNK_PAIRS * PAIR.itemsize, size - start)), PAIR)
 
 
 def _sorted_distinct(values: np.ndarray, kind: str | None = None) -> np.ndarray:
@@ -93,8 +92,10 @@ def _sorted_distinct(values: np.ndarray, kind: str | None = None) -> np.ndarray:
 class SortedUnion:
     """The sorted distinct values of every array added, holding about the distinct values.
 
-    Chunks are reduced to their distinct values and merged into the result once the pending
-    ones outgrow it (amortised: each value is merged O(log n) times).
+    Chunks are reduced to their distinct values; once the pending ones outnumber a quarter of
+    the merged ones, the new values among them are inserted (peak: about twice the merged
+    values; each merge copies them once, so there are O(log n) merges while they grow and one
+    per quarter of them when chunks repeat known values).
     """
 
     def __init__(self, dtype):
@@ -107,15 +108,21 @@ class SortedUnion:
         part = _sorted_distinct(np.asarray(values, dtype=self.merged.dtype))  # numpy's SIMD sort
         self.pending.append(part)
         self.n_pending += len(part)
-        if self.n_pending > max(len(self.merged), MIN_MERGE):
+        if self.n_pending > max(len(self.merged) // 4, MIN_MERGE):
             self._merge()
 
     def _merge(self) -> None:
-        if self.pending:
-            # timsort: a concatenation of sorted runs is merged in about linear time
-            merged = np.concatenate([self.merged, *self.pending])
-            self.merged = _sorted_distinct(merged, kind="stable")
-            self.pending, self.n_pending = [], 0
+        if not self.pending:
+            return
+        # timsort: a concatenation of sorted runs is merged in about linear time
+        part = _sorted_distinct(np.concatenate(self.pending), kind="stable")
+        self.pending, self.n_pending = [], 0
+        if len(self.merged):  # only the new values are inserted: no sort of the merged ones
+            at = np.searchsorted(self.merged, part)
+            new = at == len(self.merged)
+            new[~new] = self.merged[at[~new]] != part[~new]
+            part, at = part[new], at[new]
+        self.merged = np.insert(self.merged, at, part) if len(self.merged) else part
 
     def result(self) -> np.ndarray:
         self._merge()
@@ -137,68 +144,93 @@ class DocumentIndex:
         self.offsets = np.r_[0, np.cumsum(np.maximum(self.counts, 0))]
         self.total = int(self.offsets[-1])
 
-    def dense(self, keys: np.ndarray) -> np.ndarray:
-        """Dense ids (int64) of node keys ``file << 32 | doc``; a key outside the days files
-        is an error naming the file."""
-        files = (keys >> _S32).astype(np.int64)
-        docs = (keys & _LOW32).astype(np.int64)
-        known = files < len(self.counts)
-        counts = np.where(known, self.counts[np.where(known, files, 0)], -1)
+    def dense(self, files: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """Dense ids (int64) of documents ``docs`` of signature files ``files``; one outside
+        the days files is an error naming the file."""
+        if len(files) and (top := int(files.max())) >= len(self.counts):
+            self._missing(top)
+        counts = self.counts[files]
         if (bad := np.flatnonzero(docs >= counts)).size:
-            f, d, n = files[bad[0]], docs[bad[0]], counts[bad[0]]
-            name = f"{self.folder.path}/days/{f:05d}.days"
+            f, d, n = int(files[bad[0]]), int(docs[bad[0]]), int(counts[bad[0]])
             if n < 0:
-                raise FileNotFoundError(f"{name} is missing but the .dups files name documents "
-                                        f"of file {f}; delete the minhash stages' folders and "
-                                        "rebuild")  # fmt: skip
-            raise ValueError(f"{name} has {n} documents but the .dups files name document {d}: "
-                             "signatures and buckets are out of step; delete the minhash "
-                             "stages' folders and rebuild")  # fmt: skip
+                self._missing(f)
+            raise ValueError(f"{self.folder.path}/days/{f:05d}.days has {n} documents but the "
+                             f".dups files name document {d}: signatures and buckets are out "
+                             "of step; delete the minhash stages' folders and rebuild")  # fmt: skip
+        del counts
         return self.offsets[files] + docs
 
+    def _missing(self, f: int):
+        raise FileNotFoundError(f"{self.folder.path}/days/{f:05d}.days is missing but the .dups "
+                                f"files name documents of file {f}; delete the minhash stages' "
+                                "folders and rebuild")  # fmt: skip
+
     def keys(self, dense: np.ndarray) -> np.ndarray:
-        """Node keys ``file << 32 | doc`` (uint64) of sorted dense ids."""
-        files = np.searchsorted(self.offsets, dense, side="right") - 1
-        docs = dense - self.offsets[files]
-        return (files.astype(np.uint64) << _S32) | docs.astype(np.uint64)
+        """Node keys ``file << 32 | doc`` (uint64) of sorted dense ids, chunk by chunk."""
+        out = np.empty(len(dense), dtype=np.uint64)
+        for start in range(0, len(dense), CHUNK_PAIRS):
+            part = dense[start : start + CHUNK_PAIRS]
+            files = np.searchsorted(self.offsets, part, side="right") - 1
+            docs = (part - self.offsets[files]).astype(np.uint64)
+            out[start : start + len(part)] = (files.astype(np.uint64) << _S32) | docs
+        return out
+
+
+class BitRank:
+    """Rank (int64) of marked positions among all marked ones, from a bitmap and one int32
+    prefix count per 64-bit word: 0.19 bytes per position instead of an int32 rank each."""
+
+    def __init__(self, marked: np.ndarray):
+        bits = np.packbits(marked, bitorder="little")
+        self.words = np.zeros((len(bits) + 7) // 8, dtype="<u8")
+        self.words.view(np.uint8)[: len(bits)] = bits
+        del bits
+        counts = np.bitwise_count(self.words).astype(np.int32)
+        self.before = np.cumsum(counts, dtype=np.int32) - counts  # marked before each word
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        word = positions >> 6
+        below = (np.uint64(1) << (positions & 63).astype(np.uint64)) - np.uint64(1)
+        return self.before[word] + np.bitwise_count(self.words[word] & below)
 
 
 def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
     """(sorted distinct node keys, sorted distinct edges ``low id << 32 | high id``).
 
     A node's compact id is its rank among the duplicated documents' dense ids: one pass marks
-    them in a bitmap over all documents, a prefix sum ranks them, a second pass maps each
-    pair by two lookups (no search, no per-node objects; 5 bytes per document of the build).
+    them in a bitmap over all documents, which is then ranked (:class:`BitRank`), and a second
+    pass maps each pair by two lookups (no search, no per-node objects).
     """
     present = np.zeros(index.total, dtype=bool)
     for name in names:
-        for a, b in read_pairs(folder, name):
-            present[index.dense(a)] = True
-            present[index.dense(b)] = True
-    nodes = np.flatnonzero(present)
+        for rec in read_pairs(folder, name):
+            present[index.dense(rec["f1"], rec["d1"])] = True
+            present[index.dense(rec["f2"], rec["d2"])] = True
+    nodes = index.keys(np.flatnonzero(present))
     if len(nodes) > MAX_NODES:
         raise ValueError(f"{folder.path}: {len(nodes)} distinct duplicated documents, more "
                          f"than the {MAX_NODES} one clustering task handles; raise dedup "
                          "thresholds (more hashes_per_bucket) or dedup the inputs in parts")  # fmt: skip
-    rank = np.cumsum(present, dtype=np.int32)
+    rank = BitRank(present)
     del present
-    rank -= 1
     edges = SortedUnion(np.uint64)
     for name in names:
-        for a, b in read_pairs(folder, name):
-            ia = rank[index.dense(a)].astype(np.uint64)
-            ib = rank[index.dense(b)].astype(np.uint64)
+        for rec in read_pairs(folder, name):
+            ia = rank(index.dense(rec["f1"], rec["d1"])).astype(np.uint64)
+            ib = rank(index.dense(rec["f2"], rec["d2"])).astype(np.uint64)
             lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
             distinct = lo != hi  # a document paired with itself is a cluster of one
             edges.add((lo[distinct] << _S32) | hi[distinct])
     del rank
-    return index.keys(nodes), edges.result()
+    return nodes, edges.result()
 
 
 def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, indices) of the CSR matrix of the distinct upper edges (sorted by row)."""
+    """(indptr, indices) of the CSR matrix of the distinct upper edges (sorted by row), int32
+    where that fits (scipy would copy int64 ones down)."""
     rows = (edges >> _S32).astype(np.int32)
-    indptr = np.searchsorted(rows, np.arange(n_nodes + 1, dtype=np.int32)).astype(np.int64)
+    dtype = np.int32 if len(edges) <= MAX_NODES else np.int64
+    indptr = np.searchsorted(rows, np.arange(n_nodes + 1, dtype=np.int32)).astype(dtype)
     del rows
     return indptr, (edges & _LOW32).astype(np.int32)
 
@@ -295,25 +327,27 @@ def count_documents(signatures: DataFolder) -> int | None:
     return sum(signatures.size(n) for n in names) // 4 if names else None
 
 
-def memory_gb(pairs: int) -> float:
-    """Peak memory of this step over ``pairs`` pairs (with the safety margin), in GB."""
-    return (BASE_GB + BYTES_PER_PAIR * pairs / 1e9) * SAFETY
+def memory_gb(pairs: int, docs: int) -> float:
+    """Peak memory of this step over ``pairs`` pairs among ``docs`` documents (with the
+    safety margin), in GB."""
+    return (BASE_GB + (BYTES_PER_PAIR * pairs + BYTES_PER_DOC * docs) / 1e9) * SAFETY
 
 
-def cluster_memory(
-    buckets_folder: str, signatures_folder: str, input_bytes: int, num_buckets: int, dups_files: int
-) -> tuple[float, str]:
-    """(GB the clustering task needs, what the pair count was taken from) at submit time:
+def cluster_memory(buckets_folder: str, signatures_folder: str, input_bytes: int,
+                   num_buckets: int, dups_files: int) -> tuple[float, str]:
+    """(GB the clustering task needs, what it was derived from) at submit time: the pairs of
     the ``dups_files`` ``.dups`` files when all exist, else an estimate (module docstring)."""
+    docs = count_documents(get_datafolder(signatures_folder))
+    if docs is None:
+        docs = math.ceil(input_bytes / ASSUMED_DOC_BYTES)
+        doc_basis = f"~{docs:.3g} documents (input bytes / {ASSUMED_DOC_BYTES})"
+    else:
+        doc_basis = f"{docs:.3g} documents"
     pairs = count_pairs(get_datafolder(buckets_folder), dups_files)
     if pairs is not None:
-        basis = f"{pairs:.3g} pairs in the .dups files"
+        basis = f"{pairs:.3g} pairs in the .dups files among {doc_basis}"
     else:
-        docs = count_documents(get_datafolder(signatures_folder))
-        basis = f"{docs:.3g} documents" if docs is not None else \
-            f"~{input_bytes / ASSUMED_DOC_BYTES:.3g} documents (input bytes / {ASSUMED_DOC_BYTES})"  # fmt: skip
-        docs = docs if docs is not None else math.ceil(input_bytes / ASSUMED_DOC_BYTES)
         pairs = math.ceil(docs * num_buckets * ASSUMED_PAIRS_PER_DOC_PER_BUCKET)
-        basis = f"~{pairs:.3g} pairs estimated from {basis} x {num_buckets} buckets x " \
+        basis = f"~{pairs:.3g} pairs estimated from {doc_basis} x {num_buckets} buckets x " \
                 f"{ASSUMED_PAIRS_PER_DOC_PER_BUCKET}"  # fmt: skip
-    return memory_gb(pairs), basis
+    return memory_gb(pairs, docs), basis
