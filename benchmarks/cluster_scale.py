@@ -13,7 +13,8 @@
 2. Runs ``pipeline.cluster.EarliestMinhashCluster`` and datatrove's ``MinhashDedupCluster``
    on the same files, each in a fresh subprocess that reports its wall time for ``run`` and
    its peak RSS (``VmHWM``), plus the peak after imports (the interpreter and libraries).
-3. Prints a table with time and peak-memory ratios (datatrove / ours) and projects 10^8 and
+3. Prints a table with time and peak-memory ratios (time datatrove / ours, memory ours /
+   datatrove, in total and above the imports) and projects 10^8 and
    10^9 pairs by a log-log fit of the measured growth of time and of the memory above the
    import baseline over the measured sizes. ``--skip-datatrove-above N`` leaves datatrove out
    past N pairs (hours at 10^8 on a small machine). Results go to ``benchmarks/cluster_scale.md``
@@ -98,7 +99,7 @@ def child(which: str, folder: Path) -> None:
     peak = peak_rss()
     removed = sum(p.stat().st_size for p in out.glob("*.remove")) // 4
     print(json.dumps({"seconds": seconds, "peak_rss": peak, "base_rss": base,
-                      "removed": removed}))  # fmt: skip
+                      "net": peak - base, "removed": removed}))  # fmt: skip
 
 
 def measure(which: str, folder: Path) -> dict:
@@ -124,8 +125,9 @@ def project(rows: list[dict], which: str, at: float) -> dict | None:
     xs = [r["pairs"] for r in pts]
     base = pts[-1][which]["base_rss"]
     net = [r[which]["peak_rss"] - r[which]["base_rss"] for r in pts]
+    grown = fit(xs, net, at)
     return {"seconds": fit(xs, [r[which]["seconds"] for r in pts], at),
-            "peak_rss": base + fit(xs, net, at), "projected": True}  # fmt: skip
+            "peak_rss": base + grown, "net": grown, "projected": True}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -136,14 +138,15 @@ def table(rows: list[dict]) -> str:
         return f"{'~' if m.get('projected') else ''}{v:.3g}"
 
     lines = ["| pairs | nodes | ours s | datatrove s | time ratio | ours GiB | datatrove GiB "
-             "| memory ratio |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| memory ratio | above imports |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         o, d = r.get("ours"), r.get("datatrove")
         tr = f"{d['seconds'] / o['seconds']:.1f}x" if o and d else "-"
         mr = f"{o['peak_rss'] / d['peak_rss']:.2f}" if o and d else "-"
+        net = f"{o['net'] / d['net']:.2f}" if o and d and "net" in o and "net" in d else "-"
         lines.append(f"| {r['pairs']:.3g} | {r.get('nodes', '-')} | {cell(o, 'seconds')} "
                      f"| {cell(d, 'seconds')} | {tr} | {cell(o, 'peak_rss')} "
-                     f"| {cell(d, 'peak_rss')} | {mr} |")  # fmt: skip
+                     f"| {cell(d, 'peak_rss')} | {mr} | {net} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -180,8 +183,10 @@ def main() -> None:
     Path(args.out).write_text(
         "# MinHash clustering: maskscale's array step vs datatrove's MinhashDedupCluster\n\n"
         f"`python benchmarks/cluster_scale.py --pairs {args.pairs}` (see its docstring). "
-        "Ratios: time datatrove/ours, memory ours/datatrove (peak RSS). `~`: projected by a "
-        "log-log fit of the measured sizes (memory: growth above the import baseline).\n\n"
+        "Ratios: time datatrove/ours, memory ours/datatrove (peak RSS, and peak RSS above "
+        "each process's RSS after its imports). `~`: projected by a log-log fit of the "
+        "measured sizes (memory: growth above the import baseline). Machine: 2 shared cores "
+        "(other jobs running: timings are noisy, ratios within one run comparable).\n\n"
         f"{text}\n\n```json\n{json.dumps(rows, indent=1)}\n```\n"
     )
 

@@ -41,8 +41,6 @@ from collections.abc import Iterator
 import numpy as np
 from datatrove.io import DataFolder, get_datafolder
 from datatrove.pipeline.base import PipelineStep
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
 
 PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
 """One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
@@ -188,6 +186,13 @@ class BitRank:
         counts = np.bitwise_count(self.words).astype(np.int32)
         self.before = np.cumsum(counts, dtype=np.int32) - counts  # marked before each word
 
+    def __len__(self) -> int:
+        return int(self.before[-1] + np.bitwise_count(self.words[-1])) if len(self.words) else 0
+
+    def marked(self) -> np.ndarray:
+        """The marked positions, sorted (int64)."""
+        return np.flatnonzero(np.unpackbits(self.words.view(np.uint8), bitorder="little"))
+
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         word = positions >> 6
         below = (np.uint64(1) << (positions & 63).astype(np.uint64)) - np.uint64(1)
@@ -195,7 +200,9 @@ class BitRank:
 
 
 def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
-    """(sorted distinct node keys, sorted distinct edges ``low id << 32 | high id``).
+    """(the duplicated documents' dense ids as a :class:`BitRank`, their sorted distinct edges
+    ``low id << 32 | high id``); their node keys are only made after clustering (12 bytes per
+    node less at the peak).
 
     A node's compact id is its rank among the duplicated documents' dense ids: one pass marks
     them in a bitmap over all documents, which is then ranked (:class:`BitRank`), and a second
@@ -206,9 +213,8 @@ def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
         for rec in read_pairs(folder, name):
             present[index.dense(rec["f1"], rec["d1"])] = True
             present[index.dense(rec["f2"], rec["d2"])] = True
-    nodes = index.keys(np.flatnonzero(present))
-    if len(nodes) > MAX_NODES:
-        raise ValueError(f"{folder.path}: {len(nodes)} distinct duplicated documents, more "
+    if (n_nodes := int(np.count_nonzero(present))) > MAX_NODES:
+        raise ValueError(f"{folder.path}: {n_nodes} distinct duplicated documents, more "
                          f"than the {MAX_NODES} one clustering task handles; raise dedup "
                          "thresholds (more hashes_per_bucket) or dedup the inputs in parts")  # fmt: skip
     rank = BitRank(present)
@@ -221,8 +227,7 @@ def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
             lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
             distinct = lo != hi  # a document paired with itself is a cluster of one
             edges.add((lo[distinct] << _S32) | hi[distinct])
-    del rank
-    return nodes, edges.result()
+    return rank, edges.result()
 
 
 def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +242,10 @@ def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Component label (int32) of each compact node id of the upper-edge CSR matrix."""
+    # imported here: scipy's ~17 MB are then not resident while the pairs are read
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(indptr) - 1
     ones = np.broadcast_to(np.float64(1), cols.shape)  # unweighted: no data array is stored
     return connected_components(csr_matrix((ones, cols, indptr), shape=(n, n)), False)[1]
@@ -282,13 +291,16 @@ class EarliestMinhashCluster(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         with self.track_time():
             names = sorted(self.buckets.list_files(glob_pattern="*.dups"))
-            keys, edges = pair_graph(self.buckets, names, DocumentIndex(self.signatures))
-            if not len(keys):
+            index = DocumentIndex(self.signatures)
+            dups, edges = pair_graph(self.buckets, names, index)
+            if not len(dups):
                 return
-            csr = upper_csr(len(keys), edges)
+            csr = upper_csr(len(dups), edges)
             del edges  # scipy's transposed copy is the largest array held from here on
             labels = component_labels(*csr)
             del csr
+            keys = index.keys(dups.marked())
+            del dups
             keep = earliest_members(labels, node_days(self.signatures, keys))
             first = np.unique(labels, return_index=True)[1]  # smallest key, by label like keep
             del labels
