@@ -16,9 +16,10 @@
 3. Prints a table with time and peak-memory ratios (time datatrove / ours, memory ours /
    datatrove, in total and above the imports) and projects 10^8 and
    10^9 pairs by a log-log fit of the measured growth of time and of the memory above the
-   import baseline over the measured sizes. ``--skip-datatrove-above N`` leaves datatrove out
-   past N pairs (hours at 10^8 on a small machine). Results go to ``benchmarks/cluster_scale.md``
-   (a table and the JSON rows).
+   import baseline over the measured sizes (slope at least 1: see :func:`fit`).
+   ``--skip-datatrove-above N`` leaves datatrove out past N pairs (about an hour at 10^8 on a
+   small machine). Results go to ``benchmarks/cluster_scale.md`` (a table and the JSON rows);
+   ``--replot`` recomputes the projections from the rows recorded there.
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ def measure(which: str, folder: Path) -> dict:
 
 
 def fit(xs: list[float], ys: list[float], at: float) -> float:
-    """y at ``at`` on the log-log line through the measured points (least squares)."""
+    """y at ``at`` on the log-log line through the measured points (least squares), from the
+    largest one; a slope under 1 (fixed costs still dominate the smaller sizes, while every
+    pair is read and the synthetic clusters grow with the pairs) is taken as 1."""
     lx, ly = np.log(xs), np.log(np.maximum(ys, 1e-9))
-    slope, icpt = np.polyfit(lx, ly, 1) if len(xs) > 1 else (1.0, ly[0] - lx[0])
-    return float(np.exp(icpt + slope * math.log(at)))
+    slope = max(1.0, np.polyfit(lx, ly, 1)[0]) if len(xs) > 1 else 1.0
+    return float(ys[-1] * (at / xs[-1]) ** slope)
 
 
 def project(rows: list[dict], which: str, at: float) -> dict | None:
@@ -156,12 +159,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/cluster_scale", help="cache of the synthetic files")
     ap.add_argument("--skip-datatrove-above", type=float, default=math.inf)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "cluster_scale.md"))
+    ap.add_argument("--replot", action="store_true", help="re-project the rows in --out")
     ap.add_argument("--child", choices=["ours", "datatrove"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child, Path(args.work))
     rows = []
-    for target in (int(float(x)) for x in args.pairs.split(",")):
+    if args.replot:  # recompute the projections from the rows recorded in --out
+        text = Path(args.out).read_text()
+        recorded = json.loads(text[text.index("```json") + 7 : text.rindex("```")])
+        rows = [r for r in recorded if "nodes" in r]
+    for target in [] if args.replot else (int(float(x)) for x in args.pairs.split(",")):
         folder = Path(args.work) / f"{target:.0e}"
         meta = folder / "meta.json"
         if not meta.exists():

@@ -50,11 +50,13 @@ MAX_NODES = np.iinfo(np.int32).max
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
-# memory model of this step: peak RSS ~ BASE_GB + BYTES_PER_PAIR * pairs, measured by
-# benchmarks/cluster_scale.py (synthetic pairs with datatrove's repeats across buckets) and
-# rounded up; SAFETY covers pair sets with fewer repeats than the benchmark's
+# memory model of this step: peak RSS ~ BASE_GB + BYTES_PER_PAIR * pairs + BYTES_PER_DOC *
+# documents. benchmarks/cluster_scale.py measured 54 MB after imports and ~8.3 B per pair above
+# them at 10^7 pairs (~6.6 pairs and 1 distinct edge per duplicated document, as datatrove's
+# buckets repeat pairs); BYTES_PER_PAIR doubles that for pair sets with fewer repeats (more
+# distinct edges and documents per pair), and SAFETY covers allocator slack
 BASE_GB = 0.5
-BYTES_PER_PAIR = 40.0
+BYTES_PER_PAIR = 16.0
 SAFETY = 1.5
 BYTES_PER_DOC = 1.2  # the bitmap (1 byte per document while marking, then 0.19)
 # used only before any .dups or days/ file exists (a first Slurm submission)
@@ -345,8 +347,9 @@ def memory_gb(pairs: int, docs: int) -> float:
     return (BASE_GB + (BYTES_PER_PAIR * pairs + BYTES_PER_DOC * docs) / 1e9) * SAFETY
 
 
-def cluster_memory(buckets_folder: str, signatures_folder: str, input_bytes: int,
-                   num_buckets: int, dups_files: int) -> tuple[float, str]:
+def cluster_memory(
+    buckets_folder: str, signatures_folder: str, input_bytes: int, num_buckets: int, dups_files: int
+) -> tuple[float, str]:
     """(GB the clustering task needs, what it was derived from) at submit time: the pairs of
     the ``dups_files`` ``.dups`` files when all exist, else an estimate (module docstring)."""
     docs = count_documents(get_datafolder(signatures_folder))
