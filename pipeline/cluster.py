@@ -41,6 +41,8 @@ from collections.abc import Iterator
 import numpy as np
 from datatrove.io import DataFolder, get_datafolder
 from datatrove.pipeline.base import PipelineStep
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
 """One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
@@ -244,10 +246,6 @@ def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Component label (int32) of each compact node id of the upper-edge CSR matrix."""
-    # imported here: scipy's ~17 MB are then not resident while the pairs are read
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(indptr) - 1
     ones = np.broadcast_to(np.float64(1), cols.shape)  # unweighted: no data array is stored
     return connected_components(csr_matrix((ones, cols, indptr), shape=(n, n)), False)[1]

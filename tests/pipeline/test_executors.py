@@ -39,6 +39,8 @@ def test_slurm_chain_matches_local(dump, local_small, tmp_path, monkeypatch):
                  "dedup.workers_per_bucket=2", "dedup.exact_finder_workers=2")  # fmt: skip
     proc = run_build(dump.root, out, "--executor", "slurm", *SMALL, *resources)
     assert "submitted the build to Slurm" in proc.stdout
+    # the clustering task's memory follows from its pair count (estimated: nothing ran yet)
+    assert "maskscale: minhash-cluster: 4 GB per CPU (needs ~0.8 GB for ~" in proc.stdout
     scripts = {p.parents[1].name.split("-", 1)[1].rsplit("-", 1)[0]: p.read_text()
                for p in out.glob(".work/*/logs/launch_script.slurm")}  # fmt: skip
     assert "#SBATCH --cpus-per-task=4" in scripts["minhash-buckets"]
