@@ -53,9 +53,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
 # memory model of this step: peak RSS ~ BASE_GB + BYTES_PER_PAIR * pairs + BYTES_PER_DOC *
-# documents. benchmarks/cluster_scale.py measured 54 MB after imports and ~8.3 B per pair above
+# documents. benchmarks/cluster_scale.py measured 80 MB after imports and ~6.2 B per pair above
 # them at 10^7 pairs (~6.6 pairs and 1 distinct edge per duplicated document, as datatrove's
-# buckets repeat pairs); BYTES_PER_PAIR doubles that for pair sets with fewer repeats (more
+# buckets repeat pairs); BYTES_PER_PAIR is ~2.5x that for pair sets with fewer repeats (more
 # distinct edges and documents per pair), and SAFETY covers allocator slack
 BASE_GB = 0.5
 BYTES_PER_PAIR = 16.0
