@@ -302,12 +302,9 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     """Peak CUDA memory allocated on this device, or the process's resident memory on CPU."""
     if device.type == "cuda":
         return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    try:
-        with open("/proc/self/statm") as f:
-            rss_pages = int(f.read().split()[1])
-        return {"memory/rss_gb": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
-    except (OSError, ValueError):
-        return {}
+    import psutil  # portable (Linux, macOS); /proc/self/statm exists on Linux only
+
+    return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
 # ----------------------------------------------------------------------------- validation
