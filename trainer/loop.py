@@ -264,6 +264,7 @@ def checkpoint_meta(s: Setup, step: int) -> dict:
         "objective": s.cfg.objective,
         "causal": s.cfg.objective == "arm",
         "mask_id": s.model_cfg.mask_id,
+        "mdm_eps": s.cfg.mdm.eps,  # the MDM's mask-probability floor (its 1/t ELBO needs it)
         "model": to_dict(s.model_cfg),
         "preset": s.cfg.model,
         "tokens": step * s.budget.tokens_per_step,

@@ -441,3 +441,16 @@ def test_mc_and_cloze_commands_take_the_mc_weighting(world, tmp_path):
     assert got["fixed_count"]["acc"] is not None
     lls = [[d["ll"] for d in got[w]["docs"]] for w in ("fixed_count", "inverse_t")]
     assert len(lls[0]) == 8 and lls[0] != lls[1]
+
+
+def test_an_export_alone_carries_the_run_s_mdm_eps(world, tmp_path):
+    """config.json of an export records mdm.eps (tests/trainer/test_train.py checks the
+    trainer writes it), so an export copied without its run scores the 1/t ELBO with the floor
+    it was trained with."""
+    import shutil
+
+    run = world["mdm"]
+    info = json.loads((run / "export" / "config.json").read_text())
+    alone = shutil.copytree(run / "export", tmp_path / "export")
+    (alone / "config.json").write_text(json.dumps({**info, "mdm_eps": 0.3}))
+    assert load_model(alone, device="cpu", weights=False).mdm_eps == 0.3
