@@ -10,6 +10,15 @@ Three things a web-scale ingest needs that a per-file reader does not give:
   cannot be split) and the units are grouped in order into tasks of about
   ``records.task_bytes``. The partition depends only on the inputs and that setting, never on
   the executor, so changing workers never rebuilds anything.
+- **Every byte read about once.** A range of a plain file must number its lines (records are
+  named ``file:line``); counting from byte 0 in each range would read a file of n ranges n/2
+  times in every stage that reads. Planning counts the newlines once, each unit carries the
+  count of lines before it, and a range reads only its own bytes plus the end of its last line.
+  What planning read (newline counts, parquet footers) is kept in ``OUTPUT/.work`` per input
+  url, size and version, so a resume or a Slurm resubmit lists the inputs (the only way to see
+  added or rewritten files; one request per ~1000 objects on S3) but reads none of them.
+- **Inputs, not outputs.** Files under the build's own output folder (its ``.work/`` holds
+  JSONL) are never inputs, and every input pattern must match an input file.
 - **Bad data told apart from failures.** Every read goes through :class:`InputFile`, which turns
   any storage error into :class:`InputReadError` (the task fails and a rerun retries it);
   only errors of the decoders (a bad zstd/gzip frame, a truncated stream, an unreadable
@@ -249,16 +258,23 @@ class _PlanCache:
             except (OSError, ValueError, AttributeError):
                 pass  # rebuilt from the inputs
 
-    def get(self, f: InputFile, task_bytes: int) -> tuple[bool, list[int] | None]:
+    def _entry(self, f: InputFile) -> dict | None:
         entry = self.entries.get(f.url)
-        if not entry or (entry["size"], entry["version"]) != (f.size, f.version):
-            return False, None
-        key = _fact_key(f, task_bytes)
-        return key in entry["facts"], entry["facts"].get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("facts"), dict):
+            return None
+        return entry if (entry.get("size"), entry.get("version")) == (f.size, f.version) else None
+
+    def get(self, f: InputFile, task_bytes: int) -> tuple[bool, list[int] | None]:
+        fact = (self._entry(f) or {}).get("facts", {}).get(_fact_key(f, task_bytes), False)
+        if f.codec == "plain":  # one count per range
+            ok = isinstance(fact, list) and len(fact) == len(_bounds(f, task_bytes)) - 1
+        else:  # bytes per row group, or None: an unreadable footer
+            ok = fact is None or isinstance(fact, list)
+        return (True, fact) if ok else (False, None)
 
     def put(self, f: InputFile, task_bytes: int, fact: list[int] | None) -> None:
-        entry = self.entries.get(f.url)
-        if not entry or (entry["size"], entry["version"]) != (f.size, f.version):
+        entry = self._entry(f)
+        if entry is None:
             entry = self.entries[f.url] = {"size": f.size, "version": f.version, "facts": {}}
         entry["facts"][_fact_key(f, task_bytes)] = fact
         self.dirty = True

@@ -132,6 +132,14 @@ def test_plan_cache_reuses_what_planning_read_until_inputs_change(tmp_path, monk
     assert changed == plan_tasks(discover_inputs([str(raw)]), 4000)
     cache.write_text("{not json")  # a damaged cache is rebuilt, never trusted
     assert plan(4000) == changed
+    data = json.loads(cache.read_text())
+    for entry in data["files"].values():
+        entry["facts"] = {
+            k: v[:1] if k.startswith("lines") else v for k, v in entry["facts"].items()
+        }
+    cache.write_text(json.dumps(data))
+    calls.clear()
+    assert plan(4000) == changed and calls == {"_lines_before": 1}  # wrong count: recounted
 
 
 def test_plan_stages_use_the_cache_and_skip_the_output_folder(tmp_path, monkeypatch):
