@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
+from pipeline.inputs import PLAN_CACHE
 from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
 from pipeline.readers import RawDumpReader, discover_inputs, load_date_map, plan_tasks
@@ -103,11 +104,13 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> IntermediateWri
 
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
-    files = discover_inputs(cfg.input)
+    # never the build's own output (its .work/ holds JSONL) even when an input folder holds it
+    files = discover_inputs(cfg.input, exclude=cfg.output)
     # url, size and mtime/etag: an input rewritten in place invalidates every stage built from it
     inputs_fp = fingerprint([(f.url, f.size, f.version) for f in files])
     # the partition depends on the inputs and records.task_bytes only (never on the executor)
-    work = plan_tasks(files, cfg.records.task_bytes)
+    work = plan_tasks(files, cfg.records.task_bytes,
+                      cache=os.path.join(os.path.abspath(cfg.output), ".work", PLAN_CACHE))  # fmt: skip
     tasks = len(work)
     p = _Planner(cfg)
     rc = cfg.records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from pipeline.configlib import load_config
 
@@ -82,7 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     # warnings and the summary (full logs stay in each stage's logs/ folder).
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from pipeline.build import build_corpus
-    from pipeline.inputs import InputReadError
+    from pipeline.inputs import InputReadError, NoInputError
     from pipeline.manifest import summary_table
     from pipeline.readers import BadInputError
 
@@ -95,6 +96,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     except InputReadError as e:
         print(f"maskscale: cannot read input: {e}")
         return 1
+    except NoInputError as e:  # a usage error, like a bad config value
+        print(f"maskscale: {e}", file=sys.stderr)
+        return 2
     if manifest is None:
         print("submitted the build to Slurm; the manifest appears when the last job ends")
         if args.clean_work:

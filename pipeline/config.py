@@ -146,7 +146,9 @@ class CorpusConfig:
     input: list[str] = field(default_factory=list)
     """Input directories, files or globs (SlimPajama .jsonl.zst, .jsonl[.gz], .parquet)."""
     output: str = ""
-    """Corpus directory to write (splits, manifest.json, tokenizer.json; work files in .work/)."""
+    """Corpus directory to write (splits, manifest.json, tokenizer.json; work files in .work/).
+    A directory, not a URL: build locally, then copy (e.g. ``aws s3 sync``). Files under it are
+    never read as inputs, even when an input folder holds it."""
     default_source: str = "web"
     """Source name for records without ``meta.redpajama_set_name``."""
     date_map: str | None = None
@@ -171,6 +173,12 @@ class CorpusConfig:
             raise ConfigError("input: no input given (use --input DIR_OR_GLOB or input=[...])")
         if not self.output:
             raise ConfigError("output: no output directory given (use --output DIR)")
+        if "://" in self.output:
+            raise ConfigError(
+                f"output (--output): {self.output!r} is a URL, but the corpus is written to a "
+                "directory (a shared filesystem for Slurm/Ray). Build into a local directory and "
+                "copy it, e.g. `aws s3 sync DIR s3://bucket/prefix`"
+            )
         if self.split.cutoff is not None:
             parse_day(self.split.cutoff, "split.cutoff")
         for name, rng in self.split.holdout_ranges.items():

@@ -37,7 +37,6 @@ from pipeline.inputs import (
     InputReadError,
     TruncatedStream,
     WorkUnit,
-    count_newlines,
     discover_inputs,
     open_input,
     open_lines,
@@ -98,21 +97,6 @@ def _is_parquet_damage(e: BaseException) -> bool:
     if isinstance(e, InputReadError | MemoryError | pa.ArrowNotImplementedError):
         return False
     return isinstance(e, OSError | pa.ArrowException)
-
-
-class _Lines:
-    """Line numbers within the file of a unit's lines: for a byte range that starts mid-file
-    the newlines before its first line are counted once (one sequential read of the file's
-    head; line numbers name records in rejects, errors and document origins)."""
-
-    def __init__(self, unit: WorkUnit):
-        self.unit, self._base = unit, None
-
-    def number(self, index: int, offset: int) -> int:
-        if self._base is None:
-            start = self.unit.start > 0 and self.unit.file.codec == "plain"
-            self._base = count_newlines(self.unit.file.url, offset) if start else 0
-        return self._base + index
 
 
 class RawDumpReader(PipelineStep):
@@ -262,11 +246,12 @@ class RawDumpReader(PipelineStep):
 
     # -- files -----------------------------------------------------------------------------
     def _read_jsonl(self, unit: WorkUnit) -> Iterator[Document]:
-        lines, line, good = _Lines(unit), 0, 0
+        # lines_before: counted at planning, so a range never rereads the file's head
+        line, good = unit.lines_before, 0
         with open_input(unit.file.url) as fh:
             try:
-                for index, (raw, offset, pos) in enumerate(unit_lines(fh, unit), start=1):
-                    line = lines.number(index, offset)
+                for raw, _offset, pos in unit_lines(fh, unit):
+                    line += 1
                     if raw.strip():
                         yield from self._parse_line(raw, unit, line)
                     good = pos

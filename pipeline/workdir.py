@@ -81,9 +81,9 @@ def clean_work(output: str, stages: list) -> dict:
     removed, freed = 0, 0
     for name in sorted(os.listdir(work)) if os.path.isdir(work) else []:
         folder = os.path.join(work, name)
-        if name not in current:
+        if name not in current:  # older builds' stages, and the input plan cache
+            removed += os.path.isdir(folder)
             freed += _remove(folder)
-            removed += 1
             continue
         for entry in sorted(os.listdir(folder)):
             if entry not in KEEP:
