@@ -9,7 +9,9 @@ of the stages it reads, so:
 - changing a setting gives the affected stage and everything downstream a new folder, so a
   stale stage is never reused (datatrove alone would skip it even with new parameters);
 - identical inputs and settings produce identical bytes (no timestamps, no unordered sets);
-- keys include the maskscale and datatrove versions, so an upgrade never reuses old stages.
+- keys include a fingerprint of the code each stage runs and the versions of the libraries
+  that shape its bytes (:mod:`pipeline.codekey`), so a fix (or a local patch) to packing reruns
+  packing and what follows it, and an upgrade never reuses stages written by older code.
 
 Publishing is the exception to "skip what is complete": OUTPUT holds one build at a time, so
 when the published manifest's ``build_key`` is not this build's, the publish stage is redone
@@ -23,8 +25,6 @@ cluster; Slurm submits them as a chain of dependent array jobs and returns at on
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.metadata
 import os
 import sys
 import threading
@@ -36,6 +36,7 @@ from pathlib import Path
 from datatrove.executor import LocalPipelineExecutor
 from tqdm import tqdm
 
+from pipeline import codekey
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
@@ -74,10 +75,9 @@ class Stage:
         return os.path.join(self.folder, sub)
 
 
-@functools.cache
-def stage_versions() -> dict[str, str]:
-    """Versions that enter every stage key: new code may write different bytes."""
-    return {pkg: importlib.metadata.version(pkg) for pkg in ("maskscale", "datatrove")}
+def stage_versions(stage: str) -> dict[str, str]:
+    """Package versions and code fingerprint that enter ``stage``'s key (see codekey)."""
+    return codekey.stage_versions(stage)
 
 
 class _Planner:
@@ -90,7 +90,7 @@ class _Planner:
 
     def add(self, name: str, parent_key: str, settings, tasks: int, make_pipeline) -> Stage:
         key = fingerprint({"parent": parent_key, "settings": settings, "stage": name,
-                           "versions": stage_versions()})  # fmt: skip
+                           "versions": stage_versions(name)})  # fmt: skip
         folder = os.path.join(self.work, f"{len(self.stages):02d}-{name}-{key}")
         stage = Stage(name, folder, [], tasks, min(self.cfg.executor.workers, tasks), key)
         stage.pipeline = make_pipeline(stage)
@@ -115,7 +115,9 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     p = _Planner(cfg)
     rc = cfg.records
     read_settings = {
-        "records": to_dict(rc),
+        # strict only decides whether a bad record stops the build: a build it lets finish
+        # wrote exactly what a lenient one writes, so it stays out of the key
+        "records": {k: v for k, v in to_dict(rc).items() if k != "strict"},
         "source": cfg.default_source,
         "exclude": sorted(cfg.exclude_sources),
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
@@ -136,7 +138,7 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     # no ingest copy: the reader is deterministic, so every stage that runs it sees the same
     # stream (the dedup filters address documents by their index in it)
     read_key = fingerprint({"inputs": inputs_fp, "read": read_settings,
-                            "versions": stage_versions()})  # fmt: skip
+                            "versions": stage_versions("read")})  # fmt: skip
     dedup_filters, dedup_key = plan_dedup(p, reader, read_key, tasks)
     sc = cfg.split
     split_settings = {**to_dict(sc), "source_dates": cfg.source_dates}
@@ -148,9 +150,10 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     ])  # fmt: skip
     split.after = lambda: _report_undated(cfg, split)
     # the documents before the cutoff (train + validation) do not depend on the validation
-    # fraction, so neither does the BPE trained on a sample of them
+    # fraction, so neither does the BPE trained on a sample of them; the split's code does
     pre_cutoff_key = fingerprint({"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
-                                  "source_dates": cfg.source_dates})  # fmt: skip
+                                  "source_dates": cfg.source_dates,
+                                  "code": stage_versions("split")})  # fmt: skip
     tok_stage = _plan_tokenizer(p, cfg, split, pre_cutoff_key, tasks)
     pc = cfg.pack
     tok_path = tok_stage.data("tokenizer.json")
@@ -175,11 +178,14 @@ def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
         HashShards(shard_dirs),
     ])  # fmt: skip
     stage_dirs = {st.name: st.folder for st in p.stages}
-    # executor settings never change what is published, so they are not part of its key
+    # neither executor settings nor records.strict change what is published (see plan_stages)
     publish_settings = {k: v for k, v in to_dict(cfg).items() if k != "executor"}
+    publish_settings["records"] = {k: v for k, v in publish_settings["records"].items()
+                                   if k != "strict"}  # fmt: skip
+    code = codekey.code_record(["read", *stage_dirs, "publish"])
     p.add("publish", hashes.key, publish_settings, 1, lambda s: [
         PublishCorpus(cfg.output, stage_dirs, shard_dirs, tails.data(), tok_path, to_dict(cfg),
-                      build_key=s.key, versions=stage_versions()),
+                      build_key=s.key, versions=codekey.all_versions(), code=code),
     ])  # fmt: skip
 
 

@@ -12,7 +12,10 @@ Shard sha256s are computed by the parallel ``hash`` stage (:class:`HashShards`) 
 sidecar next to each work shard, keyed by its size and mtime, so publishing only assembles and
 an unchanged shard is never hashed twice. The manifest records the build key (the publish
 stage's key); the build reruns publish whenever the published key differs, so OUTPUT always
-matches the config that was asked for last.
+matches the config (and code) that was asked for last. It also records what entered the keys
+besides settings (:mod:`pipeline.codekey`): the library ``versions`` and under ``code`` each
+stage's code fingerprint and each pipeline module's source hash, so comparing the manifests of
+two builds shows which module's change made a stage rerun.
 """
 
 from __future__ import annotations
@@ -224,12 +227,14 @@ class PublishCorpus(PipelineStep):
     name = "maskscale publish"
 
     def __init__(self, output, stage_dirs, shard_dirs, tails_dir, tokenizer_path, config,
-                 build_key: str = "", versions: dict | None = None):  # fmt: skip
+                 build_key: str = "", versions: dict | None = None,
+                 code: dict | None = None):  # fmt: skip
         super().__init__()
         self.output, self.stage_dirs = os.path.abspath(output), stage_dirs
         self.shard_dirs, self.tails_dir = shard_dirs, tails_dir
         self.tokenizer_path, self.config = tokenizer_path, config
         self.build_key, self.versions = build_key, versions or {}
+        self.code = code or {}
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         manifest_path = os.path.join(self.output, MANIFEST)
@@ -267,6 +272,7 @@ class PublishCorpus(PipelineStep):
             "format": FORMAT,
             "build_key": self.build_key,
             "versions": self.versions,
+            "code": self.code,
             "documents": {
                 "read": counts["read"],
                 "extra_pieces": counts["extra_pieces"],

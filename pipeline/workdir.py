@@ -5,7 +5,8 @@ makes resuming and partial rebuilds cheap. Two things need more than that:
 
 - **Publishing is not idempotent across configs.** OUTPUT holds one build. After config A,
   then B, then A again, A's publish stage is complete, so datatrove would skip it and leave B
-  published. The manifest therefore records ``build_key`` (the publish stage's key) and
+  published (the same holds for code: the build key includes every stage's code fingerprint,
+  so going back to older code republishes its corpus). The manifest therefore records ``build_key`` (the publish stage's key) and
   :func:`redo_stale_publish` drops the publish stage's completion markers whenever the
   published key is not the one about to be built.
 - **Work files cost disk.** Intermediate copies of the corpus (split outputs)
