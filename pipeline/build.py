@@ -142,18 +142,23 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     dedup_filters, dedup_key = plan_dedup(p, reader, read_key, tasks)
     sc = cfg.split
     split_settings = {**to_dict(sc), "source_dates": cfg.source_dates}
+    decon = _decontaminator(cfg)
+    if decon is not None:  # only then: a build without it keeps its keys
+        split_settings["decontaminate"] = decon.key
     split = p.add("split", dedup_key, split_settings, tasks, lambda s: [
         reader(record_to=s), *dedup_filters(),
         TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
-                         cfg.source_dates, sc.undated),
+                         cfg.source_dates, sc.undated, decontaminate=decon),
         _writer(s.data(), "${split}/${rank}.jsonl.zst"),
     ])  # fmt: skip
     split.after = lambda: _report_undated(cfg, split)
     # the documents before the cutoff (train + validation) do not depend on the validation
     # fraction, so neither does the BPE trained on a sample of them; the split's code does
-    pre_cutoff_key = fingerprint({"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
-                                  "source_dates": cfg.source_dates,
-                                  "code": stage_versions("split")})  # fmt: skip
+    pre_cutoff = {"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
+                  "source_dates": cfg.source_dates, "code": stage_versions("split")}  # fmt: skip
+    if decon is not None:  # decontamination removes train documents the BPE samples from
+        pre_cutoff["decontaminate"] = decon.key
+    pre_cutoff_key = fingerprint(pre_cutoff)
     tok_stage = _plan_tokenizer(p, cfg, split, pre_cutoff_key, tasks)
     pc = cfg.pack
     tok_path = tok_stage.data("tokenizer.json")
@@ -164,6 +169,19 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     _plan_publish(p, pack, tok_path, tasks)
     _check_stage_resources(cfg, p.stages)
     return p.stages
+
+
+def _decontaminator(cfg: CorpusConfig):
+    """The tasks of ``decontaminate:`` as n-gram hashes, or None when it lists none."""
+    from pipeline.ngrams import TaskLoadError, TaskNgrams, load_tasks
+
+    dc = cfg.decontaminate
+    if not dc.tasks:
+        return None
+    try:
+        return TaskNgrams(load_tasks(dc.tasks, dc.include_path), dc.ngram)
+    except TaskLoadError as e:
+        raise ConfigError(f"decontaminate.tasks: {e}") from None
 
 
 def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:

@@ -102,6 +102,19 @@ class PackConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    tasks: list[str] = field(default_factory=list)
+    """Evaluation tasks whose items train must not contain: local ``.jsonl`` files
+    (``{context, choices, label}`` or ``{text}``) or lm-eval task names (loaded offline). A
+    train document sharing a word n-gram with an item is dropped before packing, counted as
+    ``dropped.decontaminated`` and per task in the manifest's ``decontaminated``. Empty: off."""
+    ngram: int = 13
+    """n-gram length in words of lowercased text, punctuation dropped (``pipeline/ngrams.py``)."""
+    include_path: str | None = None
+    """Folder of lm-eval task YAMLs for task names defined locally."""
+
+
+@dataclass
 class StageResources:
     """Slurm resources of one stage; unset fields take the ``executor.slurm`` defaults."""
 
@@ -166,6 +179,8 @@ class CorpusConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    """Drop train documents that contain evaluation items (see ``maskscale corpus overlap``)."""
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def validate(self) -> None:
@@ -208,6 +223,8 @@ class CorpusConfig:
             raise ConfigError(
                 "dedup.exact_finder_workers and dedup.workers_per_bucket must be >= 1"
             )
+        if self.decontaminate.ngram < 1:
+            raise ConfigError("decontaminate.ngram must be >= 1")
         if self.tokenizer.train_sample_chars < 1:
             raise ConfigError("tokenizer.train_sample_chars must be >= 1")
         for name, res in self.executor.slurm.stages.items():

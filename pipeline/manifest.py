@@ -78,6 +78,8 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
         "corrupt_files": read_corrupt_files(os.path.join(stage_dirs["split"], "corrupt")),
         # the reader drops bad records, the splitter undated ones (split.undated=drop)
         "dropped": _counter(split, "dropped/"),
+        # per task a decontaminated document contained (it is dropped once, as above)
+        "decontaminated": _counter(split, "decontaminated/"),
         # the exact and MinHash filters run inline in the split stage
         "exact": _dropped_by(split, "exact-deduplication"),
         "near": _dropped_by(split, "MinHash"),
@@ -280,6 +282,7 @@ class PublishCorpus(PipelineStep):
                 "undated_kept": counts["undated"],
             },
             "dropped": counts["dropped"],
+            "decontaminated": dict(sorted(counts["decontaminated"].items())),
             "corrupt_files": counts["corrupt_files"],
             "long_documents": {
                 "policy": self.config["records"]["too_long"],

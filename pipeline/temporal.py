@@ -63,8 +63,10 @@ class TemporalSplitter(PipelineStep):
         holdout_ranges: dict[str, list[str]] | None = None,
         source_dates: dict[str, str] | None = None,
         undated: str = "error",
+        decontaminate=None,
     ):
         super().__init__()
+        self.decontaminate = decontaminate  # pipeline.ngrams.TaskNgrams: drops train documents
         self.cutoff = dt.date.fromisoformat(cutoff) if cutoff else None
         self.validation_fraction = validation_fraction
         self.seed = seed
@@ -109,6 +111,11 @@ class TemporalSplitter(PipelineStep):
             split = self.split_of(doc)
             if split is None:
                 continue
+            if split == "train" and self.decontaminate is not None:
+                found = self.decontaminate.tasks_in(doc.text)
+                if found:  # counted once as dropped, and once per task it contains
+                    self.stat_update("dropped/decontaminated", *(f"decontaminated/{t}" for t in found))
+                    continue
             doc.metadata["split"] = split
             self.stat_update(f"split/{split}", f"split_source/{split}/{doc.metadata['source']}")
             if split in ("train", "validation"):
