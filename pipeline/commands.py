@@ -77,13 +77,21 @@ def _register_overlap(csub) -> None:
                    "task names, loaded offline")  # fmt: skip
     o.add_argument("--include-path", dest="include_path", help="folder of lm-eval task YAMLs")
     o.add_argument("--ngram", type=int, default=13, help="n-gram length in words (default 13)")
-    o.add_argument("--finder-workers", type=int, default=1, dest="finder_workers",
-                   help="hash-range slices: find tasks, each holding 1/N of the query n-grams")
+    o.add_argument(
+        "--finder-workers",
+        type=int,
+        default=1,
+        dest="finder_workers",
+        help="hash-range slices: find tasks, each holding 1/N of the query n-grams",
+    )
     o.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     o.add_argument("--out", help="report folder (default CORPUS/overlap)")
-    o.add_argument("--run", help="log the fractions as metrics to this MLflow run: a run "
-                   "directory (its mlflow_run_id file) or a run id; tracking URI from "
-                   "--tracking-uri, the run's mlflow_tracking_uri or MLFLOW_TRACKING_URI")
+    o.add_argument(
+        "--run",
+        help="log the fractions as metrics to this MLflow run: a run "
+        "directory (its mlflow_run_id file) or a run id; tracking URI from "
+        "--tracking-uri, the run's mlflow_tracking_uri or MLFLOW_TRACKING_URI",
+    )
     o.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=cmd_overlap)

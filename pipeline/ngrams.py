@@ -41,6 +41,8 @@ WORD = re.compile(r"\w+")
 _MUL = np.uint64(0x9E3779B97F4A7C15)  # the polynomial's base (odd)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+QUERY = np.dtype([("hash", "<u8"), ("doc", "<u4"), ("pos", "<u4")])
+"""One n-gram of a query document (holdout document or task item): hash, document, word."""
 HASH_SCHEME = "words-lower-xxh64-poly-splitmix/v1"
 """Enters the keys of everything built from these hashes: a new scheme rebuilds them."""
 

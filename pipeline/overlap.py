@@ -41,13 +41,11 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.configlib import fingerprint
-from pipeline.ngrams import HASH_SCHEME, Task, hash_range, ngram_hashes, words
+from pipeline.ngrams import HASH_SCHEME, QUERY, Task, hash_range, ngram_hashes, words
+from pipeline.overlap_report import assemble, markdown
 from pipeline.steps import INTERMEDIATE, read_rank_file
 
-QUERY = np.dtype([("hash", "<u8"), ("doc", "<u4"), ("pos", "<u4")])
 CHUNK = 1 << 24  # hashes buffered per train file before one unique + write (128 MiB)
-TOP = 10  # shared n-grams listed per split / task
-FORMAT = "maskscale-overlap/1"
 
 
 class OverlapError(RuntimeError):
@@ -116,8 +114,13 @@ class OverlapSignatures(PipelineStep):
                     self.stat_update("train_docs", value=self._train(docs, rank))
                     continue
                 texts = (d.text for d in docs)
-                counts = write_queries(texts, self.n, self.workers,
-                                       os.path.join(self.out, "query", split), f"{rank:05d}")
+                counts = write_queries(
+                    texts,
+                    self.n,
+                    self.workers,
+                    os.path.join(self.out, "query", split),
+                    f"{rank:05d}",
+                )
                 path = os.path.join(self.out, "words", split, f"{rank:05d}.u32")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 counts.tofile(path)
@@ -130,7 +133,8 @@ class OverlapSignatures(PipelineStep):
             if os.path.exists(path):
                 os.remove(path)
         buf, size, total = [], 0, 0
-        for total, doc in enumerate(docs, start=1):
+        for doc in docs:
+            total += 1
             h = ngram_hashes(words(doc.text), self.n)
             buf.append(h)
             size += h.size
@@ -261,14 +265,10 @@ def run_overlap(corpus: str, tasks: list[Task], n: int = 13, finder_workers: int
     os.makedirs(where["tasks"], exist_ok=True)
     prepare_tasks(tasks, n, finder_workers, where["tasks"])
     run_local(stages, progress)
-    from pipeline.overlap_report import assemble
-
     return assemble(where, tasks, n, finder_workers, manifest)
 
 
 def write_report(report: dict, out_dir: str) -> tuple[Path, Path]:
-    from pipeline.overlap_report import markdown
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "overlap.json", out / "overlap.md"

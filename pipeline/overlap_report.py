@@ -17,9 +17,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.ngrams import Task, words
-from pipeline.overlap import FORMAT, QUERY, TOP
+from pipeline.ngrams import QUERY, Task, words
 from pipeline.steps import read_rank_file
+
+TOP = 10  # shared n-grams listed per split / task
+FORMAT = "maskscale-overlap/1"
 
 
 def _read_words(folder: str) -> dict[str, np.ndarray]:
@@ -32,8 +34,11 @@ def _read_words(folder: str) -> dict[str, np.ndarray]:
 def _read_matches(matches: str, workers: int, group: str, names) -> dict[str, np.ndarray]:
     out = {}
     for name in names:
-        parts = [np.fromfile(p, dtype=QUERY) for r in range(workers)
-                 if os.path.exists(p := os.path.join(matches, f"{r:04d}", group, f"{name}.sig"))]
+        parts = [
+            np.fromfile(p, dtype=QUERY)
+            for r in range(workers)
+            if os.path.exists(p := os.path.join(matches, f"{r:04d}", group, f"{name}.sig"))
+        ]
         out[name] = np.concatenate(parts) if parts else np.empty(0, dtype=QUERY)  # fmt: skip
     return out
 
@@ -150,8 +155,10 @@ def markdown(report: dict) -> str:
         lines += ["| task | items | contaminated | fraction | too short to check |",
                   "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for name, t in report["tasks"].items():
-            lines.append(f"| {name} | {t['items']:,} | {t['items_contaminated']:,} | "
-                         f"{t['contaminated_fraction']:.2%} | {t['items_too_short']:,} |")
+            lines.append(
+                f"| {name} | {t['items']:,} | {t['items_contaminated']:,} | "
+                f"{t['contaminated_fraction']:.2%} | {t['items_too_short']:,} |"
+            )
         lines.append("")
     for kind, entries in (("split", report["splits"]), ("task", report["tasks"])):
         for name, s in entries.items():

@@ -114,7 +114,9 @@ class TemporalSplitter(PipelineStep):
             if split == "train" and self.decontaminate is not None:
                 found = self.decontaminate.tasks_in(doc.text)
                 if found:  # counted once as dropped, and once per task it contains
-                    self.stat_update("dropped/decontaminated", *(f"decontaminated/{t}" for t in found))
+                    self.stat_update(
+                        "dropped/decontaminated", *(f"decontaminated/{t}" for t in found)
+                    )
                     continue
             doc.metadata["split"] = split
             self.stat_update(f"split/{split}", f"split_source/{split}/{doc.metadata['source']}")

@@ -60,6 +60,9 @@ class Planted:
         other = [{"text": " ".join(self.train[d][:14])} for d in (11, 13)]
         self.other = root / "other.jsonl"
         self.other.write_text("".join(json.dumps(i) + "\n" for i in other))
+        self.third = root / "third.jsonl"  # t13 (also in other) and t14
+        third = [{"text": " ".join(self.train[d][20:40])} for d in (13, 14)]
+        self.third.write_text("".join(json.dumps(i) + "\n" for i in third))
         self.dump = root / "dump"
         self.dump.mkdir()
         lines = [{"text": " ".join(w), "date": "2015-05-01", "id": f"t{i}"}
@@ -99,18 +102,27 @@ def test_ngrams_are_over_normalised_words_and_slices_cover_the_range():
 
 
 def test_task_ngrams_name_every_task_a_text_contains(planted):
-    tn = TaskNgrams(load_tasks([str(planted.task), str(planted.other)]), N)
+    tn = TaskNgrams(load_tasks([str(planted.task), str(planted.other), str(planted.third)]), N)
     assert tn.tasks_in(" ".join(planted.train[11])) == ["quiz", "other"]
     assert tn.tasks_in(" ".join(planted.train[10])) == ["quiz"]
     assert tn.tasks_in(" ".join(planted.train[12])) == []  # only a wrong choice quotes it
-    assert tn.tasks_in(" ".join(planted.train[13])) == ["other"]
+    assert tn.tasks_in(" ".join(planted.train[13])) == ["other", "third"]
+    assert tn.tasks_in(" ".join(planted.train[9])) == []
 
 
 @pytest.mark.slow
-def test_overlap_report_counts_the_planted_overlaps(planted, tmp_path):
+def test_decontaminated_build_and_its_overlap_report_count_what_was_planted(planted, tmp_path):
     corpus = tmp_path / "c"
-    run_build(planted.dump, corpus, *BUILD)
-    # the same items through the lm-evaluation-harness, from a local task YAML (offline)
+    run_build(planted.dump, corpus, *BUILD,
+              f"decontaminate.tasks=[{planted.other},{planted.third}]")  # fmt: skip
+    m = read_manifest(corpus)
+    # other: t11, t13; third: t13, t14. Three documents dropped, counted per task they held
+    assert m["dropped"] == {"decontaminated": 3}
+    assert m["decontaminated"] == {"other": 2, "third": 2}
+    assert m["splits"]["train"]["documents"] == 30 - 3
+    assert m["splits"]["holdout_2021"]["documents"] == 20  # holdouts are never dropped
+
+    # quiz through a local file and through the lm-evaluation-harness (a local YAML, offline)
     yaml_dir = tmp_path / "yaml"
     yaml_dir.mkdir()
     (yaml_dir / "quiz_h.yaml").write_text(
@@ -119,8 +131,8 @@ def test_overlap_report_counts_the_planted_overlaps(planted, tmp_path):
         'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
         "metric_list:\n  - metric: acc\n"
     )
-    proc = overlap(corpus, "--tasks", str(planted.task), "quiz_h", "--include-path",
-                   str(yaml_dir), "--finder-workers", "2")  # fmt: skip
+    proc = overlap(corpus, "--tasks", str(planted.task), "quiz_h", str(planted.other),
+                   "--include-path", str(yaml_dir), "--finder-workers", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((corpus / "overlap" / "overlap.json").read_text())
     assert set(report["splits"]) == {"holdout_2021"}  # train itself is not a query
@@ -133,29 +145,13 @@ def test_overlap_report_counts_the_planted_overlaps(planted, tmp_path):
     assert " ".join(planted.train[5][30:43]) in [g["ngram"] for g in h["top_ngrams"]]
     for name in ("quiz", "quiz_h"):
         t = report["tasks"][name]
-        assert (t["items"], t["items_contaminated"], t["items_too_short"]) == (9, 3, 1), name
-        assert t["contaminated_fraction"] == pytest.approx(3 / 9)
+        # items 0-1 quote t10 (kept); item 2 quoted t11, which decontamination dropped
+        assert (t["items"], t["items_contaminated"], t["items_too_short"]) == (9, 2, 1), name
+        assert t["contaminated_fraction"] == pytest.approx(2 / 9)
+    assert report["tasks"]["other"]["items_contaminated"] == 0
     assert "| holdout_2021 | 20 | 5 | 25.00% |" in (corpus / "overlap" / "overlap.md").read_text()
 
-
-@pytest.mark.slow
-def test_decontaminate_drops_exactly_the_planted_train_documents(planted, tmp_path):
-    corpus = tmp_path / "c"
-    run_build(planted.dump, corpus, *BUILD,
-              f"decontaminate.tasks=[{planted.task},{planted.other}]")  # fmt: skip
-    m = read_manifest(corpus)
-    # t10, t11 (quiz), t11, t13 (other): three documents dropped, counted per task they held
-    assert m["dropped"] == {"decontaminated": 3}
-    assert m["decontaminated"] == {"other": 2, "quiz": 2}
-    assert m["splits"]["train"]["documents"] == 30 - 3
-    assert m["splits"]["holdout_2021"]["documents"] == 20  # holdouts are never dropped
-    proc = overlap(corpus, "--tasks", str(planted.task), str(planted.other))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((corpus / "overlap" / "overlap.json").read_text())
-    assert report["tasks"]["quiz"]["items_contaminated"] == 0
-    assert report["tasks"]["other"]["items_contaminated"] == 0
     # a cleaned corpus has no documents left to read: the command says what to do
-    split_data = corpus / m["stages"]["split"] / "data"
-    shutil.rmtree(split_data)
+    shutil.rmtree(corpus / m["stages"]["split"] / "data")
     proc = overlap(corpus)
     assert proc.returncode == 2 and "without --clean-work" in proc.stderr
