@@ -41,7 +41,15 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from pipeline.configlib import fingerprint
-from pipeline.ngrams import HASH_SCHEME, QUERY, Task, hash_range, ngram_hashes, words
+from pipeline.ngrams import (
+    HASH_SCHEME,
+    QUERY,
+    Task,
+    hash_range,
+    ngram_hashes,
+    sorted_unique,
+    words,
+)
 from pipeline.overlap_report import assemble, markdown
 from pipeline.steps import INTERMEDIATE, read_rank_file
 
@@ -57,8 +65,10 @@ def _slice_paths(base: str, workers: int, name: str) -> list[str]:
 
 
 def _append_by_slice(paths: list[str], data: np.ndarray, keys: np.ndarray) -> None:
-    order = np.argsort(keys, kind="stable")
-    data, keys = data[order], keys[order]
+    if keys.size > 1 and (keys[1:] < keys[:-1]).any():  # sorted hashes are in slice order
+        order = np.argsort(keys.astype(np.uint16 if len(paths) < 2**16 else np.int64),
+                           kind="stable")  # radix sort of small ints  # fmt: skip
+        data, keys = data[order], keys[order]
     cuts = np.searchsorted(keys, np.arange(len(paths) + 1))
     for r, path in enumerate(paths):
         if cuts[r + 1] > cuts[r]:
@@ -146,7 +156,7 @@ class OverlapSignatures(PipelineStep):
 
     def _flush(self, paths: list[str], buf: list[np.ndarray]) -> None:
         if buf:
-            h = np.unique(np.concatenate(buf))
+            h = sorted_unique(np.concatenate(buf))
             _append_by_slice(paths, h, hash_range(h, self.workers))
 
 
@@ -176,8 +186,8 @@ class OverlapFind(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         with self.track_time():
             files = self.query_files(rank)
-            parts = [np.unique(np.fromfile(p, dtype=QUERY)["hash"]) for p in files.values()]
-            queries = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+            parts = [sorted_unique(np.fromfile(p, dtype=QUERY)["hash"]) for p in files.values()]
+            queries = sorted_unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
             present = np.zeros(len(queries), dtype=bool)
             folder = os.path.join(self.signatures, "train", f"{rank:04d}")
             for name in sorted(os.listdir(folder)) if os.path.isdir(folder) and parts else []:

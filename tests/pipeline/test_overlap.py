@@ -155,3 +155,27 @@ def test_decontaminated_build_and_its_overlap_report_count_what_was_planted(plan
     shutil.rmtree(corpus / m["stages"]["split"] / "data")
     proc = overlap(corpus)
     assert proc.returncode == 2 and "without --clean-work" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fractions_go_to_the_run_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.overlap import log_overlap_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    run_dir = tmp_path / "run"  # a training run's folder, as the trainer's tracker leaves it
+    run_dir.mkdir()
+    (run_dir / "mlflow_run_id").write_text(run_id)
+    (run_dir / "mlflow_tracking_uri").write_text(uri)
+    report = {"splits": {"holdout_2021": {"overlap_fraction": 0.25, "word_overlap_fraction": 0.05}},
+              "tasks": {"quiz": {"contaminated_fraction": 1 / 3}}}  # fmt: skip
+    (tmp_path / "overlap.json").write_text(json.dumps(report))
+    assert log_overlap_mlflow(report, str(run_dir), None, [tmp_path / "overlap.json"]) == run_id
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics == {"overlap/holdout_2021/overlap_fraction": 0.25,
+                       "overlap/holdout_2021/word_overlap_fraction": 0.05,
+                       "overlap/task/quiz/contaminated_fraction": pytest.approx(1 / 3)}  # fmt: skip
+    assert [a.path for a in client.list_artifacts(run_id, "overlap")] == ["overlap/overlap.json"]
