@@ -12,7 +12,9 @@ document in ``holdout_x``, the rest in ``train``, one file per task. Prints docu
   C. the overlap find stage (one task per hash slice),
   D. B + C + the report (``run_overlap``, what the command costs on a built corpus),
 
-and B/A, D/A. Medians over ``--repeats`` runs, wall-clock, ``--workers`` processes.
+and B/A, D/A (medians over ``--repeats`` runs, wall-clock, ``--workers`` processes); then the
+CPU time per document of each signature computation alone in one process, which a loaded
+machine disturbs far less than the wall-clock rates.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("LOGURU_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import zstandard  # noqa: E402
 from synth_dump import DumpParams, ensure_dump  # noqa: E402
@@ -102,6 +105,29 @@ def bench_overlap(root: Path, tasks: int, workers: int, slices: int) -> tuple[fl
     return sig_s, find_s, whole
 
 
+def cpu_per_doc(root: Path) -> tuple[float, float, int]:
+    """CPU seconds of (exact-dedup signature, overlap signature) work per document, one process,
+    reading excluded: stable under a loaded machine where the wall-clock rates are not."""
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
+
+    from pipeline.dedup import DatePriority, doc_text
+    from pipeline.ngrams import ngram_hashes, sorted_unique, words
+    from pipeline.steps import read_rank_file
+
+    docs = [d for p in sorted((root / "all").glob("*.jsonl.zst")) for d in read_rank_file(str(p))]
+    cfg = ExactDedupConfig(content_getter=doc_text, document_priority=DatePriority({}))
+    exact = ExactDedupSignature(str(root / "unused"), cfg)
+    start = time.process_time()
+    sigs = [s for i, d in enumerate(docs) for s in exact.get_hashes(d, i)]
+    exact.save_hashes(0, sigs)
+    a = time.process_time() - start
+    start = time.process_time()
+    sorted_unique(np.concatenate([ngram_hashes(words(d.text), 13) for d in docs]))
+    b = time.process_time() - start
+    shutil.rmtree(root / "unused")
+    return a / len(docs), b / len(docs), len(docs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=float, default=40)
@@ -121,6 +147,7 @@ def main() -> None:
             exact.append(bench_exact(split_dir, tasks, args.workers))
             s, f, w = bench_overlap(root, tasks, args.workers, args.slices)
             sig.append(s), find.append(f), whole.append(w)
+        cpu_exact, cpu_overlap, _ = cpu_per_doc(split_dir)
     med = {k: statistics.median(v) for k, v in
            {"exact": exact, "sig": sig, "find": find, "whole": whole}.items()}  # fmt: skip
     print(f"input: {docs:,} documents, {meta['bytes_uncompressed'] / 1e6:.1f} MB, {tasks} tasks, "
@@ -133,6 +160,10 @@ def main() -> None:
     print(
         f"D whole overlap command   {docs / med['whole']:>10,.0f} docs/s  D/A {med['exact'] / med['whole']:.2f}"
     )
+
+    print(f"CPU per document, one process, reading excluded: exact-dedup signature "
+          f"{cpu_exact * 1e6:,.0f} us, overlap signature {cpu_overlap * 1e6:,.0f} us "
+          f"({cpu_overlap / cpu_exact:.0f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":
