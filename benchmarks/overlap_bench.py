@@ -86,13 +86,12 @@ def bench_exact(root: Path, tasks: int, workers: int) -> float:
 
 def bench_overlap(root: Path, tasks: int, workers: int, slices: int) -> tuple[float, float, float]:
     """(signature s, find s, whole command s) on a fake built corpus in ``root``."""
-    from pipeline.build import stage_versions
-    from pipeline.overlap import plan_overlap, run_overlap
+    from pipeline.overlap_run import plan_overlap, run_overlap
 
     manifest = {"stages": {"split": "split"}, "splits": {"train": {"documents": 0}}}
     (root / "split" / "logs" / "completions").mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps(manifest))
-    stages, _ = plan_overlap(str(root), manifest, [], 13, slices, workers, stage_versions())
+    stages, _ = plan_overlap(str(root), manifest, [], 13, slices, workers)
     sig_s = timed(stages[:1], workers)
     find_s = timed(stages[1:], workers)
     for st in stages:

@@ -179,9 +179,12 @@ def _decontaminator(cfg: CorpusConfig):
     if not dc.tasks:
         return None
     try:
-        return TaskNgrams(load_tasks(dc.tasks, dc.include_path), dc.ngram)
+        decon = TaskNgrams(load_tasks(dc.tasks, dc.include_path), dc.ngram)
     except TaskLoadError as e:
         raise ConfigError(f"decontaminate.tasks: {e}") from None
+    # the split stage runs pipeline.ngrams only when decontaminating: its code enters the key
+    decon.key["code"] = codekey.module_hash("pipeline.ngrams")
+    return decon
 
 
 def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:

@@ -50,6 +50,9 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "pack-tails": ("pipeline.packing", "pipeline.shards"),
     "hash": ("pipeline.manifest", "pipeline.shards"),
     "publish": ("pipeline.manifest", "pipeline.shards"),
+    # maskscale corpus overlap (pipeline/overlap_run.py), on a built corpus
+    "overlap-signatures": ("pipeline.overlap",),
+    "overlap-find": ("pipeline.overlap",),
 }
 STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "read": ("pyarrow",),  # parquet decoding: column types, dates, damaged row groups
@@ -64,6 +67,8 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "pack-tails": ("tokenizers", "pyarrow", "numpy"),
     "hash": ("pyarrow",),
     "publish": ("tokenizers", "pyarrow"),
+    "overlap-signatures": ("xxhash", "numpy"),
+    "overlap-find": ("numpy",),
 }
 EVERY_STAGE = ("maskscale", "datatrove")
 # loading configs decides setting values, which enter the keys themselves

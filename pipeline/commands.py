@@ -182,7 +182,8 @@ def cmd_overlap(args: argparse.Namespace) -> int:
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipeline.ngrams import TaskLoadError, load_tasks
-    from pipeline.overlap import OverlapError, log_overlap_mlflow, run_overlap, write_report
+    from pipeline.overlap import OverlapError, log_overlap_mlflow, write_report
+    from pipeline.overlap_run import run_overlap
 
     if not os.path.isfile(os.path.join(args.corpus, "manifest.json")):
         print(f"maskscale: {args.corpus} is not a built corpus (no manifest.json)",
