@@ -39,6 +39,7 @@ from tqdm import tqdm
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
+from pipeline.filters import QualityFilters, filter_settings, resolve_language_model
 from pipeline.inputs import PLAN_CACHE
 from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
@@ -104,6 +105,8 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> IntermediateWri
 
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
+    # first: a missing language model is a config error before anything is listed or written
+    filters, filtering = _quality_filters(cfg)
     # never the build's own output (its .work/ holds JSONL) even when an input folder holds it
     files = discover_inputs(cfg.input, exclude=cfg.output)
     # url, size and mtime/etag: an input rewritten in place invalidates every stage built from it
@@ -121,6 +124,10 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
     date_map = load_date_map(cfg.date_map)
+    # quality filters change the stream every reading stage sees: their settings (and the
+    # language model's sha256) join the read key
+    if filters is not None:
+        read_settings["filters"] = filtering
 
     def reader(record_to: Stage | None = None) -> RawDumpReader:
         """The raw reader, inline in every stage that reads documents. Only the split stage
@@ -131,7 +138,8 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
                              default_source=cfg.default_source,
                              exclude_sources=cfg.exclude_sources, max_chars=rc.max_chars,
                              too_long=rc.too_long, strict=rc.strict, date_map=date_map,
-                             min_date=rc.min_date, max_date=rc.max_date)  # fmt: skip
+                             min_date=rc.min_date, max_date=rc.max_date,
+                             filters=filters)  # fmt: skip
 
     # no ingest copy: the reader is deterministic, so every stage that runs it sees the same
     # stream (the dedup filters address documents by their index in it)
@@ -161,6 +169,19 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     _plan_publish(p, pack, tok_path, tasks)
     _check_stage_resources(cfg, p.stages)
     return p.stages
+
+
+def _quality_filters(cfg: CorpusConfig) -> tuple[QualityFilters | None, dict | None]:
+    """(the enabled quality filters, their stage-key settings), or (None, None) when all are
+    off. Removed documents are labelled by the split their date puts them in."""
+    if not cfg.filters.enabled():
+        return None, None
+    sc = cfg.split
+    period = TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
+                              cfg.source_dates, sc.undated)  # fmt: skip
+    model = resolve_language_model(cfg.filters.language.model) \
+        if cfg.filters.language.enabled else None  # fmt: skip
+    return QualityFilters(cfg.filters, model, period), filter_settings(cfg.filters, model)
 
 
 def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
