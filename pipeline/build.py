@@ -39,7 +39,12 @@ from tqdm import tqdm
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
-from pipeline.filters import QualityFilters, filter_settings, resolve_language_model
+from pipeline.filters import (
+    WORKER_MODULES,
+    QualityFilters,
+    filter_settings,
+    resolve_language_model,
+)
 from pipeline.inputs import PLAN_CACHE
 from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
@@ -271,7 +276,7 @@ def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
         bar.refresh()
 
 
-def preload_workers() -> None:
+def preload_workers(extra: tuple[str, ...] = ()) -> None:
     """Start the local executor's forkserver with the pipeline modules already imported.
 
     datatrove starts a fresh worker pool for every stage; each worker, forked from the
@@ -280,12 +285,15 @@ def preload_workers() -> None:
     forkserver that preloaded them start in milliseconds. The forkserver is a new interpreter
     that ignores this process's ``sys.path`` (which a script may have extended), so it is
     started here with that path as PYTHONPATH: it preloads the very files this process uses.
-    No effect when the forkserver already runs.
+    No effect when the forkserver already runs. ``extra``: more modules to preload (the quality
+    filters' NLTK, whose import costs more than a small task's filtering).
     """
     import multiprocess
     from multiprocess import forkserver
 
-    multiprocess.get_context("forkserver").set_forkserver_preload(["__main__", "pipeline.build"])
+    multiprocess.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "pipeline.build", *extra]
+    )
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
@@ -297,8 +305,8 @@ def preload_workers() -> None:
             os.environ["PYTHONPATH"] = old
 
 
-def run_local(stages: list[Stage], progress: bool = True) -> None:
-    preload_workers()
+def run_local(stages: list[Stage], progress: bool = True, preload: tuple[str, ...] = ()) -> None:
+    preload_workers(preload)
     for i, stage in enumerate(stages, start=1):
         executor = _QuietLocalExecutor(
             stage.pipeline, tasks=stage.tasks, workers=stage.workers,
@@ -371,7 +379,7 @@ def build_corpus(cfg: CorpusConfig, progress: bool = True, clean: bool = False) 
     redo_stale_publish(cfg.output, stages[-1])
     start = time.time()
     if cfg.executor.kind == "local":
-        run_local(stages, progress)
+        run_local(stages, progress, preload=WORKER_MODULES if cfg.filters.enabled() else ())
     elif cfg.executor.kind == "ray":
         run_ray(stages)
     else:

@@ -47,6 +47,8 @@ from pipeline.configlib import ConfigError, to_dict
 from pipeline.shards import file_sha256
 
 REASON = "filter:"  # rejection reason prefix: filter:<name>
+# imported once by the local executor's forkserver: importing NLTK takes ~1 s per task otherwise
+WORKER_MODULES = ("nltk.tokenize.punkt", "nltk.tokenize.destructive")
 CHECKED, REMOVED = "filter_checked/", "filter_removed/"  # split-stage stats, by split/source
 
 
