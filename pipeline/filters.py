@@ -46,10 +46,11 @@ from pipeline.config import FilterConfig
 from pipeline.configlib import ConfigError, to_dict
 from pipeline.shards import file_sha256
 
-REASON = "filter:"  # rejection reason prefix: filter:<name>
-# imported once by the local executor's forkserver: importing NLTK takes ~1 s per task otherwise
+# imported once by the local executor's forkserver: importing NLTK costs seconds per task
 WORKER_MODULES = ("nltk.tokenize.punkt", "nltk.tokenize.destructive")
-CHECKED, REMOVED = "filter_checked/", "filter_removed/"  # split-stage stats, by split/source
+# stats of the split stage's reader (pipeline/readers.py writes these labels; the reader
+# does not import this module): {split}/{source} and {split}/{name}/{source}
+CHECKED, REMOVED = "filter_checked/", "filter_removed/"
 
 
 class OfflineWordTokenizer(WordTokenizer):
