@@ -40,6 +40,12 @@ from pipeline import codekey
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
+from pipeline.filters import (
+    WORKER_MODULES,
+    QualityFilters,
+    filter_settings,
+    resolve_language_model,
+)
 from pipeline.inputs import PLAN_CACHE
 from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
@@ -104,6 +110,8 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> IntermediateWri
 
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
+    # first: a missing language model is a config error before anything is listed or written
+    filters, filtering = _quality_filters(cfg)
     # never the build's own output (its .work/ holds JSONL) even when an input folder holds it
     files = discover_inputs(cfg.input, exclude=cfg.output)
     # url, size and mtime/etag: an input rewritten in place invalidates every stage built from it
@@ -123,6 +131,10 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
     date_map = load_date_map(cfg.date_map)
+    # quality filters change the stream every reading stage sees: their settings (and the
+    # language model's sha256) join the read key
+    if filters is not None:
+        read_settings["filters"] = filtering
 
     def reader(record_to: Stage | None = None) -> RawDumpReader:
         """The raw reader, inline in every stage that reads documents. Only the split stage
@@ -133,7 +145,8 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
                              default_source=cfg.default_source,
                              exclude_sources=cfg.exclude_sources, max_chars=rc.max_chars,
                              too_long=rc.too_long, strict=rc.strict, date_map=date_map,
-                             min_date=rc.min_date, max_date=rc.max_date)  # fmt: skip
+                             min_date=rc.min_date, max_date=rc.max_date,
+                             filters=filters)  # fmt: skip
 
     # no ingest copy: the reader is deterministic, so every stage that runs it sees the same
     # stream (the dedup filters address documents by their index in it)
@@ -185,6 +198,19 @@ def _decontaminator(cfg: CorpusConfig):
     # the split stage runs pipeline.ngrams only when decontaminating: its code enters the key
     decon.key["code"] = codekey.module_hash("pipeline.ngrams")
     return decon
+
+
+def _quality_filters(cfg: CorpusConfig) -> tuple[QualityFilters | None, dict | None]:
+    """(the enabled quality filters, their stage-key settings), or (None, None) when all are
+    off. Removed documents are labelled by the split their date puts them in."""
+    if not cfg.filters.enabled():
+        return None, None
+    sc = cfg.split
+    period = TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
+                              cfg.source_dates, sc.undated)  # fmt: skip
+    model = resolve_language_model(cfg.filters.language.model) \
+        if cfg.filters.language.enabled else None  # fmt: skip
+    return QualityFilters(cfg.filters, model, period), filter_settings(cfg.filters, model)
 
 
 def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
@@ -277,7 +303,7 @@ def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
         bar.refresh()
 
 
-def preload_workers() -> None:
+def preload_workers(extra: tuple[str, ...] = ()) -> None:
     """Start the local executor's forkserver with the pipeline modules already imported.
 
     datatrove starts a fresh worker pool for every stage; each worker, forked from the
@@ -286,12 +312,15 @@ def preload_workers() -> None:
     forkserver that preloaded them start in milliseconds. The forkserver is a new interpreter
     that ignores this process's ``sys.path`` (which a script may have extended), so it is
     started here with that path as PYTHONPATH: it preloads the very files this process uses.
-    No effect when the forkserver already runs.
+    No effect when the forkserver already runs. ``extra``: more modules to preload (the quality
+    filters' NLTK, whose import costs more than a small task's filtering).
     """
     import multiprocess
     from multiprocess import forkserver
 
-    multiprocess.get_context("forkserver").set_forkserver_preload(["__main__", "pipeline.build"])
+    multiprocess.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "pipeline.build", *extra]
+    )
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
@@ -303,8 +332,8 @@ def preload_workers() -> None:
             os.environ["PYTHONPATH"] = old
 
 
-def run_local(stages: list[Stage], progress: bool = True) -> None:
-    preload_workers()
+def run_local(stages: list[Stage], progress: bool = True, preload: tuple[str, ...] = ()) -> None:
+    preload_workers(preload)
     for i, stage in enumerate(stages, start=1):
         executor = _QuietLocalExecutor(
             stage.pipeline, tasks=stage.tasks, workers=stage.workers,
@@ -377,7 +406,7 @@ def build_corpus(cfg: CorpusConfig, progress: bool = True, clean: bool = False) 
     redo_stale_publish(cfg.output, stages[-1])
     start = time.time()
     if cfg.executor.kind == "local":
-        run_local(stages, progress)
+        run_local(stages, progress, preload=WORKER_MODULES if cfg.filters.enabled() else ())
     elif cfg.executor.kind == "ray":
         run_ray(stages)
     else:

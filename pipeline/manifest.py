@@ -28,6 +28,7 @@ from collections import defaultdict
 from datatrove.pipeline.base import PipelineStep
 from tokenizers import Tokenizer
 
+from pipeline.filters import CHECKED, REMOVED, filter_report, filter_table
 from pipeline.packing import read_segments
 from pipeline.readers import read_corrupt_files
 from pipeline.shards import MANIFEST, TOKENIZER, file_sha256, open_shard
@@ -93,6 +94,9 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
         "tail_out": _counter(pack, "tail_tokens/"),
         "tail_in": _counter(tails, "tail_tokens/"),
         "pad": _counter(tails, "pad_tokens/"),
+        # quality filters run in the split stage's reader: {split/source}, {split/name/source}
+        "filter_checked": _counter(split, CHECKED),
+        "filter_removed": _counter(split, REMOVED),
     }
     return counts
 
@@ -298,6 +302,9 @@ class PublishCorpus(PipelineStep):
                 "after_cutoff": dict(sorted(counts["undated_after_cutoff"].items())),
             },
             "duplicates": {"exact": counts["exact"], "near": counts["near"]},
+            "filters": filter_report(
+                self.config["filters"], counts["filter_checked"], counts["filter_removed"]
+            ),  # fmt: skip
             "splits": {
                 s: {
                     "documents": counts["split_docs"][s],
@@ -344,6 +351,7 @@ def summary_table(manifest: dict) -> str:
             f"{name:<16}{s['documents']:>10,}{s['tokens']:>14,}{s['rows']:>10,}"
             f"{s.get('pad_tokens', 0):>10,}{len(s['shards']):>8}"
         )
+    lines += filter_table(manifest.get("filters", {}))
     t = manifest["tokenizer"]
     lines.append("")
     lines.append(f"tokenizer vocab {t['vocab_size']} eos {t['eos_id']} mask {t['mask_id']} "
