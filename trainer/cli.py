@@ -138,7 +138,8 @@ def register(subparsers) -> None:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     export = subparsers.add_parser(
-        "export", help="consolidate a checkpoint to fp32 safetensors or a Hugging Face directory",
+        "export",
+        help="consolidate a checkpoint to fp32 safetensors or a Hugging Face directory",
         description=doc,
     )
     export.add_argument("run_dir", help="a training run directory")

@@ -245,7 +245,9 @@ class HFDir:
             return
         from tokenizers import Tokenizer
 
-        mine, theirs = (Tokenizer.from_file(str(p)).get_vocab() for p in (tokenizer, self.tokenizer))
+        mine, theirs = (
+            Tokenizer.from_file(str(p)).get_vocab() for p in (tokenizer, self.tokenizer)
+        )
         if mine != theirs:
             raise ConfigError(
                 f"init=hf:{self.path}: its tokenizer.json maps tokens to other ids than "

@@ -112,7 +112,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
     else:
         manifest = read_manifest(cfg.corpus)
         model_cfg = resolve_model(cfg, manifest)
-        if cfg.init:  # hf:DIR: shapes and tokenizer checked before anything is built
+        if cfg.init and ref is None:  # hf:DIR: checked before anything is built
             from trainer.hf import check_pretrain_init
 
             check_pretrain_init(cfg, model_cfg, manifest)
