@@ -284,17 +284,33 @@ class HFDir:
             )
         return state
 
+    def eos_id(self) -> int | None:
+        """EOS as the tokenizer files name it (tokenizer_config.json's eos_token looked up in
+        tokenizer.json), else config.json's eos_token_id: ``save_pretrained`` of a bare
+        LlamaConfig records LlamaConfig's default id 2 whatever the tokenizer says."""
+        config = self.path / "tokenizer_config.json"
+        if self.tokenizer is not None and config.is_file():
+            from tokenizers import Tokenizer
+
+            token = json.loads(config.read_text()).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            found = Tokenizer.from_file(str(self.tokenizer)).token_to_id(token) if token else None
+            if found is not None:
+                return found
+        eos = self.config.get("eos_token_id")
+        return eos if isinstance(eos, int) else None
+
     def info(self) -> dict:
         """What SFT records of its init (the export config.json stand-in)."""
         cfg = self.model_config()
-        eos = self.config.get("eos_token_id")
+        eos = self.eos_id()
         return {
             "model": to_dict(cfg),
             "objective": self.family,
             "causal": self.family != "mdm",
             "mask_id": cfg.mask_id,
             "mdm_eps": self.config.get("mdm_eps"),
-            "eos_id": eos if isinstance(eos, int) else None,
+            "eos_id": eos,
             "step": self.config.get("maskscale", {}).get("step"),
             "format": "hf",
         }

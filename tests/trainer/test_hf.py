@@ -217,10 +217,27 @@ def test_init_forms_refused_or_resolved(world, tmp_path):
         resolve_init(f"hf:{tmp_path}")
     init = resolve_init(f"hf:{llama}")  # what task=sft reads
     assert init.model_cfg.vocab_size == vocab and init.model_cfg.ffn == 96
+    assert json.loads((llama / "config.json").read_text())["eos_token_id"] == 2  # LlamaConfig's
+    assert init.info["eos_id"] == 0  # the tokenizer's EOS, which SFT rows end and pad with
     state = init.state_dict()
     assert state["embed.weight"].shape == (vocab + 1, 32)  # a mask row was added
     q = load_file(str(llama / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
     assert torch.equal(state["blocks.1.attn.qkv.weight"][:32], q)
+
+
+def test_sft_from_a_transformers_llama(world, tmp_path):
+    root, _, llama, _ = world
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": t[:20], "response": t[20:40]} for t in TEXT * 2]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = [*BASE[:1], *BASE[5:], "task=sft", f"init=hf:{llama}", f"sft.data={data}"]
+    args += ["objective=arm", "steps=1", f"run_dir={tmp_path / 'sft'}", *FROZEN]
+    train(load_train_config(None, args))
+    sft = json.loads((tmp_path / "sft" / "sft_data.json").read_text())
+    assert sft["init"] == str(llama.resolve())
+    mine = export(tmp_path / "sft", tmp_path / "sft-hf")
+    theirs, ours = (load_file(str(d / "model.safetensors")) for d in (llama, mine))
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
 def test_only_trainer_hf_imports_transformers():
