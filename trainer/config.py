@@ -338,7 +338,9 @@ class TrainConfig:
     (prompt/answer JSONL, trainer/sft.py)."""
     init: str = ""
     """task=sft: the model to start from: a run directory, one of its checkpoints or an
-    export directory (weights, model config and tokenizer come from it)."""
+    export directory (weights, model config and tokenizer come from it). Any task:
+    ``hf:DIR``, a local Hugging Face Llama directory (trainer/hf.py); pretraining checks its
+    shapes against `model` / `model_overrides` and its tokenizer against the corpus's."""
     objective: Literal["arm", "mdm"] = "arm"
     """arm = next-token prediction (causal); mdm = masked diffusion (bidirectional)."""
     model: str = "170M"
@@ -388,6 +390,12 @@ class TrainConfig:
             self.validate_sft()
         elif not self.corpus:
             raise ConfigError("corpus: required; pass corpus=DIR (a built corpus directory)")
+        elif self.init and not self.init.startswith("hf:"):
+            raise ConfigError(
+                f"init={self.init}: pretraining starts from scratch or from a Hugging Face "
+                "directory (init=hf:DIR); to continue a maskscale run use its run_dir "
+                "(resume) or task=sft"
+            )
         if not self.model:
             raise ConfigError("model: required; a preset name such as 170M or tiny-1M")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -112,6 +112,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
     else:
         manifest = read_manifest(cfg.corpus)
         model_cfg = resolve_model(cfg, manifest)
+        if cfg.init and ref is None:  # hf:DIR: checked before anything is built
+            from trainer.hf import check_pretrain_init
+
+            check_pretrain_init(cfg, model_cfg, manifest)
     micro, accum = batch_geometry(cfg.batch, dist.world_size)
     n = non_embedding_params(model_cfg)
     rows_len = manifest["seq_len"]  # = model_cfg.seq_len, except for shorter SFT rows
@@ -161,8 +165,7 @@ def write_run_files(s: Setup) -> None:
 
 def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
     """(MLflow params, tags, run-name fields): the resolved config plus what it resolved to."""
-    if s.sft is None:
-        manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+    manifest_sha = manifest_sha256(s)
     b = s.budget
     resolved = {
         "N": b.n_params,
@@ -256,6 +259,13 @@ def write_row_keys(s: Setup, step: int, keys: list[int]) -> None:
         f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
+def manifest_sha256(s: Setup) -> str | None:
+    """sha256 of the corpus manifest.json a pretraining run reads (None for SFT)."""
+    if s.sft is not None:
+        return None
+    return hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+
+
 def checkpoint_meta(s: Setup, step: int) -> dict:
     return {
         "identity": s.identity,
@@ -270,6 +280,7 @@ def checkpoint_meta(s: Setup, step: int) -> dict:
         "tokens": step * s.budget.tokens_per_step,
         "n_params": s.budget.n_params,
         "corpus": str(Path(s.cfg.corpus).resolve()) if s.sft is None else s.manifest["corpus"],
+        "corpus_manifest_sha256": manifest_sha256(s),  # for model cards (trainer/hf.py)
         "tokenizer_sha256": s.identity["tokenizer_sha256"],
         "eos_id": s.manifest["tokenizer"].get("eos_id"),
         "schedule": s.schedule,
@@ -423,6 +434,12 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
 
         load_init_weights(model, s.sft.init.state_dict())
         say(dist, f"initialised from {s.sft.init.path}")
+    elif cfg.init and ref is None:  # pretraining from init=hf:DIR
+        from trainer.hf import HFDir
+        from trainer.sft import load_init_weights
+
+        load_init_weights(model, HFDir.open(cfg.init).state_dict(s.model_cfg, cfg.seed))
+        say(dist, f"initialised from {cfg.init}")
     if use_compile(cfg.compile, dist.device):
         compile_blocks(model)  # in place, before DeepSpeed wraps the model
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
