@@ -62,6 +62,15 @@ def on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def without_mlflow() -> None:
+    """Make ``import mlflow`` fail in this benchmark process: DeepSpeed's autotuner imports it
+    when installed (10 s of a loaded 2-core machine's startup, for nothing the benchmarks use),
+    and the device image lacks it, so the dry run here then imports what the device imports.
+    Call it in a script's ``__main__`` only: a test process may still need mlflow."""
+    if "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None
+
+
 def write_atomic(path: str | Path | None, obj: dict) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
     if path is None:

@@ -243,14 +243,19 @@ def report(paths: list[Path]) -> tuple[str, bool]:
     """The markdown report and whether everything not measured was injected on purpose."""
     named, missing, tests, test_failures = [], [], [], 0
     for p in paths:
-        if not p.is_file():
+        if p.suffix not in (".json", ".xml"):
+            print(f"gpu_table: ignoring {p} (reads .json and pytest .xml files)", file=sys.stderr)
+        elif not p.is_file():
             missing.append(str(p))
         elif p.suffix == ".xml":
             line, bad = pytest_summary(p)
             tests.append(line)
             test_failures += bad
         else:
-            named.append((p.name, json.loads(p.read_text())))
+            try:
+                named.append((p.name, json.loads(p.read_text())))
+            except json.JSONDecodeError as exc:
+                missing.append(f"{p} (unreadable JSON: {exc})")
     results = [r for _, r in named]
     sections = ["# GPU check", "", header_line(results)] + ([""] + tests if tests else [])
     trainer = [r for r in results if r.get("benchmark") == "trainer"]

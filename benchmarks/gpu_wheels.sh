@@ -100,9 +100,11 @@ if errors:
 print(f"  {len(wheels)} wheels, one per distribution; every requirement is carried or in the image")
 PYEOF
 
-PY312="$(command -v python3.12 || true)"
-[[ -z "$PY312" ]] && PY312="$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)"
-if [[ -n "$PY312" ]] && "$PY312" -m pip --version >/dev/null 2>&1; then
+PY312=""
+for c in "$(command -v python3.12 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if [[ -n "$c" && -x "$c" ]] && "$c" -m pip --version >/dev/null 2>&1; then PY312="$c"; break; fi
+done
+if [[ -n "$PY312" ]]; then
     echo "== installing as the device does, into $("$PY312" -V 2>&1) ($PY312)"
     target="$(mktemp -d)"
     "$PY312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchjson import Recorder  # noqa: E402
+from benchjson import Recorder, without_mlflow  # noqa: E402
 
 from pipeline.configlib import ConfigError, apply_overrides, from_dict  # noqa: E402
 from pipeline.shards import MANIFEST, ShardMeta, ShardWriter  # noqa: E402
@@ -501,4 +501,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    without_mlflow()
     sys.exit(main())
