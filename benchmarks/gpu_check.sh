@@ -29,7 +29,8 @@
 #
 # The dry run injects failures unless MASKSCALE_BENCH_FAIL is set (set it empty for none): an
 # OOM and a compile error in the first trainer run, a crash (the process dies) in the second,
-# an NCCL error in sampling. Logs and JSON go to $OUT (the device tool's output folder) or /tmp/gpu_check_out.
+# an NCCL error in sampling. Logs and JSON go to $OUT (the device tool's output folder) or
+# /tmp/gpu_check_out.
 #
 # The device image has torch but not DeepSpeed (nor hjson, pydantic). Before the device call
 # run `bash benchmarks/gpu_wheels.sh` HERE: it puts them into .whl/ (git-ignored); the call

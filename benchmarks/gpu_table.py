@@ -188,6 +188,9 @@ def not_measured(named: list[tuple[str, dict]]) -> list[dict]:
     """Everything that has no number: failed, unfinished, skipped (file name, label, ...)."""
     out = []
     for name, result in named:
+        if result.get("error"):  # the run failed before its first variant
+            label = f"{result.get('benchmark', 'benchmark')} setup"
+            out.append({"file": name, "label": label, "status": "failed", "error": result["error"]})
         items = result.get("records") or result.get("results") or []
         for r in items:
             status = r.get("status", "ok")

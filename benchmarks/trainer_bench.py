@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchjson import Recorder, without_mlflow  # noqa: E402
+from benchjson import Recorder, failure, without_mlflow  # noqa: E402
 
 from pipeline.configlib import ConfigError, apply_overrides, from_dict  # noqa: E402
 from pipeline.shards import MANIFEST, ShardMeta, ShardWriter  # noqa: E402
@@ -401,7 +401,7 @@ def describe(record: dict) -> str:
     )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -446,26 +446,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="an ad hoc variant after --variants (TrainConfig overrides); repeatable",
     )
     p.add_argument("--cut-compare", action="store_true", help="cut rows: fused vs dense mask")
+    p.add_argument("--compile-compare", action="store_true", help="shorthand: add compiled, eager")
+    p.add_argument("--loss-compare", action="store_true", help="shorthand: add plain-loss")
+    p.add_argument("--skip-plain", action="store_true", help=f"shorthand: drop {TORCH_LOOP}")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     p.add_argument("--json", help="write every record to this file (after each measurement)")
     p.add_argument("--resume", action="store_true", help="keep the --json file's finished records")
     p.add_argument("--previous-exit", type=int, help="with --resume: how the last run ended")
     p.add_argument("--time-limit", type=float, help="seconds after which no new measurement starts")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, its variants validated (a bad key fails here, not minutes in)."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.compile = {"true": True, "false": False}.get(args.compile, args.compile)
     if args.tiny:
         args.models, args.seq_len, args.vocab, args.micro, args.accum = "tiny-0.3M", 32, 256, 4, 2
         args.warmup, args.steps, args.loader_rows = 2, 5, 2048
         args.loss_chunk = 64  # 128 tokens per micro-batch: two chunks
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names += ["compiled", "eager"] if args.compile_compare else []
+    names += ["plain-loss"] if args.loss_compare else []
+    names = [n for n in dict.fromkeys(names) if not (args.skip_plain and n == TORCH_LOOP)]
     try:
-        named = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
+        named = [parse_variant(v) for v in names]
         args.variants = named + [parse_variant(v) for v in args.variant]
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
     if len({n for n, _ in args.variants}) != len(args.variants):
         p.error(f"variant names must be unique: {[n for n, _ in args.variants]}")
-    for name, overrides in args.variants:  # a bad key fails here, not 5 minutes in
+    for name, overrides in args.variants:
         try:
             train_config(args, "tiny-0.3M", args.micro, "arm", overrides)
         except ConfigError as exc:
@@ -479,7 +492,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     torch.manual_seed(0)
-    dist = init_distributed()
+    saved = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    rec = Recorder(args.json, "trainer", copy.deepcopy(saved), args.device, resume=args.resume)
+    rec.crash_status = args.previous_exit
+    rec.data["reference_variant"] = args.variants[0][0] if args.variants else None
+    try:
+        dist = init_distributed()
+    except Exception as exc:  # no DeepSpeed, no NCCL: the JSON says so instead of nothing
+        rec.data["error"] = failure(exc, "setup")["error"]
+        rec.save()
+        return 1
     device = torch.device(args.device) if args.device != "cuda" else dist.device
     print(
         f"device={device} precision={args.precision} zero={args.zero_stage} "
@@ -487,10 +509,6 @@ def main(argv=None) -> int:
         f"variants={[n for n, _ in args.variants]}",
         flush=True,
     )
-    saved = {k: v for k, v in vars(args).items() if k not in ("json",)}
-    rec = Recorder(args.json, "trainer", copy.deepcopy(saved), device, resume=args.resume)
-    rec.crash_status = args.previous_exit
-    rec.data["reference_variant"] = args.variants[0][0] if args.variants else None
     deadline = start + args.time_limit if args.time_limit else None
     rec.on_record = lambda record: print(describe(record), flush=True)
     steps = plan(args, device)

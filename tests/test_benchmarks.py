@@ -196,3 +196,14 @@ def test_report_check_fails_on_a_real_failure_and_a_missing_file(tmp_path):
     path.write_text(json.dumps(result))
     assert table.main(["--check", str(path)]) == 0
     assert table.main(["--check", str(path), str(tmp_path / "missing.json")]) == 1
+
+
+def test_a_run_without_deepspeed_leaves_a_json_that_says_so(tmp_path, monkeypatch):
+    bench, table = load("trainer_bench"), load("gpu_table")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as on an image without the wheels
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["records"] == [] and "deepspeed" in result["error"]["message"]
+    text, clean = table.report([out])
+    assert not clean and "`trainer setup` (bench.json): FAILED error" in text
