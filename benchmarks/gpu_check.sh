@@ -92,6 +92,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null ||
     echo "no nvidia-smi"
 "$PY" - <<'PYEOF'
+import sys
+sys.modules.setdefault("mlflow", None)  # as in the benchmarks: DeepSpeed's optional import
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 try:
