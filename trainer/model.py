@@ -306,7 +306,7 @@ def check_attention_backend(
     backends = [SDPA_BACKENDS[name]]
     q = torch.randn(1, 1, 16, head_dim, device=device, dtype=dtype, requires_grad=True)
     try:
-        with sdpa_kernel(backends):
+        with sdpa_kernel(backends), torch.enable_grad():
             F.scaled_dot_product_attention(q, q, q, is_causal=causal).sum().backward()
             if not causal:  # the cut rows' path (cut_attention) runs shorter rows alone
                 F.scaled_dot_product_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5]).sum()
