@@ -7,8 +7,11 @@
 #      ZeRO-2, chunked loss, synthetic tokens), variants compiled (the reference) and eager:
 #      tokens/s, MFU in two counts, MDM/ARM step time, peak memory (AC=K env: activation
 #      checkpointing every K-th block if 80 GB is not enough);
-#   3. 170M: chunked vs plain loss, per-row fused vs dense-mask attention for cut rows, and
-#      the loader's rows/s;
+#   3. 170M: the levers, each a variant against base (ZeRO-2, fused AdamW, SDPA's own kernel
+#      choice, chunked loss): plain loss, the plain one-GPU engine (engine=plain, zero_stage=0),
+#      unfused AdamW, the cuDNN attention kernel; per-row fused vs dense-mask attention for cut
+#      rows; the loader's rows/s (every MDM run cuts one row in its first warm-up step, so the
+#      cut-row path is compiled before timing);
 #   4. sampling speed (benchmarks/sampling_bench.py): 113M, vocab 32000, bf16, prompt 64,
 #      L = 256, batch 1 and 16, low-confidence MDM at L..L/8 steps vs ARM KV cache;
 #   5. one markdown report of all of it (benchmarks/gpu_table.py) -> $OUT/table.md.
@@ -103,13 +106,14 @@ except Exception as exc:
     print(f"DeepSpeed does not import ({exc!r}): the trainer sections will fail; carry .whl")
 PYEOF
 # Planned caps and the floors later sections keep; the real ones sum to 440 s with setup.
-T_TESTS=75 T_1B=225 T_170M=70 T_SAMPLING=45 F_1B=60 F_170M=30 F_SAMPLING=20
+T_TESTS=75 T_1B=205 T_170M=90 T_SAMPLING=45 F_1B=60 F_170M=30 F_SAMPLING=20
 (( DRY )) && T_TESTS=40 T_1B=60 T_170M=80 T_SAMPLING=40 F_1B=20 F_170M=30 F_SAMPLING=15
 if (( DRY )); then
     DEV=(--device cpu --precision fp32 --peak-tflops 1 --warmup 1 --steps 2 --vocab 256)
     ONE=(--models tiny-0.3M:2 --seq-len 32 --accum 2 --loss-chunk 32 --compile false)
     TWO=(--models tiny-0.3M:2 --seq-len 32 --accum 1 --loss-chunk 32 --loader-rows 512)
     SAMPLING=(--smoke --batch 1,2 --strategy low-confidence)
+    LEVERS=base,plain-loss,plain-engine,math  # cuDNN does not exist on CPU
 else
     DEV=(--device cuda --precision bf16 --zero-stage 2 --vocab 32000)
     ONE=(--models 1028M:8 --seq-len 2048 --accum 2 --compile true --warmup 3 --steps 6
@@ -118,6 +122,7 @@ else
          --loader-rows 4096)
     SAMPLING=(--device cuda --dtype bf16 --model 113M --vocab 32000 --seq-len 512 --prompt 64
               --length 256 --batch 1,16 --strategy low-confidence --repeats 3 --threads 0)
+    LEVERS=base,plain-loss,plain-engine,unfused,cudnn
 fi
 
 c=$(cap $T_TESTS $((F_1B + F_170M + F_SAMPLING)))
@@ -136,9 +141,9 @@ section "1028M: ARM vs MDM, compiled vs eager (cap ${c} s)"
     --variants base,eager --skip-loader
 
 c=$(cap $T_170M $F_SAMPLING)
-section "170M: chunked vs plain loss, cut rows fused vs dense mask, loader (cap ${c} s)"
+section "170M: levers ($LEVERS), cut rows fused vs dense mask, loader (cap ${c} s)"
 (( c )) && bench 170m "$c" "$OUTDIR/bench_170m.json" "${DEV[@]}" "${TWO[@]}" \
-    --variants base,plain-loss --cut-compare
+    --variants "$LEVERS" --cut-compare
 
 # The MDM's speed claim (issue 9): tokens/s at L, L/2, L/4, L/8 steps vs ARM KV-cache decoding
 # of the same length and batch; the JSON is written after each batch size.

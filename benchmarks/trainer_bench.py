@@ -27,7 +27,7 @@ NCCL, compile error, a crash, the section's time limit) is recorded and the next
     python benchmarks/trainer_bench.py --device cuda --models 1028M:8 --seq-len 2048 \\
         --precision bf16 --compile true --variants base,eager --json out.json   # gpu_check.sh
     python benchmarks/trainer_bench.py --tiny --variants base,plain-loss --cut-compare \\
-        --variant fused:optim.fused=true              # once the trainer has that key
+        --variant fused-math:optim.fused=true,attention_backend=math   # ad hoc: any keys
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from pipeline.configlib import ConfigError, apply_overrides, from_dict  # noqa: 
 from pipeline.shards import MANIFEST, ShardMeta, ShardWriter  # noqa: E402
 from trainer.budget import peak_flops  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.model import ModelConfig, flops_per_token  # noqa: E402
+from trainer.model import ModelConfig, flops_per_token, flops_per_token_litgpt  # noqa: E402
 from trainer.presets import load_preset  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -67,6 +67,13 @@ VARIANTS: dict[str, list[str]] = {
     "zero0": ["zero_stage=0"],
     "zero1": ["zero_stage=1"],
     "fp32": ["precision=fp32"],
+    # issue 17's GPU levers (trainer/engine.py, trainer/model.py)
+    "fused": ["optim.fused=true"],
+    "unfused": ["optim.fused=false"],
+    "flash": ["attention_backend=flash"],
+    "cudnn": ["attention_backend=cudnn"],
+    "math": ["attention_backend=math"],
+    "plain-engine": ["engine=plain", "zero_stage=0"],
 }
 """Named variants: TrainConfig overrides (``key=value``, dotted for sections, as the CLI's) on
 top of the command line's settings. Add a lever here once the trainer has its config key."""
@@ -172,13 +179,18 @@ def model_config(args, cfg: TrainConfig) -> ModelConfig:
 # ----------------------------------------------------------------------------- measurements
 
 
-def time_steps(args, step, device: torch.device) -> dict:
-    """Warm-up then timed calls of ``step``: median, first call (compile time) and all times."""
+def time_steps(args, step, device: torch.device, first=None) -> dict:
+    """Warm-up then timed calls of ``step``: median, first call (compile time) and all times.
+    ``first`` (a context manager factory), if given, wraps the first warm-up call."""
     times = []
-    for _ in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        step()
+        if i == 0 and first is not None and args.warmup > 0:
+            with first():
+                step()
+        else:
+            step()
         sync(device)
         times.append(time.perf_counter() - t0)
     timed = times[args.warmup :]
@@ -194,7 +206,7 @@ def mfu_fields(args, cfg: TrainConfig, model, device, step_s: float) -> dict:
     n_all = sum(p.numel() for p in model.parameters())
     counts = {
         "flops_per_token": flops_per_token(mc, args.seq_len),
-        "flops_per_token_all_params": 6.0 * n_all + 12.0 * mc.n_layer * mc.d_model * args.seq_len,
+        "flops_per_token_all_params": flops_per_token_litgpt(mc, args.seq_len),
     }
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
@@ -212,7 +224,8 @@ def time_engine(args, cfg: TrainConfig, device: torch.device) -> dict:
     from trainer.build import build_model
     from trainer.compiling import compile_blocks, use_compile
     from trainer.engine import build_engine, train_step
-    from trainer.objectives import build_objective
+    from trainer.model import set_attention_backend
+    from trainer.objectives import build_objective, forced_cut
 
     mc = model_config(args, cfg)
     kw = {"eps": cfg.mdm.eps, "random_length_prob": cfg.mdm.random_length_prob}
@@ -228,6 +241,8 @@ def time_engine(args, cfg: TrainConfig, device: torch.device) -> dict:
     t0 = time.perf_counter()
     with torch.device(device):  # initialise in place (a 1B model on CPU takes a while)
         model = build_model(cfg, mc, objective.causal, 1)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    set_attention_backend(model, cfg.attention_backend, device, dtype)  # as the loop does
     compiled = use_compile(cfg.compile, device)
     if compiled:
         compile_blocks(model)
@@ -236,8 +251,12 @@ def time_engine(args, cfg: TrainConfig, device: torch.device) -> dict:
     build_s = time.perf_counter() - t0
     loader = SyntheticLoader(cfg.batch.micro_batch, args.seq_len, args.vocab)
     step = iter(range(1, 10**9))
+    # the MDM's first warm-up step cuts one row, so the cut-row path is compiled before timing
     out = time_steps(
-        args, lambda: train_step(engine, loader, objective, args.accum, device, next(step)), device
+        args,
+        lambda: train_step(engine, loader, objective, args.accum, device, next(step)),
+        device,
+        first=lambda: forced_cut(objective),
     )
     out.update(build_s=build_s, compiled=compiled, peak_gb=peak_gb(device))
     out.update(mfu_fields(args, cfg, model, device, out["step_s"]))

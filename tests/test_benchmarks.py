@@ -72,7 +72,8 @@ def test_dry_run_records_each_injected_failure_and_measures_everything_else(tmp_
     assert crash["status"] == "failed" and crash["error"]["kind"] == "crash"
     assert "exit status 134" in crash["error"]["message"]
     # measured before the crash (kept by --resume) and after it (the resumed process)
-    for label in ("tiny-0.3M/plain-loss/arm", "tiny-0.3M/cut-rows/mdm", "loader"):
+    levers = [f"tiny-0.3M/{v}/{o}" for v in ("plain-engine", "math") for o in ("arm", "mdm")]
+    for label in ("tiny-0.3M/plain-loss/arm", "tiny-0.3M/cut-rows/mdm", "loader", *levers):
         assert two[label]["status"] == "ok", label
     assert two["tiny-0.3M/cut-rows/mdm"]["fused_over_dense"] > 0
 
