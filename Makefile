@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	  else $(BIN)/pip install -q torch==$(TORCH_CPU); fi; fi
-	$(BIN)/pip install -q -e ".[dev,ray]"
+	$(BIN)/pip install -q -e ".[dev,ray,hf]"
 	touch $@
 
 demo: setup

@@ -9,7 +9,9 @@ every row produces L tokens). For each batch size (``--batch 1,8``) and MDM unma
 the report names the crossover: the largest step count at which the MDM is faster than the ARM
 (goal: at L/4 steps or more). Which one wins depends on the regime, not on the code alone: see
 benchmarks/sampling_bench.md. ``--no-cache`` adds the ARM without a cache; ``--json OUT`` writes
-every number (benchmarks/gpu_table.py prints it as a markdown table).
+every number (benchmarks/gpu_table.py prints it as a markdown table), rewritten after each batch
+size; a failure in one batch size (OOM, ...; label ``sampling/batchN``, injectable with
+``MASKSCALE_BENCH_FAIL``) is recorded there and the next one runs (benchmarks/benchjson.py).
 
     python benchmarks/sampling_bench.py --batch 1,8       # tiny-3M, vocab 32000, CPU, 1 thread
     python benchmarks/sampling_bench.py --smoke --batch 1,2          # seconds: tiny sizes
@@ -20,7 +22,6 @@ every number (benchmarks/gpu_table.py prints it as a markdown table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +32,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchjson import (  # noqa: E402
+    SectionTimeout,
+    environment,
+    failure,
+    free_memory,
+    maybe_fail,
+    on_sigterm,
+    write_atomic,
+)
 
 from eval.generation.sampling import STRATEGIES, Sampler, SamplingConfig  # noqa: E402
 from trainer.model import Transformer  # noqa: E402
@@ -215,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = {
         "benchmark": "sampling",
+        "header": environment(device),
         "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
@@ -222,22 +235,40 @@ def main(argv: list[str] | None = None) -> int:
         "load_1min": [load_before[0]],
         "results": [],
     }
-    for batch in args.batch:
-        out["results"].append(bench_batch(models, args, batch, device, clock))
-        print_batch(out["results"][-1], args.length)
-        write_json(args.json, out)  # after every batch: a time limit keeps what is done
+    status = run_batches(models, args, device, clock, out)
     out["load_1min"].append(os.getloadavg()[0])
     print(
         f"\nload average (1 min): {out['load_1min'][0]:.2f} before, {out['load_1min'][1]:.2f} after"
     )
-    write_json(args.json, out)
+    write_atomic(args.json, out)
+    return status
+
+
+def run_batches(models: dict, args, device, clock: str, out: dict) -> int:
+    """Each batch size in turn, the JSON rewritten after each; a failed one is recorded as
+    ``{"batch", "status": "failed", "error"}`` and the next runs; SIGTERM (the section's time
+    limit) records a timeout and returns 124."""
+    on_sigterm()
+    for batch in args.batch:
+        label = f"sampling/batch{batch}"
+        failed = False
+        try:
+            maybe_fail(label)
+            out["results"].append(
+                {**bench_batch(models, args, batch, device, clock), "status": "ok"}
+            )
+            print_batch(out["results"][-1], args.length)
+        except Exception as exc:
+            out["results"].append({"batch": batch, "label": label, **failure(exc, label)})
+            failed = True
+        except SectionTimeout as exc:
+            out["results"].append({"batch": batch, "label": label, **failure(exc, label)})
+            write_atomic(args.json, out)
+            return 124
+        if failed:
+            free_memory()
+        write_atomic(args.json, out)  # after every batch: a time limit keeps what is done
     return 0
-
-
-def write_json(path: Path | None, out: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 def device_name(device: torch.device) -> str:

@@ -9,7 +9,9 @@ of the stages it reads, so:
 - changing a setting gives the affected stage and everything downstream a new folder, so a
   stale stage is never reused (datatrove alone would skip it even with new parameters);
 - identical inputs and settings produce identical bytes (no timestamps, no unordered sets);
-- keys include the maskscale and datatrove versions, so an upgrade never reuses old stages.
+- keys include a fingerprint of the code each stage runs and the versions of the libraries
+  that shape its bytes (:mod:`pipeline.codekey`), so a fix (or a local patch) to packing reruns
+  packing and what follows it, and an upgrade never reuses stages written by older code.
 
 Publishing is the exception to "skip what is complete": OUTPUT holds one build at a time, so
 when the published manifest's ``build_key`` is not this build's, the publish stage is redone
@@ -23,8 +25,6 @@ cluster; Slurm submits them as a chain of dependent array jobs and returns at on
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.metadata
 import math
 import os
 import sys
@@ -37,9 +37,17 @@ from pathlib import Path
 from datatrove.executor import LocalPipelineExecutor
 from tqdm import tqdm
 
+from pipeline import codekey
 from pipeline.config import CorpusConfig
 from pipeline.configlib import ConfigError, fingerprint, to_dict
 from pipeline.dedup import plan_dedup
+from pipeline.filters import (
+    WORKER_MODULES,
+    QualityFilters,
+    filter_settings,
+    resolve_language_model,
+)
+from pipeline.inputs import PLAN_CACHE
 from pipeline.manifest import HashShards, PublishCorpus
 from pipeline.packing import PackTails, TokenizePack
 from pipeline.readers import RawDumpReader, discover_inputs, load_date_map, plan_tasks
@@ -77,10 +85,9 @@ class Stage:
         return os.path.join(self.folder, sub)
 
 
-@functools.cache
-def stage_versions() -> dict[str, str]:
-    """Versions that enter every stage key: new code may write different bytes."""
-    return {pkg: importlib.metadata.version(pkg) for pkg in ("maskscale", "datatrove")}
+def stage_versions(stage: str) -> dict[str, str]:
+    """Package versions and code fingerprint that enter ``stage``'s key (see codekey)."""
+    return codekey.stage_versions(stage)
 
 
 class _Planner:
@@ -93,7 +100,7 @@ class _Planner:
 
     def add(self, name: str, parent_key: str, settings, tasks: int, make_pipeline) -> Stage:
         key = fingerprint({"parent": parent_key, "settings": settings, "stage": name,
-                           "versions": stage_versions()})  # fmt: skip
+                           "versions": stage_versions(name)})  # fmt: skip
         folder = os.path.join(self.work, f"{len(self.stages):02d}-{name}-{key}")
         stage = Stage(name, folder, [], tasks, min(self.cfg.executor.workers, tasks), key)
         stage.pipeline = make_pipeline(stage)
@@ -107,21 +114,31 @@ def _writer(folder: str, filename: str = "${rank}.jsonl.zst") -> IntermediateWri
 
 def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     """The ordered stages of a build (nothing runs here)."""
-    files = discover_inputs(cfg.input)
+    # first: a missing language model is a config error before anything is listed or written
+    filters, filtering = _quality_filters(cfg)
+    # never the build's own output (its .work/ holds JSONL) even when an input folder holds it
+    files = discover_inputs(cfg.input, exclude=cfg.output)
     # url, size and mtime/etag: an input rewritten in place invalidates every stage built from it
     inputs_fp = fingerprint([(f.url, f.size, f.version) for f in files])
     # the partition depends on the inputs and records.task_bytes only (never on the executor)
-    work = plan_tasks(files, cfg.records.task_bytes)
+    work = plan_tasks(files, cfg.records.task_bytes,
+                      cache=os.path.join(os.path.abspath(cfg.output), ".work", PLAN_CACHE))  # fmt: skip
     tasks = len(work)
     p = _Planner(cfg)
     rc = cfg.records
     read_settings = {
-        "records": to_dict(rc),
+        # strict only decides whether a bad record stops the build: a build it lets finish
+        # wrote exactly what a lenient one writes, so it stays out of the key
+        "records": {k: v for k, v in to_dict(rc).items() if k != "strict"},
         "source": cfg.default_source,
         "exclude": sorted(cfg.exclude_sources),
         "date_map": file_sha256(cfg.date_map) if cfg.date_map else None,
     }
     date_map = load_date_map(cfg.date_map)
+    # quality filters change the stream every reading stage sees: their settings (and the
+    # language model's sha256) join the read key
+    if filters is not None:
+        read_settings["filters"] = filtering
 
     def reader(record_to: Stage | None = None) -> RawDumpReader:
         """The raw reader, inline in every stage that reads documents. Only the split stage
@@ -132,26 +149,33 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
                              default_source=cfg.default_source,
                              exclude_sources=cfg.exclude_sources, max_chars=rc.max_chars,
                              too_long=rc.too_long, strict=rc.strict, date_map=date_map,
-                             min_date=rc.min_date, max_date=rc.max_date)  # fmt: skip
+                             min_date=rc.min_date, max_date=rc.max_date,
+                             filters=filters)  # fmt: skip
 
     # no ingest copy: the reader is deterministic, so every stage that runs it sees the same
     # stream (the dedup filters address documents by their index in it)
     read_key = fingerprint({"inputs": inputs_fp, "read": read_settings,
-                            "versions": stage_versions()})  # fmt: skip
+                            "versions": stage_versions("read")})  # fmt: skip
     dedup_filters, dedup_key = plan_dedup(p, reader, read_key, tasks)
     sc = cfg.split
     split_settings = {**to_dict(sc), "source_dates": cfg.source_dates}
+    decon = _decontaminator(cfg)
+    if decon is not None:  # only then: a build without it keeps its keys
+        split_settings["decontaminate"] = decon.key
     split = p.add("split", dedup_key, split_settings, tasks, lambda s: [
         reader(record_to=s), *dedup_filters(),
         TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
-                         cfg.source_dates, sc.undated),
+                         cfg.source_dates, sc.undated, decontaminate=decon),
         _writer(s.data(), "${split}/${rank}.jsonl.zst"),
     ])  # fmt: skip
     split.after = lambda: _report_undated(cfg, split)
     # the documents before the cutoff (train + validation) do not depend on the validation
-    # fraction, so neither does the BPE trained on a sample of them
-    pre_cutoff_key = fingerprint({"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
-                                  "source_dates": cfg.source_dates})  # fmt: skip
+    # fraction, so neither does the BPE trained on a sample of them; the split's code does
+    pre_cutoff = {"parent": dedup_key, "cutoff": sc.cutoff, "undated": sc.undated,
+                  "source_dates": cfg.source_dates, "code": stage_versions("split")}  # fmt: skip
+    if decon is not None:  # decontamination removes train documents the BPE samples from
+        pre_cutoff["decontaminate"] = decon.key
+    pre_cutoff_key = fingerprint(pre_cutoff)
     tok_stage = _plan_tokenizer(p, cfg, split, pre_cutoff_key, tasks)
     pc = cfg.pack
     tok_path = tok_stage.data("tokenizer.json")
@@ -162,6 +186,35 @@ def plan_stages(cfg: CorpusConfig) -> list[Stage]:
     _plan_publish(p, pack, tok_path, tasks)
     _check_stage_resources(cfg, p.stages)
     return p.stages
+
+
+def _decontaminator(cfg: CorpusConfig):
+    """The tasks of ``decontaminate:`` as n-gram hashes, or None when it lists none."""
+    from pipeline.ngrams import TaskLoadError, TaskNgrams, load_tasks
+
+    dc = cfg.decontaminate
+    if not dc.tasks:
+        return None
+    try:
+        decon = TaskNgrams(load_tasks(dc.tasks, dc.include_path), dc.ngram)
+    except TaskLoadError as e:
+        raise ConfigError(f"decontaminate.tasks: {e}") from None
+    # the split stage runs pipeline.ngrams only when decontaminating: its code enters the key
+    decon.key["code"] = codekey.module_hash("pipeline.ngrams")
+    return decon
+
+
+def _quality_filters(cfg: CorpusConfig) -> tuple[QualityFilters | None, dict | None]:
+    """(the enabled quality filters, their stage-key settings), or (None, None) when all are
+    off. Removed documents are labelled by the split their date puts them in."""
+    if not cfg.filters.enabled():
+        return None, None
+    sc = cfg.split
+    period = TemporalSplitter(sc.cutoff, sc.validation_fraction, sc.seed, sc.holdout_ranges,
+                              cfg.source_dates, sc.undated)  # fmt: skip
+    model = resolve_language_model(cfg.filters.language.model) \
+        if cfg.filters.language.enabled else None  # fmt: skip
+    return QualityFilters(cfg.filters, model, period), filter_settings(cfg.filters, model)
 
 
 def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
@@ -176,11 +229,14 @@ def _plan_publish(p: _Planner, pack: Stage, tok_path: str, tasks: int) -> None:
         HashShards(shard_dirs),
     ])  # fmt: skip
     stage_dirs = {st.name: st.folder for st in p.stages}
-    # executor settings never change what is published, so they are not part of its key
+    # neither executor settings nor records.strict change what is published (see plan_stages)
     publish_settings = {k: v for k, v in to_dict(cfg).items() if k != "executor"}
+    publish_settings["records"] = {k: v for k, v in publish_settings["records"].items()
+                                   if k != "strict"}  # fmt: skip
+    code = codekey.code_record(["read", *stage_dirs, "publish"])
     p.add("publish", hashes.key, publish_settings, 1, lambda s: [
         PublishCorpus(cfg.output, stage_dirs, shard_dirs, tails.data(), tok_path, to_dict(cfg),
-                      build_key=s.key, versions=stage_versions()),
+                      build_key=s.key, versions=codekey.all_versions(), code=code),
     ])  # fmt: skip
 
 
@@ -251,7 +307,7 @@ def _watch(stage: Stage, bar: tqdm, stop: threading.Event) -> None:
         bar.refresh()
 
 
-def preload_workers() -> None:
+def preload_workers(extra: tuple[str, ...] = ()) -> None:
     """Start the local executor's forkserver with the pipeline modules already imported.
 
     datatrove starts a fresh worker pool for every stage; each worker, forked from the
@@ -260,12 +316,15 @@ def preload_workers() -> None:
     forkserver that preloaded them start in milliseconds. The forkserver is a new interpreter
     that ignores this process's ``sys.path`` (which a script may have extended), so it is
     started here with that path as PYTHONPATH: it preloads the very files this process uses.
-    No effect when the forkserver already runs.
+    No effect when the forkserver already runs. ``extra``: more modules to preload (the quality
+    filters' NLTK, whose import costs more than a small task's filtering).
     """
     import multiprocess
     from multiprocess import forkserver
 
-    multiprocess.get_context("forkserver").set_forkserver_preload(["__main__", "pipeline.build"])
+    multiprocess.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "pipeline.build", *extra]
+    )
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
@@ -277,8 +336,8 @@ def preload_workers() -> None:
             os.environ["PYTHONPATH"] = old
 
 
-def run_local(stages: list[Stage], progress: bool = True) -> None:
-    preload_workers()
+def run_local(stages: list[Stage], progress: bool = True, preload: tuple[str, ...] = ()) -> None:
+    preload_workers(preload)
     for i, stage in enumerate(stages, start=1):
         executor = _QuietLocalExecutor(
             stage.pipeline, tasks=stage.tasks, workers=stage.workers,
@@ -360,7 +419,7 @@ def build_corpus(cfg: CorpusConfig, progress: bool = True, clean: bool = False) 
     redo_stale_publish(cfg.output, stages[-1])
     start = time.time()
     if cfg.executor.kind == "local":
-        run_local(stages, progress)
+        run_local(stages, progress, preload=WORKER_MODULES if cfg.filters.enabled() else ())
     elif cfg.executor.kind == "ray":
         run_ray(stages)
     else:

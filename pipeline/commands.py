@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from pipeline.configlib import load_config
 
@@ -57,7 +58,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("corpus", help="corpus directory")
     i.add_argument("--split", default=None, help="decode the first row of this split")
     i.set_defaults(func=cmd_inspect)
+    _register_overlap(csub)
     corpus.set_defaults(func=lambda a: corpus.print_help() or 2)
+
+
+def _register_overlap(csub) -> None:
+    o = csub.add_parser(
+        "overlap",
+        help="contamination report: holdout documents and task items sharing n-grams with train",
+        description="Per split other than train, the fraction of documents (and words) sharing "
+        "a word n-gram with train; per task (--tasks), the fraction of items. Writes "
+        "overlap.json and overlap.md (default: CORPUS/overlap/). Reads the split stage's "
+        "documents under CORPUS/.work (gone after --clean-work: rebuild without it).",
+    )
+    o.add_argument("corpus", help="corpus directory (built by `maskscale corpus build`)")
+    o.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help="local TASK.jsonl ({context, choices, label} or {text}) or lm-eval "
+                   "task names, loaded offline")  # fmt: skip
+    o.add_argument("--include-path", dest="include_path", help="folder of lm-eval task YAMLs")
+    o.add_argument("--ngram", type=int, default=13, help="n-gram length in words (default 13)")
+    o.add_argument(
+        "--finder-workers",
+        type=int,
+        default=1,
+        dest="finder_workers",
+        help="hash-range slices: find tasks, each holding 1/N of the query n-grams",
+    )
+    o.add_argument("--workers", type=int, default=2, help="parallel worker processes")
+    o.add_argument("--out", help="report folder (default CORPUS/overlap)")
+    o.add_argument(
+        "--run",
+        help="log the fractions as metrics to this MLflow run: a run "
+        "directory (its mlflow_run_id file) or a run id; tracking URI from "
+        "--tracking-uri, the run's mlflow_tracking_uri or MLFLOW_TRACKING_URI",
+    )
+    o.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.set_defaults(func=cmd_overlap)
 
 
 def corpus_config_from_args(args: argparse.Namespace):
@@ -82,7 +119,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     # warnings and the summary (full logs stay in each stage's logs/ folder).
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     from pipeline.build import build_corpus
-    from pipeline.inputs import InputReadError
+    from pipeline.inputs import InputReadError, NoInputError
     from pipeline.manifest import summary_table
     from pipeline.readers import BadInputError
 
@@ -95,6 +132,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     except InputReadError as e:
         print(f"maskscale: cannot read input: {e}")
         return 1
+    except NoInputError as e:  # a usage error, like a bad config value
+        print(f"maskscale: {e}", file=sys.stderr)
+        return 2
     if manifest is None:
         print("submitted the build to Slurm; the manifest appears when the last job ends")
         if args.clean_work:
@@ -133,4 +173,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         table, meta = open_shard(os.path.join(args.corpus, shard))
         tok = Tokenizer.from_file(os.path.join(args.corpus, "tokenizer.json"))
         print(f"\nfirst row of {shard}:\n{tok.decode(shard_tokens(table)[0].tolist())[:2000]}")
+    return 0
+
+
+def cmd_overlap(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipeline.ngrams import TaskLoadError, load_tasks
+    from pipeline.overlap import OverlapError, log_overlap_mlflow, write_report
+    from pipeline.overlap_run import run_overlap
+
+    if not os.path.isfile(os.path.join(args.corpus, "manifest.json")):
+        print(f"maskscale: {args.corpus} is not a built corpus (no manifest.json)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        tasks = load_tasks(args.tasks, args.include_path)
+        report = run_overlap(args.corpus, tasks, args.ngram, args.finder_workers, args.workers,
+                             progress=not args.quiet)  # fmt: skip
+    except (TaskLoadError, OverlapError) as e:
+        print(f"maskscale: {e}", file=sys.stderr)
+        return 2
+    paths = write_report(report, args.out or os.path.join(args.corpus, "overlap"))
+    print(paths[1].read_text())
+    print(f"written {paths[0]} and {paths[1]}")
+    if args.run:
+        run_id = log_overlap_mlflow(report, args.run, args.tracking_uri, list(paths))
+        if run_id:
+            print(f"logged to MLflow run {run_id}")
     return 0

@@ -8,12 +8,21 @@ it can have) and a document with neither comes last.
 
 - Exact dedup is datatrove's, with ``document_priority`` derived from the date. Priorities
   are 16-bit (1..65535, highest kept), so the scale is by day from 1950-01-01 to 2126 and by
-  year from 1000 to 1949; dates further out share the end values, and ties keep datatrove's
-  order (lowest index in the task's stream first).
-- MinHash: the signature stage (datatrove's signatures, computed faster) also writes each document's day (``days/``), and our
-  cluster stage (``pipeline/cluster.py``, in arrays) keeps, of each cluster, the member with
-  the earliest day (ties: the first in stream order), independent of how the buckets stage
-  was parallelised.
+  year from 1000 to 1949; dates further out share the end values. Copies of equal priority
+  (same day, same year before 1950, both past an end, or both undated without a bound) are
+  ordered as datatrove sorts signatures, by (hash, -priority, index), where the index counts
+  documents *within each task's own stream*: the copy with the lowest such index is kept,
+  whichever task it is in (document 0 of task 2 beats document 3 of task 0), so it is not
+  the first copy in the order of the input files. Copies at the same index in different tasks
+  stay tied, and the one kept is whichever the finder's heap merge of the signature files
+  pops first: fixed for the same inputs, ``records.task_bytes`` and
+  ``dedup.exact_finder_workers``, but not the first task (of two tasks holding such copies,
+  task 1's is kept). ``tests/pipeline/test_dedup.py`` pins these cases.
+- MinHash: the signature stage (datatrove's signatures, computed faster) also writes each
+  document's day (``days/``), and our cluster stage (``pipeline/cluster.py``, in arrays)
+  keeps, of each cluster, the member with the earliest day (ties: the lowest (task, index in
+  that task's stream), i.e. the first in the order of the tasks), independent of how the
+  buckets stage was parallelised.
 
 Both filters run inline in the later stages that read the documents (MinHash signatures and
 the split), each through the same deterministic raw reader, which therefore see exactly the
@@ -41,6 +50,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 
 from pipeline.cluster import EarliestMinhashCluster, cluster_memory
+from pipeline.codekey import stage_versions
 from pipeline.configlib import to_dict
 from pipeline.minhash import FastMinhashSignature
 from pipeline.temporal import doc_day, parse_bounds
@@ -177,8 +187,10 @@ def _plan_minhash(p, reader, key: str, tasks: int, upstream_filters):
                     d.num_buckets * per_bucket, lambda s: [
         BalancedMinhashBuckets(sigs.data(), s.data(), config=mcfg),
     ])  # fmt: skip
-    # clusters depend on the signatures only (not on how the buckets stage was split)
-    cluster = p.add("minhash-cluster", sigs.key, {"cluster": "earliest"}, 1, lambda s: [
+    # clusters depend on the signatures only (not on how the buckets stage was split), and on
+    # the buckets' code, which this key does not chain to
+    cluster_settings = {"cluster": "earliest", "buckets": stage_versions("minhash-buckets")}
+    cluster = p.add("minhash-cluster", sigs.key, cluster_settings, 1, lambda s: [
         EarliestMinhashCluster(buckets.data(), sigs.data(), s.data()),
     ])  # fmt: skip
     # Slurm memory of the one clustering task, from the pair count at submit time

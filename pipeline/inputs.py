@@ -10,6 +10,15 @@ Three things a web-scale ingest needs that a per-file reader does not give:
   cannot be split) and the units are grouped in order into tasks of about
   ``records.task_bytes``. The partition depends only on the inputs and that setting, never on
   the executor, so changing workers never rebuilds anything.
+- **Every byte read about once.** A range of a plain file must number its lines (records are
+  named ``file:line``); counting from byte 0 in each range would read a file of n ranges n/2
+  times in every stage that reads. Planning counts the newlines once, each unit carries the
+  count of lines before it, and a range reads only its own bytes plus the end of its last line.
+  What planning read (newline counts, parquet footers) is kept in ``OUTPUT/.work`` per input
+  url, size and version, so a resume or a Slurm resubmit lists the inputs (the only way to see
+  added or rewritten files; one request per ~1000 objects on S3) but reads none of them.
+- **Inputs, not outputs.** Files under the build's own output folder (its ``.work/`` holds
+  JSONL) are never inputs, and every input pattern must match an input file.
 - **Bad data told apart from failures.** Every read goes through :class:`InputFile`, which turns
   any storage error into :class:`InputReadError` (the task fails and a rerun retries it);
   only errors of the decoders (a bad zstd/gzip frame, a truncated stream, an unreadable
@@ -18,7 +27,9 @@ Three things a web-scale ingest needs that a per-file reader does not give:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +45,8 @@ EXTENSIONS = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", "
 READ_BYTES = 1 << 20
 # compressed bytes fed to a decoder at a time: how precisely a lost region can be reported
 FEED_BYTES = 1 << 16
+# first read past the end of a plain range (finishing its last line); doubles up to READ_BYTES
+TAIL_BYTES = 1 << 10
 # fsspec info() keys that change when a file is rewritten (local, s3, gcs, azure, memory)
 _VERSION_KEYS = ("mtime", "LastModified", "last_modified", "ETag", "etag", "generation",
                  "md5", "created", "updated")  # fmt: skip
@@ -85,6 +98,9 @@ class WorkUnit:
     """End byte / row group (exclusive); None: to the end of the file."""
     weight: int = 0
     """Bytes on storage this unit covers (for grouping units into tasks)."""
+    lines_before: int = 0
+    """Plain JSONL: lines of the file before this unit's first line, counted once at planning
+    so that a unit never rereads the file's head to number its lines."""
 
     def __str__(self) -> str:
         if self.start == 0 and self.stop is None:
@@ -99,14 +115,15 @@ def _file_of(fs, path: str, info: dict) -> InputFile:
     return InputFile(url, int(info.get("size") or 0), version)
 
 
+class NoInputError(FileNotFoundError):
+    """An input pattern matches no input file: a usage error, not a failure of the build."""
+
+
 def _listing(pattern: str) -> list[InputFile]:
     fs, path = url_to_fs(pattern)
     if has_magic(path):
         found = fs.glob(path, detail=True)
-        files = [_file_of(fs, p, i) for p, i in found.items() if i.get("type") != "directory"]
-        if not files:
-            raise FileNotFoundError(f"input {pattern!r} matches no file")
-        return files
+        return [_file_of(fs, p, i) for p, i in found.items() if i.get("type") != "directory"]
     if fs.isdir(path):
         folder = get_datafolder(pattern)
         found = folder.find("", detail=True)
@@ -114,24 +131,43 @@ def _listing(pattern: str) -> list[InputFile]:
                 if i.get("type") != "directory"]  # fmt: skip
     if fs.isfile(path):
         return [_file_of(fs, path, fs.info(path))]
-    raise FileNotFoundError(f"input {pattern!r} matches no file")
+    return []
 
 
-def discover_inputs(patterns: list[str]) -> list[InputFile]:
-    """Expand directories/globs/files (local or fsspec URLs) into sorted, unique input files."""
+def _under(url: str, folder: str | None) -> bool:
+    """Whether ``url`` is a local file inside ``folder`` (a build's own output)."""
+    if not folder or "://" in url:
+        return False
+    return os.path.commonpath([os.path.abspath(url), folder]) == folder
+
+
+def discover_inputs(patterns: list[str], exclude: str | None = None) -> list[InputFile]:
+    """Expand directories/globs/files (local or fsspec URLs) into sorted, unique input files.
+
+    Files under ``exclude`` (the build's output folder, whose ``.work/`` holds JSONL of its
+    own) are never inputs. Every pattern must match at least one input file: a mistyped one
+    among several would otherwise silently leave its data out (:class:`NoInputError`).
+    """
+    folder = os.path.abspath(exclude) if exclude and "://" not in exclude else None
     files: dict[str, InputFile] = {}
     for pattern in patterns:
-        for f in _listing(pattern):
-            if f.url.endswith(EXTENSIONS):
-                files[f.url] = f
-    if not files:
-        raise FileNotFoundError(
-            f"no input files with extensions {', '.join(EXTENSIONS)} under {patterns}"
-        )
+        found = _listing(pattern)
+        usable = [f for f in found if f.url.endswith(EXTENSIONS) and not _under(f.url, folder)]
+        if not usable:
+            what = "no file" if not found else f"no file with extension {', '.join(EXTENSIONS)}"
+            if found and all(_under(f.url, folder) for f in found):
+                what = f"only files under the output folder {exclude} (never read as input)"
+            raise NoInputError(f"input {pattern!r} matches {what}; check --input / input")
+        files.update((f.url, f) for f in usable)
     return [files[u] for u in sorted(files)]
 
 
 # -- partition -------------------------------------------------------------------------------
+PLAN_CACHE = "input-plan.json"
+"""File under ``OUTPUT/.work`` that keeps what planning had to read (see :func:`plan_tasks`)."""
+_PLAN_FORMAT = 1
+
+
 def _row_group_bytes(f: InputFile) -> list[int] | None:
     """Compressed bytes of each row group, or None when the footer is unreadable (the reader
     then reports the file as corrupt)."""
@@ -150,16 +186,55 @@ def _row_group_bytes(f: InputFile) -> list[int] | None:
         ]
 
 
-def _units_of(f: InputFile, task_bytes: int, groups: list[int] | None) -> list[WorkUnit]:
+def _bounds(f: InputFile, task_bytes: int) -> list[int]:
+    """Byte bounds of the ranges a plain file larger than ``task_bytes`` is cut into."""
+    n = math.ceil(f.size / task_bytes)
+    return [f.size * i // n for i in range(n + 1)]
+
+
+def _lines_before(f: InputFile, bounds: list[int]) -> list[int]:
+    """Lines before the first line of each range, in one sequential read of the file.
+
+    A range starting at ``b > 0`` begins after the first newline at or after ``b - 1``
+    (see :func:`unit_lines`), so the lines before it are one per newline in ``[0, b - 1)``
+    plus the line that newline ends.
+    """
+    out, newlines, pos = [0], 0, 0
+    with open_input(f.url) as fh:
+        for b in bounds[1:-1]:
+            while pos < b - 1 and (chunk := fh.read(min(READ_BYTES, b - 1 - pos))):
+                newlines += chunk.count(b"\n")
+                pos += len(chunk)
+            out.append(newlines + 1)
+    return out
+
+
+def _needs_read(f: InputFile, task_bytes: int) -> bool:
+    """Whether cutting ``f`` into units needs its bytes (a parquet footer, newline counts)."""
+    return f.size > task_bytes and f.codec in ("plain", "parquet")
+
+
+def _fact_key(f: InputFile, task_bytes: int) -> str:
+    # row groups do not depend on task_bytes; the ranges of a plain file do
+    return "row_groups" if f.codec == "parquet" else f"lines_before@{task_bytes}"
+
+
+def _read_fact(f: InputFile, task_bytes: int) -> list[int] | None:
+    if f.codec == "parquet":
+        return _row_group_bytes(f)
+    return _lines_before(f, _bounds(f, task_bytes))
+
+
+def _units_of(f: InputFile, task_bytes: int, fact: list[int] | None) -> list[WorkUnit]:
     if f.codec == "plain" and f.size > task_bytes:
-        n = math.ceil(f.size / task_bytes)
-        bounds = [f.size * i // n for i in range(n + 1)]
-        return [WorkUnit(f, a, None if i == n - 1 else b, b - a)
+        bounds = _bounds(f, task_bytes)
+        n = len(bounds) - 1
+        return [WorkUnit(f, a, None if i == n - 1 else b, b - a, fact[i])
                 for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]  # fmt: skip
-    if groups is None or len(groups) < 2:
+    if f.codec != "parquet" or fact is None or len(fact) < 2:
         return [WorkUnit(f, 0, None, f.size)]
     units, first, acc = [], 0, 0
-    for g, size in enumerate(groups):
+    for g, size in enumerate(fact):
         if g > first and acc + size > task_bytes:
             units.append(WorkUnit(f, first, g, acc))
             first, acc = g, 0
@@ -168,19 +243,79 @@ def _units_of(f: InputFile, task_bytes: int, groups: list[int] | None) -> list[W
     return units
 
 
-def plan_tasks(files: list[InputFile], task_bytes: int, threads: int = 16) -> list[list[WorkUnit]]:
+class _PlanCache:
+    """What planning read from each input, keyed by url, size and version (and task_bytes for
+    the newline counts), in one JSON file; a missing or unreadable file is an empty cache."""
+
+    def __init__(self, path: str | None):
+        self.path, self.entries, self.dirty = path, {}, False
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as fh:
+                    data = json.load(fh)
+                if data.get("format") == _PLAN_FORMAT and isinstance(data.get("files"), dict):
+                    self.entries = data["files"]
+            except (OSError, ValueError, AttributeError):
+                pass  # rebuilt from the inputs
+
+    def _entry(self, f: InputFile) -> dict | None:
+        entry = self.entries.get(f.url)
+        if not isinstance(entry, dict) or not isinstance(entry.get("facts"), dict):
+            return None
+        return entry if (entry.get("size"), entry.get("version")) == (f.size, f.version) else None
+
+    def get(self, f: InputFile, task_bytes: int) -> tuple[bool, list[int] | None]:
+        fact = (self._entry(f) or {}).get("facts", {}).get(_fact_key(f, task_bytes), False)
+        if f.codec == "plain":  # one count per range
+            ok = isinstance(fact, list) and len(fact) == len(_bounds(f, task_bytes)) - 1
+        else:  # bytes per row group, or None: an unreadable footer
+            ok = fact is None or isinstance(fact, list)
+        return (True, fact) if ok else (False, None)
+
+    def put(self, f: InputFile, task_bytes: int, fact: list[int] | None) -> None:
+        entry = self._entry(f)
+        if entry is None:
+            entry = self.entries[f.url] = {"size": f.size, "version": f.version, "facts": {}}
+        entry["facts"][_fact_key(f, task_bytes)] = fact
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.path or not self.dirty:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"format": _PLAN_FORMAT, "files": self.entries}, fh, sort_keys=True)
+        os.replace(tmp, self.path)  # concurrent planners never see half a file
+
+
+def plan_tasks(files: list[InputFile], task_bytes: int, threads: int = 16,
+               cache: str | None = None) -> list[list[WorkUnit]]:  # fmt: skip
     """Work units of all inputs grouped, in order, into tasks of about ``task_bytes``.
 
     A unit larger than ``task_bytes`` (a big ``.zst``, one huge row group) is a task of its own.
-    Only parquet files larger than ``task_bytes`` have their footers read here (in threads).
+    Only files larger than ``task_bytes`` are read here (in threads): parquet footers, and the
+    newlines of plain JSONL, counted once so that each range knows its first line's number
+    (each range counting from byte 0 would read a file of n ranges n/2 times per stage).
+    ``cache``: a JSON file keeping what was read, per input url, size and version, so that a
+    resume or a Slurm resubmit reads nothing again, and a rewritten input is read anew.
     """
-    big_parquet = [f for f in files if f.codec == "parquet" and f.size > task_bytes]
-    with ThreadPoolExecutor(max(1, min(threads, len(big_parquet)))) as pool:
-        groups = dict(zip(big_parquet, pool.map(_row_group_bytes, big_parquet)))
+    store = _PlanCache(cache)
+    facts, missing = {}, []
+    for f in files:
+        if _needs_read(f, task_bytes):
+            hit, facts[f] = store.get(f, task_bytes)
+            if not hit:
+                missing.append(f)
+    with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:
+        for f, fact in zip(missing, pool.map(lambda f: _read_fact(f, task_bytes), missing)):
+            facts[f] = fact
+            store.put(f, task_bytes, fact)
+    store.save()
     tasks: list[list[WorkUnit]] = []
     current, acc = [], 0
     for f in files:
-        for unit in _units_of(f, task_bytes, groups.get(f)):
+        for unit in _units_of(f, task_bytes, facts.get(f)):
             if current and acc + unit.weight > task_bytes:
                 tasks.append(current)
                 current, acc = [], 0
@@ -301,11 +436,20 @@ def _gzip_blocks(fh) -> Iterator[tuple[bytes, int, int]]:
     return _frame_blocks(fh, lambda: zlib.decompressobj(wbits=31), "gzip", skip_padding=True)
 
 
-def _plain_blocks(fh, start: int) -> Iterator[tuple[bytes, int, int]]:
+def _plain_blocks(fh, start: int, stop: int | None) -> Iterator[tuple[bytes, int, int]]:
+    """Blocks of a plain file from ``start``: up to ``stop`` in pieces of at most READ_BYTES,
+    then in pieces growing from TAIL_BYTES (enough to finish the line that crosses ``stop``),
+    so that a range reads about its own bytes, not READ_BYTES past its end."""
     if start:
         fh.seek(start)
-    pos = start
-    while chunk := fh.read(READ_BYTES):
+    pos, tail = start, TAIL_BYTES
+    while True:
+        if stop is None or pos < stop:
+            n = READ_BYTES if stop is None else min(READ_BYTES, stop - pos)
+        else:
+            n, tail = tail, min(2 * tail, READ_BYTES)
+        if not (chunk := fh.read(n)):
+            return
         yield chunk, pos, pos + len(chunk)
         pos += len(chunk)
 
@@ -346,26 +490,18 @@ def unit_lines(fh, unit: WorkUnit) -> Iterator[tuple[bytes, int, int]]:
     if codec == "gzip":
         yield from split_lines(_gzip_blocks(fh))
         return
-    # a range starting mid-file begins after the first newline at or after start - 1
-    begin = max(unit.start - 1, 0)
-    lines = split_lines(_plain_blocks(fh, begin), base=begin)
+    # a range starting mid-file begins after the first newline at or after start - 1 and ends
+    # with the line holding byte stop - 1 (the next range skips through that line's newline)
+    begin, stop = max(unit.start - 1, 0), unit.stop
+    lines = split_lines(_plain_blocks(fh, begin, stop), base=begin)
     if unit.start > 0:
         next(lines, None)
     for line, offset, pos in lines:
-        if unit.stop is not None and offset >= unit.stop:
+        if stop is not None and offset >= stop:
             return
         yield line, offset, pos
-
-
-def count_newlines(url: str, end: int) -> int:
-    """Newlines in the first ``end`` bytes of a plain file (line numbers of a range unit)."""
-    n = 0
-    with open_input(url) as fh:
-        left = end
-        while left > 0 and (chunk := fh.read(min(READ_BYTES, left))):
-            n += chunk.count(b"\n")
-            left -= len(chunk)
-    return n
+        if stop is not None and offset + len(line) >= stop - 1:
+            return
 
 
 def open_lines(path: str) -> Iterator[bytes]:

@@ -12,7 +12,10 @@ Shard sha256s are computed by the parallel ``hash`` stage (:class:`HashShards`) 
 sidecar next to each work shard, keyed by its size and mtime, so publishing only assembles and
 an unchanged shard is never hashed twice. The manifest records the build key (the publish
 stage's key); the build reruns publish whenever the published key differs, so OUTPUT always
-matches the config that was asked for last.
+matches the config (and code) that was asked for last. It also records what entered the keys
+besides settings (:mod:`pipeline.codekey`): the library ``versions`` and under ``code`` each
+stage's code fingerprint and each pipeline module's source hash, so comparing the manifests of
+two builds shows which module's change made a stage rerun.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections import defaultdict
 from datatrove.pipeline.base import PipelineStep
 from tokenizers import Tokenizer
 
+from pipeline.filters import CHECKED, REMOVED, filter_report, filter_table
 from pipeline.packing import read_segments
 from pipeline.readers import read_corrupt_files
 from pipeline.shards import MANIFEST, TOKENIZER, file_sha256, open_shard
@@ -75,6 +79,8 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
         "corrupt_files": read_corrupt_files(os.path.join(stage_dirs["split"], "corrupt")),
         # the reader drops bad records, the splitter undated ones (split.undated=drop)
         "dropped": _counter(split, "dropped/"),
+        # per task a decontaminated document contained (it is dropped once, as above)
+        "decontaminated": _counter(split, "decontaminated/"),
         # the exact and MinHash filters run inline in the split stage
         "exact": _dropped_by(split, "exact-deduplication"),
         "near": _dropped_by(split, "MinHash"),
@@ -88,6 +94,9 @@ def collect_counts(stage_dirs: dict[str, str]) -> dict:
         "tail_out": _counter(pack, "tail_tokens/"),
         "tail_in": _counter(tails, "tail_tokens/"),
         "pad": _counter(tails, "pad_tokens/"),
+        # quality filters run in the split stage's reader: {split/source}, {split/name/source}
+        "filter_checked": _counter(split, CHECKED),
+        "filter_removed": _counter(split, REMOVED),
     }
     return counts
 
@@ -224,12 +233,14 @@ class PublishCorpus(PipelineStep):
     name = "maskscale publish"
 
     def __init__(self, output, stage_dirs, shard_dirs, tails_dir, tokenizer_path, config,
-                 build_key: str = "", versions: dict | None = None):  # fmt: skip
+                 build_key: str = "", versions: dict | None = None,
+                 code: dict | None = None):  # fmt: skip
         super().__init__()
         self.output, self.stage_dirs = os.path.abspath(output), stage_dirs
         self.shard_dirs, self.tails_dir = shard_dirs, tails_dir
         self.tokenizer_path, self.config = tokenizer_path, config
         self.build_key, self.versions = build_key, versions or {}
+        self.code = code or {}
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         manifest_path = os.path.join(self.output, MANIFEST)
@@ -267,6 +278,7 @@ class PublishCorpus(PipelineStep):
             "format": FORMAT,
             "build_key": self.build_key,
             "versions": self.versions,
+            "code": self.code,
             "documents": {
                 "read": counts["read"],
                 "extra_pieces": counts["extra_pieces"],
@@ -274,6 +286,7 @@ class PublishCorpus(PipelineStep):
                 "undated_kept": counts["undated"],
             },
             "dropped": counts["dropped"],
+            "decontaminated": dict(sorted(counts["decontaminated"].items())),
             "corrupt_files": counts["corrupt_files"],
             "long_documents": {
                 "policy": self.config["records"]["too_long"],
@@ -289,6 +302,9 @@ class PublishCorpus(PipelineStep):
                 "after_cutoff": dict(sorted(counts["undated_after_cutoff"].items())),
             },
             "duplicates": {"exact": counts["exact"], "near": counts["near"]},
+            "filters": filter_report(
+                self.config["filters"], counts["filter_checked"], counts["filter_removed"]
+            ),  # fmt: skip
             "splits": {
                 s: {
                     "documents": counts["split_docs"][s],
@@ -335,6 +351,7 @@ def summary_table(manifest: dict) -> str:
             f"{name:<16}{s['documents']:>10,}{s['tokens']:>14,}{s['rows']:>10,}"
             f"{s.get('pad_tokens', 0):>10,}{len(s['shards']):>8}"
         )
+    lines += filter_table(manifest.get("filters", {}))
     t = manifest["tokenizer"]
     lines.append("")
     lines.append(f"tokenizer vocab {t['vocab_size']} eos {t['eos_id']} mask {t['mask_id']} "

@@ -37,7 +37,6 @@ from pipeline.inputs import (
     InputReadError,
     TruncatedStream,
     WorkUnit,
-    count_newlines,
     discover_inputs,
     open_input,
     open_lines,
@@ -100,21 +99,6 @@ def _is_parquet_damage(e: BaseException) -> bool:
     return isinstance(e, OSError | pa.ArrowException)
 
 
-class _Lines:
-    """Line numbers within the file of a unit's lines: for a byte range that starts mid-file
-    the newlines before its first line are counted once (one sequential read of the file's
-    head; line numbers name records in rejects, errors and document origins)."""
-
-    def __init__(self, unit: WorkUnit):
-        self.unit, self._base = unit, None
-
-    def number(self, index: int, offset: int) -> int:
-        if self._base is None:
-            start = self.unit.start > 0 and self.unit.file.codec == "plain"
-            self._base = count_newlines(self.unit.file.url, offset) if start else 0
-        return self._base + index
-
-
 class RawDumpReader(PipelineStep):
     """Reads and validates raw records; yields one Document per valid record (or piece).
 
@@ -141,6 +125,7 @@ class RawDumpReader(PipelineStep):
         date_map: dict[str, str] | None = None,
         min_date: str | None = None,
         max_date: str | None = None,
+        filters=None,
     ):
         super().__init__()
         self.tasks = tasks
@@ -156,6 +141,7 @@ class RawDumpReader(PipelineStep):
         self.date_map = date_map or {}
         self.bounds = (dt.date.fromisoformat(min_date) if min_date else MIN_DATE,
                        dt.date.fromisoformat(max_date) if max_date else MAX_DATE)  # fmt: skip
+        self.filters = filters or None  # pipeline.filters.QualityFilters (only when enabled)
         self._rejects = self._corrupt = None
         self._counts: Counter[str] = Counter()
 
@@ -178,6 +164,25 @@ class RawDumpReader(PipelineStep):
         self._reject(unit, line, "corrupt_file", detail, **lost)
         rec = {"file": unit.file.url, "line": line, "reason": kind, "detail": detail[:500]}
         self._corrupt.write(json.dumps({**rec, **lost}) + "\n")
+
+    def _filtered(self, unit: WorkUnit, line: int, doc: Document, split: str, verdict) -> None:
+        """A document a quality filter removed: not bad input (strict mode keeps going), but a
+        rejection like one, counted per split and source and listed with file:line."""
+        name, detail = verdict
+        reason, source = f"filter:{name}", doc.metadata["source"]
+        self.stat_update(f"dropped/{reason}", f"filter_removed/{split}/{name}/{source}")  # fmt: skip
+        self._counts[reason] += 1
+        rec = {"file": unit.file.url, "line": line, "reason": reason, "detail": detail[:500],
+               "id": doc.id, "split": split, "source": source}  # fmt: skip
+        self._rejects.write(json.dumps(rec) + "\n")
+
+    def _passes(self, doc: Document, unit: WorkUnit, line: int) -> bool:
+        split = self.filters.label(doc)  # before a filter edits the text it is hashed by
+        self.stat_update(f"filter_checked/{split}/{doc.metadata['source']}")
+        verdict = self.filters.check(doc)
+        if verdict is not None:
+            self._filtered(unit, line, doc, split, verdict)
+        return verdict is None
 
     def _summarize(self, unit: WorkUnit) -> None:
         for reason, n in sorted(self._counts.items()) if self.rejects_folder else ():
@@ -250,23 +255,29 @@ class RawDumpReader(PipelineStep):
         pieces = self._pieces(rec["text"], unit, line)
         if not pieces:
             return []
-        self.stat_update("read", "kept", f"source/{source}")
         doc_id = rec.get("id")
         doc_id = str(doc_id) if doc_id not in (None, "") else f"{unit.file.name}:{line}"
         metadata = {"source": str(source), "date": date.isoformat() if date else None,
                     "origin": f"{unit.file.url}:{line}"}  # fmt: skip
         if len(pieces) == 1:
-            return [Document(text=pieces[0], id=doc_id, metadata=metadata)]
-        return [Document(text=p, id=f"{doc_id}#{k}", metadata=dict(metadata))
-                for k, p in enumerate(pieces)]  # fmt: skip
+            docs = [Document(text=pieces[0], id=doc_id, metadata=metadata)]
+        else:
+            docs = [Document(text=p, id=f"{doc_id}#{k}", metadata=dict(metadata))
+                    for k, p in enumerate(pieces)]  # fmt: skip
+        if self.filters is not None:  # each piece is a document: filtered (and counted) alone
+            docs = [d for d in docs if self._passes(d, unit, line)]
+        # one record read; "kept" when any of its documents survived the filters
+        self.stat_update("read", *(("kept", f"source/{source}") if docs else ()))
+        return docs
 
     # -- files -----------------------------------------------------------------------------
     def _read_jsonl(self, unit: WorkUnit) -> Iterator[Document]:
-        lines, line, good = _Lines(unit), 0, 0
+        # lines_before: counted at planning, so a range never rereads the file's head
+        line, good = unit.lines_before, 0
         with open_input(unit.file.url) as fh:
             try:
-                for index, (raw, offset, pos) in enumerate(unit_lines(fh, unit), start=1):
-                    line = lines.number(index, offset)
+                for raw, _offset, pos in unit_lines(fh, unit):
+                    line += 1
                     if raw.strip():
                         yield from self._parse_line(raw, unit, line)
                     good = pos

@@ -26,6 +26,7 @@ from pipeline.readers import BadInputError
 from pipeline.steps import PRE_CUTOFF_CHARS, load_stats, text_hash01
 
 AFTER = "undated_after_cutoff/"
+UNDATED = "undated"  # period of an undated document that may be post-cutoff
 
 
 class UndatedAfterCutoffError(BadInputError):
@@ -63,8 +64,10 @@ class TemporalSplitter(PipelineStep):
         holdout_ranges: dict[str, list[str]] | None = None,
         source_dates: dict[str, str] | None = None,
         undated: str = "error",
+        decontaminate=None,
     ):
         super().__init__()
+        self.decontaminate = decontaminate  # pipeline.ngrams.TaskNgrams: drops train documents
         self.cutoff = dt.date.fromisoformat(cutoff) if cutoff else None
         self.validation_fraction = validation_fraction
         self.seed = seed
@@ -80,8 +83,10 @@ class TemporalSplitter(PipelineStep):
             return "validation"
         return "train"
 
-    def split_of(self, doc: Document) -> str | None:
-        """The split of a document, or None when it is dropped (counted by the caller)."""
+    def period_of(self, doc: Document) -> str:
+        """The split a document's date (or its source's bound) puts it in, counting nothing:
+        ``undated`` when it has no date and may be post-cutoff (``split.undated`` not train).
+        Quality filters label the documents they remove with it, before the split runs."""
         date = doc.metadata.get("date")
         if date:
             day = dt.date.fromisoformat(date)
@@ -91,16 +96,28 @@ class TemporalSplitter(PipelineStep):
                         return name
                 return f"holdout_{day.year}"
             return self.pre_cutoff_split(doc)
+        if not self._may_be_post_cutoff(doc) or self.undated == "train":
+            return self.pre_cutoff_split(doc)
+        return UNDATED
+
+    def _may_be_post_cutoff(self, doc: Document) -> bool:
+        """An undated document whose source bound is not before the cutoff (or has none)."""
+        bound = self.bounds.get(doc.metadata["source"])
+        return self.cutoff is not None and (bound is None or bound >= self.cutoff)
+
+    def split_of(self, doc: Document) -> str | None:
+        """The split of a document, or None when it is dropped (counted by the caller)."""
+        split = self.period_of(doc)
+        if doc.metadata.get("date"):
+            return split
         source = doc.metadata["source"]
-        bound = self.bounds.get(source)
-        if self.cutoff is None or (bound is not None and bound < self.cutoff):
+        if self._may_be_post_cutoff(doc):
+            self.stat_update(f"{AFTER}{source}")
+        if split != UNDATED:
             self.stat_update("undated_kept", f"undated/{source}")
-            return self.pre_cutoff_split(doc)
-        self.stat_update(f"{AFTER}{source}")
-        if self.undated == "train":
-            self.stat_update("undated_kept", f"undated/{source}")
-            return self.pre_cutoff_split(doc)
+            return split
         # error (the build stops after this stage) or drop: never yielded, so never in train
+        bound = self.bounds.get(source)
         self.stat_update("dropped/undated_after_cutoff" if bound else "dropped/undated")
         return None
 
@@ -109,6 +126,13 @@ class TemporalSplitter(PipelineStep):
             split = self.split_of(doc)
             if split is None:
                 continue
+            if split == "train" and self.decontaminate is not None:
+                found = self.decontaminate.tasks_in(doc.text)
+                if found:  # counted once as dropped, and once per task it contains
+                    self.stat_update(
+                        "dropped/decontaminated", *(f"decontaminated/{t}" for t in found)
+                    )
+                    continue
             doc.metadata["split"] = split
             self.stat_update(f"split/{split}", f"split_source/{split}/{doc.metadata['source']}")
             if split in ("train", "validation"):

@@ -5,7 +5,8 @@ makes resuming and partial rebuilds cheap. Two things need more than that:
 
 - **Publishing is not idempotent across configs.** OUTPUT holds one build. After config A,
   then B, then A again, A's publish stage is complete, so datatrove would skip it and leave B
-  published. The manifest therefore records ``build_key`` (the publish stage's key) and
+  published (the same holds for code: the build key includes every stage's code fingerprint,
+  so going back to older code republishes its corpus). The manifest therefore records ``build_key`` (the publish stage's key) and
   :func:`redo_stale_publish` drops the publish stage's completion markers whenever the
   published key is not the one about to be built.
 - **Work files cost disk.** Intermediate copies of the corpus (split outputs)
@@ -81,9 +82,9 @@ def clean_work(output: str, stages: list) -> dict:
     removed, freed = 0, 0
     for name in sorted(os.listdir(work)) if os.path.isdir(work) else []:
         folder = os.path.join(work, name)
-        if name not in current:
+        if name not in current:  # older builds' stages, and the input plan cache
+            removed += os.path.isdir(folder)
             freed += _remove(folder)
-            removed += 1
             continue
         for entry in sorted(os.listdir(folder)):
             if entry not in KEEP:

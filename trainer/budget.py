@@ -3,8 +3,19 @@
 The study compares ARMs and MDMs at equal *training compute* C, so the number of steps of a
 run is derived from C with the paper's convention C = 6 N D (N non-embedding parameters, D
 training tokens): steps = C / (6 N * global_batch * seq_len), rounded to the nearest step.
-The realised D and C (after rounding) are what gets logged. MFU uses the model's own
-FLOPs-per-token count (which includes attention) against a table of dense bf16 peaks.
+The realised D and C (after rounding) are what gets logged.
+
+MFU is reported in two counts against a table of dense bf16 peaks, because published MFU
+figures differ mostly in what they count, not in how fast they ran:
+
+* ``mfu``: the project's count, ``6 N + 12 L d T`` per token (``trainer.model.flops_per_token``:
+  non-embedding weights plus attention; the C = 6 N D of the budget plus attention).
+* ``mfu_litgpt``: litgpt's, ``6 P + 12 L d T`` with P = all parameters, embedding and head
+  included (``trainer.model.flops_per_token_litgpt``). Larger by ``6 (2V + 1) d`` per token:
+  1.10x ours at 1028M and 1.22x at 170M (32k vocabulary, T = 2048).
+
+The goal for the first GPU run (issue 17, item 9) is >= 50% MFU (ours) for the 1028M ARM in bf16
+on one H100; unmeasured until a GPU run reports it.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.configlib import ConfigError
 from trainer.config import BudgetConfig
+from trainer.model import ModelConfig, flops_per_token, flops_per_token_litgpt
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, from the vendors' data sheets
 # (SXM parts). Matched by substring of torch.cuda.get_device_name(); first match wins.
@@ -92,3 +104,16 @@ def mfu(
     if not peak or n_devices < 1:
         return None
     return flops_per_token * tokens_per_s / (peak * n_devices)
+
+
+def mfu_counts(
+    model_cfg: ModelConfig, seq_len: int, tokens_per_s: float, n_devices: int, peak: float | None
+) -> dict[str, float]:
+    """``{"mfu": ours, "mfu_litgpt": litgpt's}`` for rows of ``seq_len`` tokens (see the module
+    docstring); empty when the peak is unknown (CPU, unlisted GPUs)."""
+    counts = {
+        "mfu": flops_per_token(model_cfg, seq_len),
+        "mfu_litgpt": flops_per_token_litgpt(model_cfg, seq_len),
+    }
+    out = {k: mfu(fpt, tokens_per_s, n_devices, peak) for k, fpt in counts.items()}
+    return {k: v for k, v in out.items() if v is not None}

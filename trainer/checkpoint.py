@@ -372,7 +372,8 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def export_checkpoint(ref: CheckpointRef, out_dir: str | Path, tokenizer: Path | None) -> Path:
     """Write ``model.safetensors`` (fp32), ``config.json`` and ``tokenizer.json`` to out_dir.
 
-    config.json holds the model config plus objective, causal flag, mask id, step and tokens,
+    config.json holds the model config plus objective, causal flag, mask id (and the MDM's
+    ``mdm.eps``, so an export alone scores the 1/t ELBO as trained), step and tokens,
     enough to rebuild ``Transformer(ModelConfig(**model), causal)`` without DeepSpeed.
     """
     from safetensors.torch import save_file
@@ -383,7 +384,7 @@ def export_checkpoint(ref: CheckpointRef, out_dir: str | Path, tokenizer: Path |
     tmp.mkdir(parents=True)
     save_file(consolidated_state_dict(ref), str(tmp / "model.safetensors"))
     keys = ("model", "objective", "causal", "mask_id", "step", "tokens", "n_params", "corpus")
-    keys += ("preset", "eos_id", "tokenizer_sha256")
+    keys += ("preset", "eos_id", "tokenizer_sha256", "mdm_eps")
     info = {k: ref.meta.get(k) for k in keys}
     info["format"] = "maskscale-export-v1"
     info["checkpoint"] = str(ref.path)

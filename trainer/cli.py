@@ -29,9 +29,12 @@ A run resumes on any number of processes: ZeRO shards saved by another world siz
 converted once to DeepSpeed's universal format (run_dir/checkpoints/universal/).
 
 Export the newest checkpoint to plain fp32 safetensors + config.json + tokenizer.json
-(training does this automatically at the end, into RUN_DIR/export)::
+(training does this automatically at the end, into RUN_DIR/export), or with ``--format hf`` to
+a Hugging Face directory (ARM: LlamaForCausalLM; MDM: the same weights + a modelling file for
+trust_remote_code; both with tokenizer files and a model card; needs ``pip install .[hf]``)::
 
-    maskscale export runs/mdm-tiny [--tag step00000200] [--out DIR]
+    maskscale export runs/mdm-tiny [--checkpoint STEP] [--out DIR]
+    maskscale export runs/arm-tiny --format hf --out hf/arm-tiny
 """
 
 from __future__ import annotations
@@ -81,17 +84,36 @@ def _close_process_group() -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import CKPT_DIR, CheckpointManager, export_checkpoint, read_checkpoint
+    from pipeline.configlib import ConfigError
+    from trainer.checkpoint import (
+        CKPT_DIR,
+        CheckpointManager,
+        export_checkpoint,
+        read_checkpoint,
+        tag_for,
+    )
 
     run_dir = Path(args.run_dir)
-    if args.tag:
-        ref = read_checkpoint(run_dir / CKPT_DIR / args.tag)
+    if args.checkpoint:
+        tag = tag_for(int(args.checkpoint)) if args.checkpoint.isdigit() else args.checkpoint
+        ref = read_checkpoint(run_dir / CKPT_DIR / tag)
     else:
         ref = CheckpointManager(run_dir, keep=1).latest()
     if ref is None:
-        print(f"maskscale export: no complete checkpoint in {run_dir / CKPT_DIR}", file=sys.stderr)
+        what = f"checkpoint {args.checkpoint}" if args.checkpoint else "complete checkpoint"
+        print(f"maskscale export: no {what} in {run_dir / CKPT_DIR}", file=sys.stderr)
         return 1
-    out = export_checkpoint(ref, args.out or run_dir / "export", run_dir / "tokenizer.json")
+    tokenizer = run_dir / "tokenizer.json"
+    if args.format == "hf":
+        from trainer.hf import export_hf
+
+        try:
+            out = export_hf(ref, args.out or run_dir / "export-hf", tokenizer, run_dir)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"maskscale export: {e}", file=sys.stderr)
+            return 1
+    else:
+        out = export_checkpoint(ref, args.out or run_dir / "export", tokenizer)
     print(f"exported {ref.path} -> {out}")
     return 0
 
@@ -116,9 +138,25 @@ def register(subparsers) -> None:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     export = subparsers.add_parser(
-        "export", help="consolidate a checkpoint to fp32 safetensors", description=doc
+        "export",
+        help="consolidate a checkpoint to fp32 safetensors or a Hugging Face directory",
+        description=doc,
     )
     export.add_argument("run_dir", help="a training run directory")
-    export.add_argument("--tag", help="checkpoint tag (default: newest)")
-    export.add_argument("--out", help="output directory (default: RUN_DIR/export)")
+    export.add_argument(
+        "--checkpoint",
+        "--tag",
+        metavar="STEP",
+        help="checkpoint step or tag such as step00000200 (default: newest)",
+    )
+    export.add_argument(
+        "--format",
+        choices=("maskscale", "hf"),
+        default="maskscale",
+        help="maskscale: fp32 safetensors + config.json + tokenizer.json; hf: a Hugging Face "
+        "directory (transformers Llama; MDM with trust_remote_code) with a model card",
+    )
+    export.add_argument(
+        "--out", help="output directory (default: RUN_DIR/export, or RUN_DIR/export-hf)"
+    )
     export.set_defaults(func=cmd_export)

@@ -22,6 +22,7 @@ from trainer.sft_config import SFTConfig
 from trainer.tracking import TrackingConfig
 
 BUDGET_KEYS = ("flops", "tokens", "steps")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass
@@ -66,8 +67,15 @@ class OptimConfig:
     """Warmup steps = max(warmup_frac * steps, warmup_min) (capped at half the run)."""
     warmup_min: int = 100
     """Lower bound on the warmup length in steps."""
+    fused: bool | Literal["auto"] = "auto"
+    """torch AdamW's fused kernel (one launch for every parameter's update instead of a few
+    per parameter): auto = on when training on CUDA, off on CPU; true/false force it (torch
+    also has a CPU fused kernel). Resolved before the run is recorded, like precision: config.yaml
+    and MLflow hold true or false. Not part of the schedule record: a resume may change it."""
 
     def validate(self) -> None:
+        if self.fused not in ("auto", True, False):
+            raise ConfigError(f"optim.fused: true, false or auto, got {self.fused!r}")
         if not 0 < self.lr:
             raise ConfigError("optim.lr: must be > 0")
         if not 0 <= self.lr_min <= self.lr:
@@ -338,7 +346,9 @@ class TrainConfig:
     (prompt/answer JSONL, trainer/sft.py)."""
     init: str = ""
     """task=sft: the model to start from: a run directory, one of its checkpoints or an
-    export directory (weights, model config and tokenizer come from it)."""
+    export directory (weights, model config and tokenizer come from it). Any task:
+    ``hf:DIR``, a local Hugging Face Llama directory (trainer/hf.py); pretraining checks its
+    shapes against `model` / `model_overrides` and its tokenizer against the corpus's."""
     objective: Literal["arm", "mdm"] = "arm"
     """arm = next-token prediction (causal); mdm = masked diffusion (bidirectional)."""
     model: str = "170M"
@@ -358,6 +368,19 @@ class TrainConfig:
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallel). Stage 3 builds the model directly
     partitioned (``deepspeed.zero.Init``), so a model larger than one host's memory can start."""
     comm: CommConfig = field(default_factory=CommConfig)
+    engine: Literal["deepspeed", "plain"] = "deepspeed"
+    """deepspeed = DeepSpeed's engine at every zero_stage; plain = one process with a torch
+    AdamW and no ZeRO bookkeeping (trainer/engine.py: PlainEngine): needs zero_stage=0 and one
+    process; bf16 there is torch.autocast over fp32 weights (fp32 gradients and Adam states).
+    Meant for one GPU, where DeepSpeed's stage-0 bf16 path runs its BF16_Optimizer (an fp32
+    copy of the weights and a gradient buffer beside the module's). Checkpoints keep the
+    layout the export reads; a run resumes only with the engine that wrote it."""
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """Which scaled-dot-product-attention kernel every attention call may use: auto = torch's
+    choice (flash, then memory-efficient, then cuDNN/math, as the inputs allow); flash, cudnn,
+    efficient = only that CUDA kernel (flash and cudnn need bf16); math = the unfused
+    reference (any device). A kernel the device or precision cannot run is refused when the
+    model is built, never replaced silently (trainer/model.py: attention_backends)."""
     activation_checkpointing: bool | int = False
     """Recompute block activations in the backward pass instead of storing them: false = off,
     true = every block, K = every K-th block (trades ~1/3 more compute per checkpointed block
@@ -388,10 +411,28 @@ class TrainConfig:
             self.validate_sft()
         elif not self.corpus:
             raise ConfigError("corpus: required; pass corpus=DIR (a built corpus directory)")
+        elif self.init and not self.init.startswith("hf:"):
+            raise ConfigError(
+                f"init={self.init}: pretraining starts from scratch or from a Hugging Face "
+                "directory (init=hf:DIR); to continue a maskscale run use its run_dir "
+                "(resume) or task=sft"
+            )
         if not self.model:
             raise ConfigError("model: required; a preset name such as 170M or tiny-1M")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: {self.zero_stage} is not one of 0, 1, 2, 3")
+        if self.engine not in ("deepspeed", "plain"):
+            raise ConfigError(f"engine: deepspeed or plain, got {self.engine!r}")
+        if self.engine == "plain" and self.zero_stage != 0:
+            raise ConfigError(
+                f"engine=plain has no ZeRO partitioning but zero_stage={self.zero_stage}; set "
+                "zero_stage=0 or engine=deepspeed"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend: one of {list(ATTENTION_BACKENDS)}, got "
+                f"{self.attention_backend!r}"
+            )
         ac = self.activation_checkpointing
         if not isinstance(ac, bool) and (not isinstance(ac, int) or ac < 1):
             raise ConfigError(

@@ -10,7 +10,11 @@ only orchestrates. Choices, and why:
   and a killed compile leaves a lock that hangs later runs). That op only serves inference
   all-reduce, so it is switched off for training on CPU.
 * The optimizer is ``torch.optim.AdamW`` handed to DeepSpeed as a client optimizer: no
-  compiled FusedAdam, identical on CPU and GPU, and ZeRO 1-3 partition it as usual.
+  compiled FusedAdam, identical on CPU and GPU, and ZeRO 1-3 partition it as usual. On CUDA
+  it runs torch's fused kernel (``optim.fused: auto``), which updates every tensor of a group
+  in a few launches instead of several per parameter; a resume keeps this run's choice (the
+  optimizer state a checkpoint restores would otherwise bring back the writer's flag).
+* ``engine: plain`` (one process, zero_stage=0) skips DeepSpeed: :class:`PlainEngine`.
 * The LR schedule is our own ``WarmupCosine``: linear warmup over max(1% of steps, 100)
   then a cosine that ends *exactly* at lr_min on the last step (cos(pi) = -1 exactly).
 * bf16 accumulates gradients in fp32 at every ZeRO stage; stage 0 with bf16 runs DeepSpeed's
@@ -23,17 +27,19 @@ only orchestrates. Choices, and why:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline.configlib import ConfigError
 from trainer.config import BatchConfig, OptimConfig, TrainConfig
-from trainer.precision import deepspeed_precision
+from trainer.precision import deepspeed_precision, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,15 +209,36 @@ def build_ds_config(
     return ds
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """Plain torch AdamW over every parameter (weight decay on all, as in the reference)."""
+def resolve_fused(setting: bool | str, device: torch.device | None = None) -> bool:
+    """``optim.fused``: auto -> True when training on CUDA (``device``; None: CUDA if
+    available), else False; true/false unchanged."""
+    if setting == "auto":
+        return torch.cuda.is_available() if device is None else device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"optim.fused: true, false or auto, got {setting!r}")
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device: torch.device | None = None
+) -> torch.optim.AdamW:
+    """Plain torch AdamW over every parameter (weight decay on all, as in the reference);
+    torch's fused kernel per ``optim.fused`` for the training ``device``."""
     return torch.optim.AdamW(
         model.parameters(),
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
         weight_decay=optim.weight_decay,
+        fused=resolve_fused(optim.fused, device),
     )
+
+
+def keep_fused(engine, fused: bool) -> None:
+    """After a checkpoint load: put this run's fused flag back into the AdamW param groups
+    (``load_state_dict`` restores the writer's). The update is the same either way."""
+    for group in engine.lr_scheduler.optimizer.param_groups:
+        group["fused"] = fused
 
 
 def build_engine(
@@ -221,10 +248,13 @@ def build_engine(
     world_size: int,
     load_universal: bool = False,
 ):
-    """``deepspeed.initialize`` with our config, a torch AdamW and the warmup-cosine schedule."""
+    """``deepspeed.initialize`` with our config, a torch AdamW and the warmup-cosine schedule;
+    with ``engine: plain`` a :class:`PlainEngine` instead."""
+    warm = warmup_steps(total_steps, cfg.optim.warmup_frac, cfg.optim.warmup_min)
+    if cfg.engine == "plain":
+        return PlainEngine(cfg, model, total_steps, warm, world_size)
     import deepspeed
 
-    warm = warmup_steps(total_steps, cfg.optim.warmup_frac, cfg.optim.warmup_min)
     optimizer = build_optimizer(model, cfg.optim)
     d_model = getattr(getattr(model, "cfg", None), "d_model", None)  # a Transformer's width
 
@@ -238,6 +268,156 @@ def build_engine(
         config=build_ds_config(cfg, world_size, load_universal, d_model=d_model),
     )
     return engine
+
+
+# ----------------------------------------------------------------------------- plain engine
+
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+FORMAT = "maskscale-plain-engine/1"
+
+
+class PlainEngine:
+    """``engine: plain``: one process, torch AdamW, no DeepSpeed (the one-GPU zero_stage=0 path).
+
+    Why: on one GPU DeepSpeed has nothing to partition or communicate, yet its stage-0 bf16 path
+    (trainer/precision.py) runs ``BF16_Optimizer``: bf16 module weights, a flat fp32 master copy,
+    fp32 gradient buffers filled from the bf16 ``.grad`` after every micro-batch, and a copy back
+    of the updated weights after every step. That bookkeeping costs memory traffic per step and
+    may cost MFU; this engine is the smallest real alternative, so the two can be measured against
+    each other (benchmarks: ``engine=plain`` vs ``engine=deepspeed zero_stage=2``).
+
+    What it is: fp32 weights on the device, bf16 (``precision: bf16``) as ``torch.autocast`` around
+    the forward pass, so matmuls and attention run in bf16 while weights, gradients (accumulated
+    over micro-batches in fp32 ``.grad``) and Adam states stay fp32 -- the same guarantees as the
+    DeepSpeed path (fp32 master weights, fp32 accumulation), reached without a second copy.
+    fp32 runs train exactly as DeepSpeed's fp32 stage 0 does, up to float rounding.
+
+    It implements what the loop, the checkpoints and validation call on a DeepSpeed engine and
+    nothing more: ``engine(...)`` (forward), ``backward`` (loss / accumulation steps, as DeepSpeed
+    scales it), ``step`` (an update only at the accumulation boundary: clip, AdamW, zero the
+    gradients, schedule), ``get_lr``, ``get_global_grad_norm`` (the norm before clipping),
+    ``train``/``eval``, ``save_checkpoint``/``load_checkpoint``. A checkpoint is one
+    ``mp_rank_00_model_states.pt`` (module, optimizer, scheduler, client state), the file
+    DeepSpeed's stage 0 writes and the one ``trainer/checkpoint.py`` exports from; runs resume only
+    with the engine that wrote them (``engine`` is part of the run identity).
+    """
+
+    reports_grad_norm = True
+    """``get_global_grad_norm`` always holds the last step's norm (train_step need not
+    measure it again)."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, total_steps: int, warmup: int, world: int
+    ):
+        if world != 1 or cfg.zero_stage != 0:
+            raise ConfigError(
+                f"engine=plain trains in one process at zero_stage=0 (got world_size={world}, "
+                f"zero_stage={cfg.zero_stage}); use engine=deepspeed for several processes"
+            )
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        self.device = self.device or torch.device("cpu")
+        self.module = model.to(self.device)
+        self.bf16 = resolve_precision(cfg.precision, self.device) == "bf16"
+        self.optimizer = build_optimizer(model, cfg.optim, self.device)
+        o = cfg.optim
+        self.lr_scheduler = WarmupCosine(self.optimizer, total_steps, warmup, o.lr, o.lr_min)
+        self.accum = batch_geometry(cfg.batch, 1)[1]
+        self.clip = float(o.grad_clip)
+        self.micro_steps = self.global_steps = 0
+        self._norm: float | None = None
+
+    # --------------------------------------------------------------------- DeepSpeed's API
+
+    def __call__(self, *args, **kwargs):
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.bf16
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss / accumulation steps`` added into the fp32 ``.grad``."""
+        (loss / self.accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.accum == 0
+
+    def step(self) -> None:
+        """Called after every micro-batch; updates only at the accumulation boundary."""
+        if self.is_gradient_accumulation_boundary():
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            limit = self.clip if self.clip > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)
+            self._norm = float(norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._norm
+
+    def zero_optimization(self) -> bool:
+        return False
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def bfloat16_enabled(self) -> bool:
+        return self.bf16
+
+    def gradient_clipping(self) -> float:
+        return self.clip
+
+    def train(self, mode: bool = True) -> PlainEngine:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> PlainEngine:
+        return self.train(False)
+
+    # --------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict | None = None, save_latest: bool = False
+    ) -> None:
+        """``save_dir/tag/mp_rank_00_model_states.pt``; the caller (CheckpointManager) makes
+        the save atomic and writes ``latest``."""
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": FORMAT,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "global_steps": self.global_steps,
+            "micro_steps": self.micro_steps,
+            "client_state": dict(client_state or {}),
+        }
+        torch.save(state, folder / MODEL_FILE)
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict]:
+        """Restore module, optimizer, schedule and counters; returns (path, client_state)."""
+        path = Path(load_dir) / tag / MODEL_FILE
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("format") != FORMAT:
+            raise ConfigError(
+                f"checkpoint {path.parent} was not written by engine=plain (DeepSpeed's "
+                "layout); resume it with engine=deepspeed, or start a new run_dir"
+            )
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
+        return str(path.parent), state["client_state"]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -285,6 +465,7 @@ def train_step(
     # Plain fp32 data parallel (stage 0) clips without recording the norm: measure it here,
     # after DeepSpeed averaged the gradients and before it clips them.
     plain = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    plain = plain and not getattr(engine, "reports_grad_norm", False)  # engine=plain has it
     norm = _module_grad_norm(engine) if plain else None
     engine.step()
     if norm is None:
@@ -302,12 +483,9 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     """Peak CUDA memory allocated on this device, or the process's resident memory on CPU."""
     if device.type == "cuda":
         return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    try:
-        with open("/proc/self/statm") as f:
-            rss_pages = int(f.read().split()[1])
-        return {"memory/rss_gb": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
-    except (OSError, ValueError):
-        return {}
+    import psutil  # portable (Linux, macOS); /proc/self/statm exists on Linux only
+
+    return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
 
 # ----------------------------------------------------------------------------- validation

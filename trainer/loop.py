@@ -29,7 +29,7 @@ import yaml
 
 from pipeline.configlib import ConfigError, to_dict
 from pipeline.shards import MANIFEST, TOKENIZER, read_manifest
-from trainer.budget import Budget, mfu, peak_flops, resolve_budget
+from trainer.budget import Budget, mfu_counts, peak_flops, resolve_budget
 from trainer.checkpoint import CheckpointManager, CheckpointRef, export_checkpoint, fault_point
 from trainer.config import TrainConfig
 from trainer.engine import (
@@ -39,11 +39,13 @@ from trainer.engine import (
     build_engine,
     eval_splits,
     init_distributed,
+    keep_fused,
     memory_metrics,
+    resolve_fused,
     train_step,
     warmup_steps,
 )
-from trainer.model import ModelConfig, flops_per_token, non_embedding_params
+from trainer.model import ModelConfig, non_embedding_params
 from trainer.precision import resolve_precision
 from trainer.resume import check_saved, describe, reconcile, schedule_record
 from trainer.validation import Evaluator
@@ -51,6 +53,7 @@ from trainer.validation import Evaluator
 IDENTITY_KEYS = ("objective", "model", "global_batch", "seed", "precision", "tokenizer_sha256")
 """What a checkpoint must share with the config that resumes it."""
 IDENTITY_KEYS += ("task",)  # pretrain | sft (checkpoints from before it have no such key)
+IDENTITY_KEYS += ("engine",)  # deepspeed | plain: their checkpoint layouts differ
 
 
 @dataclass
@@ -112,6 +115,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
     else:
         manifest = read_manifest(cfg.corpus)
         model_cfg = resolve_model(cfg, manifest)
+        if cfg.init and ref is None:  # hf:DIR: checked before anything is built
+            from trainer.hf import check_pretrain_init
+
+            check_pretrain_init(cfg, model_cfg, manifest)
     micro, accum = batch_geometry(cfg.batch, dist.world_size)
     n = non_embedding_params(model_cfg)
     rows_len = manifest["seq_len"]  # = model_cfg.seq_len, except for shorter SFT rows
@@ -124,6 +131,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, ref: CheckpointRef | None) -> Setu
         "precision": cfg.precision,
         "tokenizer_sha256": manifest["tokenizer"].get("sha256"),
         "task": cfg.task,
+        "engine": cfg.engine,
     }
     if ref is not None:
         saved = ref.meta.get("identity", {})
@@ -161,8 +169,7 @@ def write_run_files(s: Setup) -> None:
 
 def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
     """(MLflow params, tags, run-name fields): the resolved config plus what it resolved to."""
-    if s.sft is None:
-        manifest_sha = hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+    manifest_sha = manifest_sha256(s)
     b = s.budget
     resolved = {
         "N": b.n_params,
@@ -199,7 +206,8 @@ def tracking_params(s: Setup) -> tuple[dict, dict, dict]:
 
 
 class Meter:
-    """Per logging window: step times -> tokens/s and MFU; step losses -> the logged loss.
+    """Per logging window: step times -> tokens/s and MFU (``mfu``: the project's count,
+    ``mfu_litgpt``: litgpt's; trainer/budget.py); step losses -> the logged loss.
 
     One MDM step's loss is very noisy (1/p weights), so the logged ``loss`` is the mean over
     the steps since the previous log point; ``loss_last`` is the last step's own value.
@@ -207,7 +215,7 @@ class Meter:
 
     def __init__(self, s: Setup):
         self.tokens_per_step = s.budget.tokens_per_step
-        self.flops_per_token = flops_per_token(s.model_cfg, s.manifest["seq_len"])
+        self.model_cfg, self.seq_len = s.model_cfg, s.manifest["seq_len"]
         name = torch.cuda.get_device_name(s.dist.device) if s.dist.device.type == "cuda" else None
         self.peak, self.world = peak_flops(name), s.dist.world_size
         self.window: list[float] = []
@@ -229,10 +237,14 @@ class Meter:
         self.window = []
         tps = self.tokens_per_step * n / seconds
         out = {"tokens_per_s": tps, "step_time_s": seconds / n}
-        value = mfu(self.flops_per_token, tps, self.world, self.peak)
-        if value is not None:
-            out["mfu"] = value
+        out.update(self.mfu(tps))
         return out
+
+    def mfu(self, tokens_per_s: float | None) -> dict[str, float]:
+        """Both MFU counts at ``tokens_per_s`` (empty on CPU or an unlisted GPU)."""
+        if tokens_per_s is None:
+            return {}
+        return mfu_counts(self.model_cfg, self.seq_len, tokens_per_s, self.world, self.peak)
 
     def median_tokens_per_s(self) -> float | None:
         steady = self.all[1:] or self.all  # the first step pays for warm-up
@@ -256,19 +268,29 @@ def write_row_keys(s: Setup, step: int, keys: list[int]) -> None:
         f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
+def manifest_sha256(s: Setup) -> str | None:
+    """sha256 of the corpus manifest.json a pretraining run reads (None for SFT)."""
+    if s.sft is not None:
+        return None
+    return hashlib.sha256((Path(s.cfg.corpus) / MANIFEST).read_bytes()).hexdigest()
+
+
 def checkpoint_meta(s: Setup, step: int) -> dict:
     return {
         "identity": s.identity,
         "zero_stage": s.cfg.zero_stage,
+        "engine": s.cfg.engine,
         "precision": s.cfg.precision,
         "objective": s.cfg.objective,
         "causal": s.cfg.objective == "arm",
         "mask_id": s.model_cfg.mask_id,
+        "mdm_eps": s.cfg.mdm.eps,  # the MDM's mask-probability floor (its 1/t ELBO needs it)
         "model": to_dict(s.model_cfg),
         "preset": s.cfg.model,
         "tokens": step * s.budget.tokens_per_step,
         "n_params": s.budget.n_params,
         "corpus": str(Path(s.cfg.corpus).resolve()) if s.sft is None else s.manifest["corpus"],
+        "corpus_manifest_sha256": manifest_sha256(s),  # for model cards (trainer/hf.py)
         "tokenizer_sha256": s.identity["tokenizer_sha256"],
         "eos_id": s.manifest["tokenizer"].get("eos_id"),
         "schedule": s.schedule,
@@ -308,12 +330,9 @@ def run_steps(s, engine, loader, objective, ckpt, tracker, evaluator, step: int)
             client["loss_window"] = list(meter.losses)
             ckpt.save(engine, step, client, checkpoint_meta(s, step))
         fault_point("step", step)
-    return {
-        "step": step,
-        "loss": final,
-        "val": last_val,
-        "tokens_per_s": meter.median_tokens_per_s(),
-    }
+    tps = meter.median_tokens_per_s()
+    counts = {"mfu": None, "mfu_litgpt": None} | meter.mfu(tps)
+    return {"step": step, "loss": final, "val": last_val, "tokens_per_s": tps, **counts}
 
 
 def _fmt(metrics: dict) -> str:
@@ -373,6 +392,10 @@ def finish_run(s: Setup, ckpt: CheckpointManager, tracker, outcome: dict, t0: fl
         "final_loss_last_step": outcome["loss"].get("last"),
         "val": outcome["val"],
         "tokens_per_s": outcome["tokens_per_s"],
+        "mfu": outcome["mfu"],
+        "mfu_litgpt": outcome["mfu_litgpt"],
+        "mfu_is": "at the median tokens_per_s; mfu counts 6N + 12LdT FLOPs per token, "
+        "mfu_litgpt 6 x all parameters + 12LdT (trainer/budget.py); null without a known peak",
         "checkpoint": str(latest.path) if latest else None,
         "export": str(export_dir) if s.cfg.checkpoint.export else None,
         "mlflow_run_id": tracker.run_id,
@@ -395,6 +418,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     from trainer.build import build_model
     from trainer.compiling import compile_blocks, use_compile
     from trainer.data import CorpusLoader
+    from trainer.model import set_attention_backend
     from trainer.objectives import build_objective
 
     cfg, dist = s.cfg, s.dist
@@ -422,8 +446,23 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
 
         load_init_weights(model, s.sft.init.state_dict())
         say(dist, f"initialised from {s.sft.init.path}")
-    if use_compile(cfg.compile, dist.device):
+    elif cfg.init and ref is None:  # pretraining from init=hf:DIR
+        from trainer.hf import HFDir
+        from trainer.sft import load_init_weights
+
+        load_init_weights(model, HFDir.open(cfg.init).state_dict(s.model_cfg, cfg.seed))
+        say(dist, f"initialised from {cfg.init}")
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    set_attention_backend(model, cfg.attention_backend, dist.device, dtype)  # refused: here
+    compiled = use_compile(cfg.compile, dist.device)
+    if compiled:
         compile_blocks(model)  # in place, before DeepSpeed wraps the model
+    say(
+        dist,
+        f"engine={cfg.engine} zero_stage={cfg.zero_stage} precision={cfg.precision} "
+        f"fused_adamw={cfg.optim.fused} attention_backend={cfg.attention_backend} "
+        f"compile={compiled}",
+    )
     engine = build_engine(cfg, model, s.budget.steps, dist.world_size, load_universal=universal)
     if s.sft is not None:
         from trainer.sft_data import SFTLoader
@@ -450,6 +489,7 @@ def build(s: Setup, ckpt: CheckpointManager, ref: CheckpointRef | None):
     step = 0
     if ref is not None:
         client = ckpt.load(engine, ref, universal)
+        keep_fused(engine, cfg.optim.fused)  # this run's choice, not the checkpoint's
         loader.load_state_dict(client["loader"])
         step = int(client["step"])
         s.loss_window = [float(x) for x in client.get("loss_window", [])]
@@ -496,6 +536,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     dist = init_distributed()
     cfg.precision = resolve_precision(cfg.precision, dist.device)  # auto -> what is recorded
+    cfg.optim.fused = resolve_fused(cfg.optim.fused, dist.device)  # likewise
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep, dist.rank, dist.world_size)
     ref = ckpt.resolve(cfg.checkpoint.resume)
     s = prepare(cfg, dist, ref)

@@ -14,6 +14,14 @@ sequence length) without leaving the fused attention kernels: see :func:`cut_att
 ``forward(ids, loss=HeadLoss(...))`` returns a loss instead of logits, computed through the head
 in chunks of tokens (``trainer/losses.py``), so no step holds the logits of every position.
 
+Attention kernel: ``F.scaled_dot_product_attention`` picks its kernel per call (flash, then
+memory-efficient, then cuDNN or math, as dtype, shape and mask allow). For the bidirectional
+MDM on an H100 the cuDNN kernel may beat flash, so ``attention_backend`` (TrainConfig) can pin
+one: :func:`set_attention_backend` checks, once at build time, that the kernel runs on this
+device and dtype (a forward and backward on a tiny input) and refuses it with a ConfigError
+otherwise; each attention call then runs inside ``torch.nn.attention.sdpa_kernel`` with that
+one kernel, which raises rather than falls back. ``auto`` adds nothing to the call.
+
 Compilation: RMSNorm, RoPE and the SwiGLU gate are written as plain tensor expressions (no
 Python-side branching on values, casts inside the expression) so ``torch.compile`` fuses each
 into one kernel; ``tests/trainer/test_compile.py`` checks that.
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.configlib import ConfigError
@@ -129,6 +138,29 @@ def flops_per_token(
     if include_head:
         flops += 6.0 * cfg.d_model * cfg.vocab_size
     return flops
+
+
+def all_params(cfg: ModelConfig) -> int:
+    """Every parameter of the Transformer: N plus the input embedding ((V + 1) x d, the mask
+    row included) and the output head (V x d)."""
+    d, v = cfg.d_model, cfg.vocab_size
+    return non_embedding_params(cfg) + (v + 1) * d + v * d
+
+
+def flops_per_token_litgpt(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token in litgpt's MFU convention: ``6 P + 12 L d T``, P = *all*
+    parameters (:func:`all_params`).
+
+    litgpt (``estimate_flops``) counts 2 FLOPs per parameter and token for every trainable
+    parameter, embedding and head included, plus ``4 L d T^2`` per sequence for attention,
+    all times 3 for forward + backward. The attention term equals ours; the difference is
+    ``6 (2V + 1) d``: the head's real matmul (``6 d V``, which :func:`flops_per_token` leaves
+    out) and the embedding, which costs no matmul FLOPs, so this count is the larger one and
+    flatters MFU by the embedding's share. Reported next to ours so numbers compare with
+    runs that quote litgpt's.
+    """
+    t = cfg.seq_len if seq_len is None else seq_len
+    return 6.0 * all_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * t
 
 
 class RMSNorm(nn.Module):
@@ -230,6 +262,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = [rotary]  # shared tables; a list so it is not registered as a child
+        self.backends: list[SDPBackend] | None = None
+        """The only SDPA kernels attention may use (set_attention_backend); None = torch's."""
 
     def forward(self, x: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
         """``cut``: None (plain causal or full attention, the fused kernels) or, for a
@@ -239,11 +273,63 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
         rotary = self.rotary[0]
         q, k = rotary(q), rotary(k)
-        if cut is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            y = cut_attention(q, k, v, cut)
+        pinned = sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext()
+        with pinned:
+            if cut is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            else:
+                y = cut_attention(q, k, v, cut)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+"""``attention_backend`` names -> torch's kernels; ``auto`` (not listed) leaves torch's choice."""
+
+
+def check_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool
+) -> list[SDPBackend] | None:
+    """The kernels for ``attention_backend=name`` (None for auto), after a forward and backward
+    on a tiny input of this device, dtype, head_dim and masking show the kernel runs; else a
+    ConfigError that names the setting and what to use instead."""
+    if name == "auto":
+        return None
+    if name not in SDPA_BACKENDS:
+        raise ConfigError(
+            f"attention_backend: auto or one of {sorted(SDPA_BACKENDS)}, got {name!r}"
+        )
+    backends = [SDPA_BACKENDS[name]]
+    q = torch.randn(1, 1, 16, head_dim, device=device, dtype=dtype, requires_grad=True)
+    try:
+        with sdpa_kernel(backends), torch.enable_grad():
+            F.scaled_dot_product_attention(q, q, q, is_causal=causal).sum().backward()
+            if not causal:  # the cut rows' path (cut_attention) runs shorter rows alone
+                F.scaled_dot_product_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5]).sum()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "flash and cudnn need bf16 (precision=bf16); " if device.type == "cuda" else ""
+        raise ConfigError(
+            f"attention_backend={name}: torch cannot run this attention kernel on "
+            f"{device.type} with {dtype} (head_dim {head_dim}): {first}. {hint}Use "
+            "attention_backend=auto (torch's choice) or math (runs anywhere)"
+        ) from None
+    return backends
+
+
+def set_attention_backend(
+    model: nn.Module, name: str, device: torch.device, dtype: torch.dtype
+) -> list[SDPBackend] | None:
+    """Pin every attention layer of ``model`` (a Transformer) to ``attention_backend=name``,
+    checked first (:func:`check_attention_backend`); auto unpins. Returns the kernels."""
+    backends = check_attention_backend(name, device, dtype, model.cfg.head_dim, bool(model.causal))
+    for block in model.blocks:
+        block.attn.backends = backends
+    return backends
 
 
 class SwiGLU(nn.Module):

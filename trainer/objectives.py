@@ -37,6 +37,12 @@ row's first l logits equal those of the row run alone at length l, positions >= 
 weight, and every rank runs exactly one forward per micro-batch whatever its rows drew (ZeRO-3
 gathers weights collectively in each forward). Micro-batches without a cut attend unmasked.
 
+Warm-up (:func:`forced_cut`): with ``torch.compile`` the first micro-batch holding a cut row
+compiles the blocks' second graph (the cut path breaks the graph at ``cut_attention``), seconds
+at 1B. At 1% of rows that lands at a random step, inside a benchmark's timed steps or a run's
+first log window. ``forced_cut`` cuts one row of the next micro-batch so a warm-up step pays
+for it; it reads no extra data and takes no extra step, and the other rows draw as always.
+
 Padding (``lengths``): a split's partial rows end in EOS padding (``pipeline/shards.py``), which
 is not text. Every loss takes the rows' *lengths* (ids that are text, of the T+1; None = all)
 and leaves padding out of numerator and denominator: the ARM scores target j only when token
@@ -56,9 +62,11 @@ gradients up to float rounding (tests/trainer/test_objectives.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -318,6 +326,10 @@ class MDMObjective(Objective):
                 f"objective random_length_prob: must be in [0, 1], got {random_length_prob!r}"
             )
         self.mask_id, self.eps, self.random_length_prob = int(mask_id), eps, random_length_prob
+        self.pending_cut: int | None = None
+        """Set by :func:`forced_cut`: cut one full row of the next micro-batch to this length."""
+        self.forced_cuts = 0
+        """How many rows :func:`forced_cut` has cut so far."""
 
     def draw_row(self, key: int, seq_len: int, t: float | None = None) -> RowDraw:
         """Random choices of one training row; a pure function of ``key`` (draw order fixed).
@@ -399,6 +411,8 @@ class MDMObjective(Objective):
                 d if d.length <= n else dataclasses.replace(d, length=n, mask=d.mask[:n])
                 for d, n in zip(draws, text.tolist())
             ]
+        if self.pending_cut is not None:
+            draws = self._force_cut(draws, seq_len)
         weight = torch.zeros(len(draws), seq_len, dtype=torch.float32)
         for row, d in enumerate(draws):
             weight[row, : d.length] = d.mask.float() / (d.p * d.length)
@@ -412,6 +426,21 @@ class MDMObjective(Objective):
         if all(n == seq_len for n in lengths):
             return weight, None
         return weight, torch.tensor(lengths, dtype=torch.long)
+
+    def _force_cut(self, draws: list[RowDraw], seq_len: int) -> list[RowDraw]:
+        """Cut the first full-length row to ``pending_cut`` (0: seq_len // 2; clamped to
+        [1, seq_len - 1]); nothing to do when every row is already cut or rows have one
+        position."""
+        length, self.pending_cut = self.pending_cut, None
+        full = [i for i, d in enumerate(draws) if d.length == seq_len]
+        if not full or seq_len < 2:
+            return draws
+        n = min(max(1, length or seq_len // 2), seq_len - 1)
+        row = full[0]
+        draws = list(draws)
+        draws[row] = dataclasses.replace(draws[row], length=n, mask=draws[row].mask[:n])
+        self.forced_cuts += 1
+        return draws
 
     def train_loss(
         self,
@@ -463,6 +492,23 @@ class MDMObjective(Objective):
             ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")
             totals += (ce * weight).double()
         return (totals / n_samples).cpu(), scored
+
+
+@contextlib.contextmanager
+def forced_cut(objective: Objective, length: int = 0) -> Iterator[bool]:
+    """Warm-up aid (module docstring): inside the context, the next MDM training micro-batch
+    cuts its first full-length row to ``length`` (0: half the row) so the cut-row path runs,
+    and is compiled, before timing starts. Yields whether the objective has a cut path (False
+    for the ARM: a causal model needs none, nothing changes). A cut not consumed by the end of
+    the context is dropped; later micro-batches draw as always."""
+    if not isinstance(objective, MDMObjective):
+        yield False
+        return
+    objective.pending_cut = max(0, int(length))
+    try:
+        yield True
+    finally:
+        objective.pending_cut = None
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"arm": ARMObjective, "mdm": MDMObjective}

@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,6 +52,8 @@ class InitSource:
     tokenizer: Path
     checkpoint: CheckpointRef | None = None
     """Set when the weights are read from a DeepSpeed checkpoint (else an export)."""
+    hf: Any = None
+    """Set (a ``trainer.hf.HFDir``) for ``init=hf:DIR``: Llama weight names, converted."""
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -60,6 +63,8 @@ class InitSource:
         """The fp32 weights (merged from ZeRO shards for a checkpoint)."""
         if self.checkpoint is not None:
             return consolidated_state_dict(self.checkpoint)
+        if self.hf is not None:
+            return self.hf.state_dict(self.model_cfg, seed=0)
         from safetensors.torch import load_file
 
         return load_file(str(self.path / "model.safetensors"))
@@ -82,6 +87,16 @@ def _tokenizer_near(*folders: Path) -> Path:
 def resolve_init(init: str) -> InitSource:
     """The initial model of ``init``: an export dir, a checkpoint dir, or a run dir (its
     export, or its newest complete checkpoint when that is newer or there is no export)."""
+    if init.startswith("hf:"):
+        from trainer.hf import HFDir
+
+        hf = HFDir.open(init)
+        if hf.tokenizer is None:
+            raise ConfigError(
+                f"init={init}: no tokenizer.json in {hf.path}; SFT reads its data with the "
+                "init's tokenizer (save one with tokenizer.save_pretrained(DIR))"
+            )
+        return InitSource(hf.path, hf.info(), hf.tokenizer, hf=hf)
     path = Path(init)
     if not path.is_dir():
         raise ConfigError(

@@ -281,6 +281,13 @@ def _tokenizer(run_dir: Path | None, export_dir: Path):
     )
 
 
+def _mdm_eps(cfg: dict, info: dict) -> float:
+    """The run's ``mdm.eps``: its config.yaml, else the export's config.json (an export copied
+    without its run), else the default (exports written before it was recorded)."""
+    eps = (cfg.get("mdm") or {}).get("eps", info.get("mdm_eps"))
+    return float(MDMConfig.eps if eps is None else eps)
+
+
 def _eos_id(info: dict, tokenizer, manifest_eos: int | None) -> int:
     for candidate in (info.get("eos_id"), tokenizer.token_to_id(EOS_TOKEN), manifest_eos):
         if candidate is not None:
@@ -339,7 +346,7 @@ def load_model(
         dtype=dt,
         run_dir=run_dir,
         export_dir=export_dir,
-        mdm_eps=float((cfg.get("mdm") or {}).get("eps", MDMConfig.eps)),
+        mdm_eps=_mdm_eps(cfg, info),
     )
 
 

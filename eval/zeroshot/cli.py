@@ -8,8 +8,8 @@
   line) directly, without writing a task YAML.
 - ``cloze RUN`` builds the temporal cloze task from the run's corpus (``cloze``) and
   reports last-word accuracy per period (letter-only target words; number targets apart,
-  scored with ``--numbers``), with seeded bootstrap intervals per period and for each period's
-  difference from validation, the counts behind each figure, and a plot.
+  scored with ``--numbers``), with seeded bootstrap intervals over documents per period and for
+  each period's difference from validation, the counts behind each figure, and a plot.
 
 Every command prints a table, writes JSON under ``RUN_DIR/eval/`` (``EXPORT_DIR/eval/`` for an
 export folder) and logs its metrics to the run's MLflow run. User errors (unknown task, bad
@@ -42,6 +42,13 @@ def _model_options(p: argparse.ArgumentParser, estimator: str = "mc") -> None:
     )
     g.add_argument("--cfg", type=float, default=0.0, help="unsupervised CFG scale w (MDM)")
     g.add_argument("--mc-samples", type=int, default=128, help="MC samples per continuation")
+    g.add_argument(
+        "--mc-weighting",
+        choices=("fixed_count", "inverse_t"),
+        default="fixed_count",
+        help="MDM Monte Carlo estimator with --estimator mc: fixed_count (default, lower "
+        "variance) or inverse_t (the 1/t form of the training loss)",
+    )
     g.add_argument("--token-budget", type=int, help="tokens per forward batch")
     g.add_argument("--seed", type=int, default=0, help="seed of the MC draws")
 
@@ -49,6 +56,7 @@ def _model_options(p: argparse.ArgumentParser, estimator: str = "mc") -> None:
 def _model_args(args: argparse.Namespace, greedy: bool) -> dict:
     """ModelArgs fields from the options; ``greedy``: whether the metric needs is_greedy."""
     out = {"estimator": args.estimator, "cfg": args.cfg, "mc_samples": args.mc_samples}
+    out["mc_weighting"] = args.mc_weighting
     out["greedy"] = greedy
     out["seed"] = args.seed
     if args.token_budget is not None:
@@ -295,23 +303,35 @@ def cmd_cloze(args: argparse.Namespace) -> int:
 
 
 def _print_cloze(title: str, results: dict) -> None:
-    """One row per period: passages (whole documents among them), accuracy and its 95%
-    interval, the difference from the reference period with its interval, target perplexity."""
+    """One row per period: passages, the documents they come from (and complete documents
+    among the passages), accuracy and its 95% interval over documents, the difference from the
+    reference period with its interval, target perplexity; then why any interval is missing."""
     guided = any("cfg_perplexity" in r for r in results.values())
     ppl = "cfg ppl" if guided else "target ppl"
     ref = next((r["reference"] for r in results.values()), None)
-    print(f"{title}: n passages (one per row; documents unknown, 'whole' = complete ones), "
-          f"accuracy, Δ = accuracy - {ref}'s, 95% bootstrap intervals")  # fmt: skip
-    print(f"{'period':<18}{'n':>5}{'whole':>6}{'acc':>8}{'95% CI':>17}"
+    print(f"{title}: n passages (one per row) from docs documents ('whole' = passages that are "
+          f"complete documents), accuracy, Δ = accuracy - {ref}'s; 95% intervals from bootstrap "
+          "resamples over documents")  # fmt: skip
+    print(f"{'period':<18}{'n':>5}{'docs':>6}{'whole':>6}{'acc':>8}{'95% CI':>17}"
           f"{'Δ':>10}{'95% CI':>19}{ppl:>12}")  # fmt: skip
+    notes = []
     for split, r in results.items():
-        ci = "[{:.3f}, {:.3f}]".format(*r["acc_ci"])
+        ci = "[{:.3f}, {:.3f}]".format(*r["acc_ci"]) if not r.get("acc_ci_reason") else "-"
         delta, dci = "(ref)", ""
         if r["acc_delta"] is not None:
-            delta, dci = f"{r['acc_delta']:+.3f}", "[{:+.3f}, {:+.3f}]".format(*r["acc_delta_ci"])
+            delta = f"{r['acc_delta']:+.3f}"
+            dci = (
+                "-"
+                if r.get("acc_delta_ci_reason")
+                else "[{:+.3f}, {:+.3f}]".format(*r["acc_delta_ci"])
+            )
+        notes += [f"{split}: no interval: {r[k]}" for k in ("acc_ci_reason",) if r.get(k)]
         value = r.get("cfg_perplexity", r.get("perplexity"))
-        print(f"{split:<18}{r['n']:>5}{r['whole_documents']:>6}{r['acc']:>8.3f}{ci:>17}"
+        docs = r.get("documents", "?")
+        print(f"{split:<18}{r['n']:>5}{docs:>6}{r['whole_documents']:>6}{r['acc']:>8.3f}{ci:>17}"
               f"{delta:>10}{dci:>19}{value:>12.2f}")  # fmt: skip
+    for note in notes:
+        print("  " + note)
 
 
 def _cloze_metrics(prefix: str, results: dict) -> dict[str, float]:
@@ -320,6 +340,7 @@ def _cloze_metrics(prefix: str, results: dict) -> dict[str, float]:
     out = {}
     for split, r in results.items():
         values = {"acc": r["acc"], "acc_stderr": r["acc_stderr"], "n": r["n"]}
+        values["documents"] = r.get("documents", float("nan"))
         values["acc_lo"], values["acc_hi"] = r["acc_ci"]
         if r["acc_delta"] is not None:
             values["acc_delta"] = r["acc_delta"]
@@ -388,8 +409,8 @@ def _register_cloze(eval_subparsers) -> None:
         "cloze",
         help="temporal cloze task: last-word accuracy per period",
         description="Build (once) and score the temporal cloze task (see eval/zeroshot/cloze.py): "
-        "accuracy on letter-only target words per period, 95% bootstrap intervals per period "
-        "and for the difference from validation (seeded by --seed).",
+        "accuracy on letter-only target words per period, 95% bootstrap intervals over "
+        "documents per period and for the difference from validation (seeded by --seed).",
     )
     c.add_argument("run", help="run directory or export directory")
     c.add_argument("--corpus", help="corpus to draw passages from (default: the run's)")

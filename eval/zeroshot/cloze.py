@@ -24,9 +24,11 @@ window ending in a number (digits, with ``,`` or ``.`` between groups) is kept a
 separately when asked (``maskscale eval cloze --numbers``). Words mixing letters and digits
 ("1990s", "COVID19") and words with punctuation attached are neither.
 
-Counts: packed rows carry no document ids, so documents are not known; every passage comes
-from a different row, and ``whole_documents`` counts those whose piece is a complete document
-(EOS on both sides inside the row, so distinct documents).
+Documents: every passage comes from a different row, but rows are slices of documents (a long
+speech fills many rows), so several passages may come from one document. Each passage records
+the ``document`` it was cut from, recovered exactly from the packed streams
+(``eval/measure/documents.py``); ``whole_documents`` counts passages whose piece is a complete
+document (EOS on both sides inside the row).
 
 Output (written to a temporary folder, then renamed: nothing half-written): per split
 ``temporal_cloze_<split>.jsonl`` (``{context, target, split, row, whole_document}``) and a
@@ -36,9 +38,12 @@ targets; a folder of an older format is rebuilt). The harness runs the YAMLs wit
 ``--include-path DIR --tasks temporal_cloze``; ``maskscale eval cloze`` scores the JSONL
 directly.
 
-Intervals (``evaluate_cloze``): 95% percentile bootstrap over passages, per period, and for the
-difference of each period's accuracy from the reference period's (``validation``, else the
-first), the two periods resampled independently (their passages are distinct rows); seeded.
+Intervals (``evaluate_cloze``): 95% percentile bootstrap over *documents* (each resample draws
+documents with replacement and takes all their passages: accuracy = hits / passages of the
+drawn documents), per period, and for the difference of each period's accuracy from the
+reference period's (``validation``, else the first), the two periods resampled independently
+(their documents are distinct); seeded. A period with fewer than 5 documents gets no interval
+(``acc_ci_reason`` says so): a percentile over a handful of values means nothing.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ from eval.zeroshot.tasks import ScoreFn, TaskError, mean_stderr
 TAG = "temporal_cloze"
 NUMBERS_TAG = "temporal_cloze_numbers"
 INFO = "cloze.json"
-FORMAT = 2
-"""cloze.json format: 2 = letter-only targets plus number passages (1 took any \\w+ word)."""
+FORMAT = 3
+"""cloze.json format: 3 = passages carry their document id; 2 = letter-only targets plus number
+passages (1 took any \\w+ word)."""
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -110,13 +116,14 @@ def period_order(manifest: dict) -> list[str]:
 # ----------------------------------------------------------------------------- passages
 
 
-def _pieces(ids: np.ndarray, eos_id: int) -> list[tuple[np.ndarray, bool, bool]]:
-    """(token ids, starts a document, ends a document) for each EOS-separated piece of a row."""
+def _pieces(ids: np.ndarray, eos_id: int) -> list[tuple[np.ndarray, bool, bool, int]]:
+    """(token ids, starts a document, ends a document, start position) for each EOS-separated
+    piece of a row."""
     cuts = np.flatnonzero(ids == eos_id)
     out, start = [], 0
     for end in [*cuts.tolist(), len(ids)]:
         if end > start:
-            out.append((ids[start:end], start > 0, end < len(ids)))
+            out.append((ids[start:end], start > 0, end < len(ids), start))
         start = end + 1
     return out
 
@@ -131,14 +138,17 @@ def is_number(word: str) -> bool:
     return _NUMBER.fullmatch(word) is not None
 
 
-def _best_piece(ids: np.ndarray, eos_id: int, tokenizer, words: int) -> tuple[list, bool] | None:
-    """(words, whole document?) of a row's longest piece with at least ``words`` words."""
-    best: tuple[list[str], bool] | None = None
-    for piece, starts, ends in _pieces(ids, eos_id):
+def _best_piece(
+    ids: np.ndarray, eos_id: int, tokenizer, words: int
+) -> tuple[list, bool, int] | None:
+    """(words, whole document?, position of its first token in the row) of a row's longest
+    piece with at least ``words`` words."""
+    best: tuple[list[str], bool, int] | None = None
+    for piece, starts, ends, at in _pieces(ids, eos_id):
         ws = tokenizer.decode(piece.tolist(), skip_special_tokens=False).split()
         ws = ws[(0 if starts else 1) : (len(ws) if ends else len(ws) - 1)]
         if len(ws) >= words and (best is None or len(ws) > len(best[0])):
-            best = (ws, starts and ends)
+            best = (ws, starts and ends, at)
     return best
 
 
@@ -187,16 +197,24 @@ class _Rows:
 def draw_split(corpus: Path, manifest: dict, split: str, tokenizer, cfg: ClozeConfig) -> dict:
     """Word passages of one split, number passages of the same rows (at most ``n``), the rows
     scanned and the count of rows without a word passage by reason."""
+    from eval.measure.documents import DocumentIndex
+    from eval.measure.rows import SplitLayout
+
     rows = _Rows(corpus, manifest["splits"][split]["shards"])
     rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())])
     eos_id = int(manifest["tokenizer"]["eos_id"])
+    index = DocumentIndex(SplitLayout.from_manifest(corpus, manifest, split), manifest, eos_id)
     docs, numbers, skipped, scanned = [], [], {}, 0
     for i in rng.permutation(len(rows)):
         if len(docs) == cfg.n:
             break
         scanned += 1
-        best = _best_piece(np.asarray(rows[int(i)]), eos_id, tokenizer, cfg.words)
+        row = np.asarray(rows[int(i)])
+        best = _best_piece(row, eos_id, tokenizer, cfg.words)
         where = {"split": split, "row": int(i), "whole_document": bool(best and best[1])}
+        if best:
+            ids = index.token_ids(np.array([int(i)]), row[None, :])
+            where["document"] = int(ids[0, best[2]])
         word = best and _last_window(best[0], cfg.words, lambda w: is_word(w, cfg.min_target_chars))
         number = best and _last_window(best[0], cfg.words, is_number)
         if number and len(numbers) < cfg.n:
@@ -207,7 +225,7 @@ def draw_split(corpus: Path, manifest: dict, split: str, tokenizer, cfg: ClozeCo
             continue
         docs.append({**word, **where})
     return {"docs": docs, "numbers": numbers, "rows": len(rows), "scanned": scanned,
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped, "documents": index.documents}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- build
@@ -275,6 +293,8 @@ def build_cloze(corpus_dir: str | Path, out_dir: str | Path, cfg: ClozeConfig) -
             "file": f"{name}.jsonl",
             "passages": len(drawn["docs"]),
             "whole_documents": sum(d["whole_document"] for d in drawn["docs"]),
+            "documents": len({d["document"] for d in drawn["docs"]}),
+            "split_documents": drawn["documents"],
             "number_task": numbers,
             "number_file": f"{numbers}.jsonl",
             "number_passages": len(drawn["numbers"]),
@@ -316,7 +336,8 @@ def evaluate_cloze(
     guided: bool = False,
 ) -> dict[str, dict]:  # fmt: skip
     """Per split: accuracy (the target is the greedy continuation) with its stderr and 95%
-    bootstrap interval, the difference from the reference period with its interval, the mean
+    bootstrap interval over documents (none, with ``acc_ci_reason``, under 5 documents), the
+    difference from the reference period with its interval, the mean
     log-likelihood and perplexity of the targets (``cfg_``-prefixed when ``guided``: scores
     under classifier-free guidance are not the model's likelihood), counts and per-passage
     hits and log-likelihoods. Seeded: the same seed gives the same intervals."""
@@ -328,44 +349,77 @@ def evaluate_cloze(
         pos += len(split_docs)
         hits = [float(bool(greedy)) for _, greedy in chunk]
         lls = [float(ll) for ll, _ in chunk]
+        groups = _documents(split_docs)
+        ci, reason = _interval((hits, groups), None, n_boot, seed, split)
         out[split] = {
             "n": len(chunk),
+            "documents": len(set(groups.tolist())),
             "whole_documents": sum(bool(d.get("whole_document")) for d in split_docs),
             "acc": sum(hits) / len(hits) if hits else float("nan"),
             "acc_stderr": mean_stderr(hits),
-            "acc_ci": _interval(hits, None, n_boot, seed, split),
+            "acc_ci": ci,
+            "acc_ci_reason": reason,
+            "resampled": "documents",
             prefix + "mean_logprob": sum(lls) / len(lls) if lls else float("nan"),
             prefix + "perplexity": float(np.exp(-np.mean(lls))) if lls else float("nan"),
             "hits": hits,
             "logprobs": lls,
+            "passage_documents": groups.tolist(),
         }
     ref = "validation" if "validation" in out else next(iter(out), None)
     for split, r in out.items():
         r["reference"] = ref
         same = split == ref
         r["acc_delta"] = None if same else r["acc"] - out[ref]["acc"]
-        r["acc_delta_ci"] = (
-            None if same else _interval(r["hits"], out[ref]["hits"], n_boot, seed, split)
-        )
+        r["acc_delta_ci"], r["acc_delta_ci_reason"] = None, None
+        if not same:
+            mine = (r["hits"], np.asarray(r["passage_documents"]))
+            theirs = (out[ref]["hits"], np.asarray(out[ref]["passage_documents"]))
+            r["acc_delta_ci"], r["acc_delta_ci_reason"] = _interval(
+                mine, theirs, n_boot, seed, split
+            )
     return out
 
 
-def _interval(hits: list, ref: list | None, n_boot: int, seed: int, split: str) -> list[float]:
-    """95% bootstrap interval of mean(hits) (- mean(ref), resampled independently); the
-    passages are the units (one per row)."""
+def _documents(passages: list[dict]) -> np.ndarray:
+    """int64[passages]: each passage's document id; a passage without one (built by hand, or
+    an older task file) is its own document."""
+    ids = [d.get("document") for d in passages]
+    fresh = iter(range(-2, -2 - len(ids), -1))  # never a real id (those are >= 0)
+    return np.array([next(fresh) if i is None else int(i) for i in ids], dtype=np.int64)
+
+
+def _interval(
+    mine: tuple[list, np.ndarray], ref: tuple[list, np.ndarray] | None, n_boot: int, seed: int,
+    split: str,
+) -> tuple[list[float], str | None]:  # fmt: skip
+    """(95% bootstrap interval of the accuracy (minus the reference's, resampled
+    independently), reason there is none). Units: documents, each carrying all its passages
+    (hits / passages of the drawn documents, ``eval/measure/resample.py``)."""
+    from eval.measure.defaults import MIN_DOCS
     from eval.measure.resample import interval, ratio_samples
     from eval.measure.rows import split_seed
 
-    def means(values: list, *names: str) -> np.ndarray:
-        ones = np.ones(len(values))
-        return ratio_samples(np.asarray(values, float), ones, n_boot, split_seed(seed, *names))
+    def accuracy(hits_groups: tuple[list, np.ndarray], *names: str) -> np.ndarray:
+        hits, groups = np.asarray(hits_groups[0], float), hits_groups[1]
+        _, inverse = np.unique(groups, return_inverse=True)
+        sums = np.bincount(inverse, weights=hits)
+        counts = np.bincount(inverse).astype(float)
+        return ratio_samples(sums, counts, n_boot, split_seed(seed, *names))
 
-    if not hits or (ref is not None and not ref) or n_boot < 1:
-        return [float("nan"), float("nan")]
-    boots = means(hits, split, "cloze")
+    nan = [float("nan"), float("nan")]
+    if n_boot < 1:
+        return nan, "no bootstrap resamples asked for"
+    for label, part in (("this period", mine), ("the reference period", ref)):
+        if part is None:
+            continue
+        documents = len(np.unique(part[1]))
+        if documents < MIN_DOCS:
+            return nan, f"too few documents in {label} ({documents} < {MIN_DOCS})"
+    boots = accuracy(mine, split, "cloze")
     if ref is not None:
-        boots -= means(ref, split, "cloze-ref")
-    return interval(boots)
+        boots -= accuracy(ref, split, "cloze-ref")
+    return interval(boots), None
 
 
 def plot_cloze(

@@ -97,3 +97,45 @@ def test_config_errors(dump, tmp_path):
         load_config(CorpusConfig, None, ok + ["dedup.workers_per_bucket=0"])
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) minhash-bucket; stages are: "):
         _keys(dump, tmp_path, "executor.slurm.stages.minhash-bucket.cpus_per_task=2")
+
+
+def _exact_kept(tmp_path, tasks: list[list[tuple[str, str]]]) -> list[str]:
+    """Ids of the kept copies of the text "dup", through datatrove's three exact-dedup steps
+    configured as the build does; ``tasks`` holds each task's (text, date) stream."""
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+
+    from pipeline.dedup import DatePriority, doc_text
+
+    cfg = ExactDedupConfig(content_getter=doc_text, document_priority=DatePriority({}))
+
+    def stream(rank: int):
+        return iter(Document(text, f"{rank}/{i}", metadata={"date": date})
+                    for i, (text, date) in enumerate(tasks[rank]))  # fmt: skip
+
+    for rank in range(len(tasks)):
+        ExactDedupSignature(str(tmp_path / "sig"), cfg).run(stream(rank), rank, len(tasks))
+    ExactFindDedups(str(tmp_path / "sig"), str(tmp_path / "dups"), cfg).run()
+    kept = []
+    for rank in range(len(tasks)):
+        step = ExactDedupFilter(str(tmp_path / "dups"), cfg)
+        kept += [d.id for d in step.run(stream(rank), rank, len(tasks)) if d.text == "dup"]
+    return kept
+
+
+@pytest.mark.parametrize("tasks,kept", [
+    # the earliest date wins wherever it is
+    ([[("dup", "2021-01-01")], [("a", "2020-01-01"), ("dup", "2020-01-01")]], ["1/1"]),
+    # same day: the lowest index within its own task, not the first task
+    ([[("a", "2020-01-01"), ("dup", "2020-01-01")], [("dup", "2020-01-01")]], ["1/0"]),
+    ([[("dup", "2020-01-01"), ("a", "2020-01-01"), ("dup", "2020-01-01")]], ["0/0"]),
+    # same day and same index in two tasks: the heap merge keeps task 1's
+    ([[("dup", "2020-01-01")], [("dup", "2020-01-01")]], ["1/0"]),
+])  # fmt: skip
+def test_exact_dedup_ties_as_the_docstring_says(tmp_path, tasks, kept):
+    assert _exact_kept(tmp_path, tasks) == kept

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def make_corpus(
     batch_rows: int = 16,
     kind: str = "random",
     words: Sequence[str] | None = None,
+    tokenizer: Path | None = None,
 ) -> Path:
     """Write a complete corpus directory at ``root`` and return it.
 
@@ -95,11 +97,19 @@ def make_corpus(
         reader's boundaries).
     kind: "random" token ids, or "ramp" rows a tiny model can learn (loss goes down fast).
     words: the tokenizer's words for ids 2.. (default w2 w3 ...; see ``write_tokenizer``).
+    tokenizer: a tokenizer.json to use instead (e.g. a trained BPE; its EOS is ``EOS``);
+        vocab_size is then its size.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     splits = {"train": 256, "validation": 32} if splits is None else dict(splits)
-    tok_sha, eos_id = write_tokenizer(root / TOKENIZER, vocab_size, words)
+    if tokenizer is None:
+        tok_sha, eos_id = write_tokenizer(root / TOKENIZER, vocab_size, words)
+    else:
+        shutil.copyfile(tokenizer, root / TOKENIZER)
+        tok = Tokenizer.from_file(str(tokenizer))
+        tok_sha, eos_id = file_sha256(root / TOKENIZER), tok.token_to_id(EOS)
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
     rng = np.random.default_rng(seed)
     manifest_splits: dict[str, dict] = {}
     source_totals: dict[str, dict[str, int]] = {}

@@ -35,7 +35,7 @@ class RandomRows:
         tokens = torch.randint(0, MODEL.vocab_size, (self.micro, MODEL.seq_len + 1), generator=g)
         keys = torch.arange(self.i * self.micro, (self.i + 1) * self.micro)
         self.i += 1
-        return tokens, keys
+        return tokens, keys, None  # the loaders' (tokens, keys, lengths): full rows
 
 
 @pytest.mark.parametrize("name", ["arm", "mdm"])
@@ -43,7 +43,7 @@ def test_bf16_forward_backward_on_cuda(name):
     objective = build_objective(name, MODEL.mask_id)
     torch.manual_seed(0)
     model = Transformer(MODEL, causal=objective.causal).cuda().to(torch.bfloat16)
-    tokens, keys = RandomRows(4).next_micro_batch()
+    tokens, keys, _ = RandomRows(4).next_micro_batch()
     loss = objective.train_loss(model, tokens.cuda(), keys)
     assert math.isfinite(float(loss)) and 0 < float(loss) < 3 * math.log(MODEL.vocab_size)
     loss.backward()
@@ -158,3 +158,69 @@ def test_auto_precision_is_bf16_on_this_gpu():
 
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
+# ----------------------------------------------------------------------------- issue 17 item 9
+
+
+def test_fused_adamw_is_the_cuda_default():
+    from trainer.engine import build_optimizer, resolve_fused
+
+    engine, _, _ = _engine("arm")
+    assert [g["fused"] for g in engine.lr_scheduler.optimizer.param_groups] == [True]
+    model = Transformer(MODEL, causal=True).cuda()
+    cfg = from_dict(TrainConfig, {"corpus": "x", "budget": {"steps": 1}})
+    assert resolve_fused("auto", torch.device("cuda"))
+    assert build_optimizer(model, cfg.optim, torch.device("cuda")).param_groups[0]["fused"]
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_pinned_attention_kernels_match_math_in_bf16(backend, causal):
+    """Each CUDA kernel, pinned, runs (or is refused at build with a ConfigError naming it) and
+    agrees with the math kernel on full and cut rows."""
+    from pipeline.configlib import ConfigError
+    from trainer.model import set_attention_backend
+
+    torch.manual_seed(0)
+    model = Transformer(MODEL, causal=causal).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(0, MODEL.vocab_size, (3, MODEL.seq_len), device="cuda")
+    lengths = None if causal else torch.tensor([MODEL.seq_len, 17, 40])
+    dev = torch.device("cuda")
+    try:
+        set_attention_backend(model, backend, dev, torch.bfloat16)
+    except ConfigError as e:  # e.g. cuDNN attention on a GPU or torch build without it
+        assert f"attention_backend={backend}" in str(e)
+        pytest.skip(str(e))
+    with torch.no_grad():
+        got = model(ids, lengths).float()
+        set_attention_backend(model, "math", dev, torch.bfloat16)
+        want = model(ids, lengths).float()
+    keep = slice(None) if causal else (lengths[:, None] > torch.arange(MODEL.seq_len)).cuda()
+    torch.testing.assert_close(got[keep], want[keep], atol=5e-2, rtol=5e-2)
+
+
+def test_flash_in_fp32_is_refused_at_build():
+    from pipeline.configlib import ConfigError
+    from trainer.model import set_attention_backend
+
+    model = Transformer(MODEL, causal=False).cuda()
+    with pytest.raises(ConfigError, match="attention_backend=flash.*bf16"):
+        set_attention_backend(model, "flash", torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("name", ["arm", "mdm"])
+def test_plain_engine_bf16_steps_follow_zero2_on_cuda(name):
+    """engine=plain (autocast bf16, fp32 weights, fused AdamW) against DeepSpeed ZeRO-2 bf16:
+    same losses to bf16 tolerance over 3 steps."""
+    runs = {}
+    for label, kw in {"zero2": {}, "plain": {"engine": "plain", "zero_stage": 0}}.items():
+        engine, objective, dist = _engine(name, **kw)
+        loader = RandomRows(4)
+        runs[label] = [
+            train_step(engine, loader, objective, 2, dist.device, s + 1) for s in range(3)
+        ]
+    assert [r.loss for r in runs["plain"]] == pytest.approx(
+        [r.loss for r in runs["zero2"]], rel=2e-2
+    )
+    assert all(r.grad_norm is not None and math.isfinite(r.grad_norm) for r in runs["plain"])

@@ -225,6 +225,7 @@ def test_mdm_trains_and_reports_elbo(corpus, tmp_path):
     assert summary["val"]["val/validation/loss"] < 3.7
     info = json.loads((tmp_path / "mdm/export/config.json").read_text())
     assert info["objective"] == "mdm" and info["causal"] is False and info["mask_id"] == 64
+    assert info["mdm_eps"] == 1e-3  # the floor of its 1/t ELBO travels with the export
 
 
 def test_kill_during_save_then_resume_reproduces_the_run(arm_run, corpus, tmp_path):

@@ -192,7 +192,11 @@ def envelope_lines(data: dict) -> list[str]:
 def report_markdown(source: str, points: list[dict], data: dict) -> str:
     lines = [f"# Scaling-law fit: {source}", ""]
     bad = [p for p in points if p["status"] != "finished" or p.get("loss") is None]
-    lines += [f"{len(points) - len(bad)} of {len(points)} planned runs finished with a loss.", ""]
+    if source.startswith("table "):  # sweep fit --points: measured rows, nothing was planned
+        lines += [f"{len(points) - len(bad)} of {len(points)} rows of the table have a loss.", ""]
+    else:
+        lines += [f"{len(points) - len(bad)} of {len(points)} planned runs finished with a loss.",
+                  ""]  # fmt: skip
     lines += basis_lines(points, data)
     if bad:
         lines += ["", "## Missing or failed runs (not fitted)", "", "| run | status |", "|---|---|"]

@@ -242,7 +242,12 @@ def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys)
     assert list(splits) == list(numbers) == ["validation", "holdout_1999", "holdout_2001"]
     for split, r in splits.items():
         assert r["n"] == 8 and r["acc"] >= 0.75  # the model learned the ramps
-        assert r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1]
+        # intervals over documents: passages of one document are not independent draws
+        assert 1 <= r["documents"] <= r["n"] and r["resampled"] == "documents"
+        if r["documents"] >= 5:
+            assert r["acc_ci_reason"] is None and r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1]
+        else:
+            assert r["acc_ci_reason"].startswith("too few documents")
         assert r["reference"] == "validation"
         assert (r["acc_delta"] is None) == (split == "validation")
         # counts: word passages and, apart, number passages of the same rows
@@ -254,9 +259,13 @@ def test_cloze_accuracy_per_period_direct_and_through_the_harness(world, capsys)
     assert (arm / "eval" / "cloze.png").read_bytes()[:4] == b"\x89PNG"
     metrics = mlflow_metrics(arm, uri)
     assert metrics["eval/cloze/holdout_1999/acc"] == splits["holdout_1999"]["acc"]
-    assert (
-        metrics["eval/cloze/holdout_1999/acc_delta_lo"] == splits["holdout_1999"]["acc_delta_ci"][0]
-    )
+    assert metrics["eval/cloze/holdout_1999/documents"] == splits["holdout_1999"]["documents"]
+    for split in ("holdout_1999", "holdout_2001"):
+        if splits[split]["acc_delta_ci_reason"] is None:
+            lo = splits[split]["acc_delta_ci"][0]
+            assert metrics[f"eval/cloze/{split}/acc_delta_lo"] == lo
+        else:  # no interval: no bound logged (NaN is never sent)
+            assert f"eval/cloze/{split}/acc_delta_lo" not in metrics
     assert "eval/cloze_numbers/validation/acc" in metrics
     out = capsys.readouterr().out
     assert "holdout_2001" in out and "--include-path" in out and "number targets" in out
@@ -416,3 +425,32 @@ def test_no_perplexity_passes_for_the_model_s_under_cfg(world, tmp_path):
     # rolling tasks under CFG: refused, exit 2
     rolling = ["--include-path", ASSETS, "--tasks", "ramp_rolling", "--limit", 1, "--no-mlflow"]
     assert cli("harness", mdm, *rolling, "--out", out, "--model-args", "cfg=0.5") == 2
+
+
+def test_mc_and_cloze_commands_take_the_mc_weighting(world, tmp_path):
+    """``--mc-weighting`` reaches the scorer of ``eval mc`` (and ``eval cloze``, which shares
+    the options): recorded in the results, and the 1/t form gives other MDM scores."""
+    mdm = world["mdm"]
+    got = {}
+    for weighting in ("fixed_count", "inverse_t"):
+        out = tmp_path / f"{weighting}.json"
+        argv = ["--estimator", "mc", "--mc-samples", 8, "--mc-weighting", weighting]
+        assert cli("mc", mdm, f"{ASSETS}/ramp_mc.jsonl", *argv, "--out", out, "--no-mlflow") == 0
+        got[weighting] = json.loads(out.read_text())
+        assert got[weighting]["model_args"]["mc_weighting"] == weighting
+    assert got["fixed_count"]["acc"] is not None
+    lls = [[d["ll"] for d in got[w]["docs"]] for w in ("fixed_count", "inverse_t")]
+    assert len(lls[0]) == 8 and lls[0] != lls[1]
+
+
+def test_an_export_alone_carries_the_run_s_mdm_eps(world, tmp_path):
+    """config.json of an export records mdm.eps (tests/trainer/test_train.py checks the
+    trainer writes it), so an export copied without its run scores the 1/t ELBO with the floor
+    it was trained with."""
+    import shutil
+
+    run = world["mdm"]
+    info = json.loads((run / "export" / "config.json").read_text())
+    alone = shutil.copytree(run / "export", tmp_path / "export")
+    (alone / "config.json").write_text(json.dumps({**info, "mdm_eps": 0.3}))
+    assert load_model(alone, device="cpu", weights=False).mdm_eps == 0.3

@@ -265,6 +265,10 @@ def test_build_cloze_writes_seeded_passages_per_period(tmp_path):
         assert {d["row"] for d in numbers} <= set(range(entry["rows"]))
         assert entry["whole_documents"] == sum(d["whole_document"] for d in docs[split])
         assert entry["passages"] <= entry["rows_scanned"] <= entry["rows"]
+        # every passage names the document it was cut from (ids of the split's index)
+        ids = [d["document"] for d in docs[split]]
+        assert all(0 <= i < entry["split_documents"] for i in ids)
+        assert entry["documents"] == len(set(ids)) <= entry["passages"]
     # rows come from every shard of a split, not a prefix (validation: 30 rows in 5 shards)
     assert max(d["row"] for d in docs["validation"]) >= 14
     again = build_cloze(
@@ -351,3 +355,30 @@ def test_cloze_intervals_per_period_and_for_the_difference_are_seeded_bootstraps
     later = evaluate_cloze(holdouts, lambda pairs: [(-1.0, True)] * len(pairs))
     assert later["holdout_2001"]["reference"] == "holdout_1999"
     assert later["holdout_2001"]["acc_delta"] == 0.0
+
+
+def test_cloze_intervals_resample_documents_not_passages():
+    """Ten documents of 20 passages each, every passage of a document right or every one wrong:
+    there are 10 independent draws, not 200, so the interval over documents is far wider than
+    the one over passages; under 5 documents there is no interval, and the reason says so."""
+    rng = np.random.default_rng(1)
+    doc_hits = rng.random(10) < 0.5
+    passages = [
+        {"context": "a", "target": "b", "document": d} for d in range(10) for _ in range(20)
+    ]
+    hits = [bool(doc_hits[p["document"]]) for p in passages]
+    by_doc = evaluate_cloze({"validation": passages}, lambda pairs: [(-1.0, h) for h in hits])
+    anonymous = [{"context": "a", "target": "b"} for _ in passages]  # each its own document
+    by_row = evaluate_cloze({"validation": anonymous}, lambda pairs: [(-1.0, h) for h in hits])
+    v, r = by_doc["validation"], by_row["validation"]
+    assert v["acc"] == r["acc"] and v["documents"] == 10 and r["documents"] == 200
+    p = doc_hits.mean()
+    width = v["acc_ci"][1] - v["acc_ci"][0]
+    assert width == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / 10), rel=0.25)
+    assert width > 3 * (r["acc_ci"][1] - r["acc_ci"][0])
+    few = [{"context": "a", "target": "b", "document": d % 3} for d in range(30)]
+    out = evaluate_cloze(
+        {"validation": passages, "holdout_2001": few}, lambda pairs: [(-1.0, True)] * len(pairs)
+    )["holdout_2001"]
+    assert np.isnan(out["acc_ci"]).all() and "too few documents" in out["acc_ci_reason"]
+    assert out["acc_delta"] is not None and "too few documents" in out["acc_delta_ci_reason"]

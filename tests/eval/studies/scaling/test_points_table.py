@@ -49,6 +49,7 @@ def test_fit_a_table_of_points_writes_the_same_outputs(tmp_path, capsys):
     assert sources == {"table", "nominal"}
     report = (out / "report.md").read_text()
     assert report.startswith("# Scaling-law fit: table paper.csv")
+    assert "80 of 80 rows of the table have a loss" in report and "planned" not in report
     assert "8 from the table's C_real column; 72 from nominal C" in report
     assert "unigram" not in report and "rests on 5 budgets, 40 runs" in report
     for png in ("isoflop.png", "scaling.png"):
