@@ -178,6 +178,19 @@ class DocumentIndex:
         return out
 
 
+def swar_popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (numpy < 2 has no ``np.bitwise_count``)."""
+    m1, m2, m4 = (np.uint64(v) for v in (0x5555555555555555, 0x3333333333333333,
+                                         0x0F0F0F0F0F0F0F0F))  # fmt: skip
+    x = x - ((x >> np.uint64(1)) & m1)
+    x = (x & m2) + ((x >> np.uint64(2)) & m2)
+    x = (x + (x >> np.uint64(4))) & m4
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+popcount = getattr(np, "bitwise_count", swar_popcount)
+
+
 class BitRank:
     """Rank (int64) of marked positions among all marked ones, from a bitmap and one int32
     prefix count per 64-bit word: 0.19 bytes per position instead of an int32 rank each."""
@@ -187,11 +200,11 @@ class BitRank:
         self.words = np.zeros((len(bits) + 7) // 8, dtype="<u8")
         self.words.view(np.uint8)[: len(bits)] = bits
         del bits
-        counts = np.bitwise_count(self.words).astype(np.int32)
+        counts = popcount(self.words).astype(np.int32)
         self.before = np.cumsum(counts, dtype=np.int32) - counts  # marked before each word
 
     def __len__(self) -> int:
-        return int(self.before[-1] + np.bitwise_count(self.words[-1])) if len(self.words) else 0
+        return int(self.before[-1] + popcount(self.words[-1])) if len(self.words) else 0
 
     def marked(self) -> np.ndarray:
         """The marked positions, sorted (int64)."""
@@ -200,7 +213,7 @@ class BitRank:
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         word = positions >> 6
         below = (np.uint64(1) << (positions & 63).astype(np.uint64)) - np.uint64(1)
-        return self.before[word] + np.bitwise_count(self.words[word] & below)
+        return self.before[word] + popcount(self.words[word] & below)
 
 
 def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):

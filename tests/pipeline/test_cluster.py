@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import cluster
 from pipeline.build import plan_stages, stage_resources
-from pipeline.cluster import EarliestMinhashCluster, cluster_memory, memory_gb
+from pipeline.cluster import EarliestMinhashCluster, cluster_memory, memory_gb, swar_popcount
 from pipeline.config import CorpusConfig, SlurmConfig, StageResources
 from pipeline.configlib import load_config
 
@@ -105,6 +105,8 @@ def test_same_bytes_as_the_dict_union_find(tmp_path, monkeypatch, seed):
     # reading in chunks of 7 pairs merges many partial unions: same bytes
     monkeypatch.setattr(cluster, "CHUNK_PAIRS", 7)
     assert run_step(b, s, tmp_path / "o7") == expected
+    monkeypatch.setattr(cluster, "popcount", swar_popcount)  # numpy < 2
+    assert run_step(b, s, tmp_path / "o-swar") == expected
 
 
 def test_ties_keep_the_first_in_stream_order_and_a_chain_joins(tmp_path):
@@ -202,3 +204,10 @@ def test_slurm_memory_follows_the_pair_count(tmp_path, dump):
     cfg = load_config(CorpusConfig, None, [f"input=[{dump.root}]", f"output={tmp_path / 'c'}"])
     stage = next(st for st in plan_stages(cfg) if st.name == "minhash-cluster")
     assert "documents (input bytes / 1500)" in stage.memory()[1]
+
+
+def test_popcount_without_numpy2_counts_bits():
+    x = np.random.default_rng(0).integers(0, 2**64, 1000, dtype=np.uint64)
+    x[:3] = [0, 2**64 - 1, 2**63]
+    expected = [bin(int(v)).count("1") for v in x]
+    assert swar_popcount(x).tolist() == expected
