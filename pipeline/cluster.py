@@ -185,7 +185,8 @@ def swar_popcount(x: np.ndarray) -> np.ndarray:
     x = x - ((x >> np.uint64(1)) & m1)
     x = (x & m2) + ((x >> np.uint64(2)) & m2)
     x = (x + (x >> np.uint64(4))) & m4
-    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+    with np.errstate(over="ignore"):  # the high bytes' overflow is meant (mod 2^64)
+        return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
 
 
 popcount = getattr(np, "bitwise_count", swar_popcount)
