@@ -33,6 +33,7 @@ a worker pool starts without re-importing datatrove in every worker of every sta
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -300,6 +301,38 @@ def _full_scale(r: StageResult, tasks: tuple[int, int], args, cfg, meta) -> tupl
     return kind, par, basis, x
 
 
+CLUSTER_RESULTS = Path(__file__).with_name("cluster_scale.md")
+"""benchmarks/cluster_scale.py's measurements (the JSON block of its report)."""
+
+
+def cluster_at_scale(args, cfg) -> dict | None:
+    """The MinHash cluster step at full scale from ``cluster_scale.md``'s measured growth
+    (seconds and peak memory against duplicate pairs, log-log fit as there), at the pair
+    count the Slurm default assumes (documents x num_buckets x 0.5 pairs per document and
+    bucket, ``pipeline/cluster.py``); None when no measurement is recorded. The cluster step
+    grows with pairs, not documents, and a tiny build measures mostly its fixed costs."""
+    from cluster_scale import fit
+
+    from pipeline.cluster import ASSUMED_PAIRS_PER_DOC_PER_BUCKET, memory_gb
+
+    if not CLUSTER_RESULTS.is_file():
+        return None
+    text = CLUSTER_RESULTS.read_text()
+    block = text.split("```json", 1)[-1].split("```", 1)[0]
+    try:
+        rows = [r for r in json.loads(block) if "base_rss" in r.get("ours", {})]  # measured
+    except ValueError:
+        return None
+    if not rows:
+        return None
+    pairs = args.full_docs * cfg.dedup.num_buckets * ASSUMED_PAIRS_PER_DOC_PER_BUCKET
+    xs = [r["pairs"] for r in rows]
+    seconds = fit(xs, [r["ours"]["seconds"] for r in rows], pairs)
+    net = fit(xs, [r["ours"]["peak_rss"] - r["ours"]["base_rss"] for r in rows], pairs)
+    return {"pairs": pairs, "core_h": seconds / 3600, "measured_gib": net / 2**30,
+            "slurm_gb": memory_gb(int(pairs), int(args.full_docs))}  # fmt: skip
+
+
 def print_projection(results: list[StageResult], overhead: StageResult, args, cfg, meta) -> None:
     cores_total = args.nodes * args.cores
     file_mb = args.full_stored / args.full_files / 1e6
@@ -338,9 +371,12 @@ def print_projection(results: list[StageResult], overhead: StageResult, args, cf
     print(f"{'stage':<22}{'kind':>7}{'tasks':>8}{'x by':>6}{'core-h':>10}{'wall-h':>9}{'nodes':>7}"
           f"{'node-h':>10}")  # fmt: skip
     tot = [0.0, 0.0, 0.0]
+    cluster = cluster_at_scale(args, cfg)
     for r in results:
         kind, par, basis, x = _full_scale(r, (build_tasks, full_tasks), args, cfg, meta)
         core_h = r.work_s(overhead) * x / 3600
+        if r.name == "minhash-cluster" and cluster is not None:
+            basis, core_h = "pairs", cluster["core_h"]
         slots = max(1, min(par, cores_total))
         wall_h = core_h / slots
         nodes = math.ceil(slots / args.cores)
@@ -354,6 +390,14 @@ def print_projection(results: list[StageResult], overhead: StageResult, args, cf
         f"  (node-h counts the nodes each stage occupies; holding all {args.nodes} nodes "
         f"for the whole build: {tot[1] * args.nodes:,.0f} node-h)"
     )
+    if cluster is not None:
+        print(
+            f"  minhash-cluster 'pairs': {cluster['pairs']:.3g} duplicate pairs assumed "
+            f"(docs x {cfg.dedup.num_buckets} buckets x 0.5), time and memory from the growth "
+            f"measured by cluster_scale.py ({CLUSTER_RESULTS.name}): one process, "
+            f"~{cluster['measured_gib']:,.1f} GiB above its imports; its Slurm default asks "
+            f"{cluster['slurm_gb']:,.0f} GB (pipeline/cluster.py's model, with margin)"
+        )
 
 
 def _sum_by_group(results: list[StageResult], ref: bool, attr: str) -> dict[str, float]:
