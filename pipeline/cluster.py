@@ -240,22 +240,38 @@ def pair_graph(folder: DataFolder, names: list[str], index: DocumentIndex):
     edges = SortedUnion(np.uint64)
     for name in names:
         for rec in read_pairs(folder, name):
-            ia = rank(index.dense(rec["f1"], rec["d1"])).astype(np.uint64)
-            ib = rank(index.dense(rec["f2"], rec["d2"])).astype(np.uint64)
-            lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
-            distinct = lo != hi  # a document paired with itself is a cluster of one
-            edges.add((lo[distinct] << _S32) | hi[distinct])
+            edges.add(_chunk_edges(rec, rank, index))
     return rank, edges.result()
+
+
+def _chunk_edges(rec: np.ndarray, rank: BitRank, index: DocumentIndex) -> np.ndarray:
+    """``low id << 32 | high id`` of one chunk's pairs, a document paired with itself left out
+    (a cluster of one); temporaries are freed as soon as used (they add to the merge's peak)."""
+    lo = rank(index.dense(rec["f1"], rec["d1"])).astype(np.uint64)
+    hi = rank(index.dense(rec["f2"], rec["d2"])).astype(np.uint64)
+    swap = lo > hi
+    lo[swap], hi[swap] = hi[swap], lo[swap]
+    distinct = lo != hi
+    lo <<= _S32
+    lo |= hi
+    del hi, swap
+    return lo[distinct]
 
 
 def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indptr, indices) of the CSR matrix of the distinct upper edges (sorted by row), int32
-    where that fits (scipy would copy int64 ones down)."""
-    rows = (edges >> _S32).astype(np.int32)
+    where that fits (scipy would copy int64 ones down). Row starts are searched in ``edges``
+    itself, chunk by chunk: no array of rows, no int64 indptr, at the peak."""
     dtype = np.int32 if len(edges) <= MAX_NODES else np.int64
-    indptr = np.searchsorted(rows, np.arange(n_nodes + 1, dtype=np.int32)).astype(dtype)
-    del rows
-    return indptr, (edges & _LOW32).astype(np.int32)
+    indptr = np.empty(n_nodes + 1, dtype=dtype)
+    for start in range(0, n_nodes + 1, CHUNK_PAIRS):
+        rows = np.arange(start, min(start + CHUNK_PAIRS, n_nodes + 1), dtype=np.uint64)
+        indptr[start : start + len(rows)] = np.searchsorted(edges, rows << _S32)
+    indices = np.empty(len(edges), dtype=np.int32)
+    for start in range(0, len(edges), CHUNK_PAIRS):
+        part = edges[start : start + CHUNK_PAIRS]
+        indices[start : start + len(part)] = part & _LOW32
+    return indptr, indices
 
 
 def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -265,25 +281,40 @@ def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return connected_components(csr_matrix((ones, cols, indptr), shape=(n, n)), False)[1]
 
 
-def node_days(signatures: DataFolder, keys: np.ndarray) -> np.ndarray:
-    """The day (int32 ordinal, ``days/{file:05d}.days``) of every node key (sorted, checked
-    against the days files by :meth:`DocumentIndex.dense`)."""
-    days = np.empty(len(keys), dtype=np.int32)
-    files = (keys >> _S32).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, files[1:] != files[:-1]])
-    for start, stop in zip(starts, [*starts[1:], len(keys)]):
-        with signatures.open(f"days/{files[start]:05d}.days", "rb") as f:
-            file_days = np.frombuffer(f.read(), dtype="<i4")
-        days[start:stop] = file_days[(keys[start:stop] & _LOW32).astype(np.int64)]
+def node_days(index: DocumentIndex, dense: np.ndarray) -> np.ndarray:
+    """The day (int32 ordinal, ``days/{file:05d}.days``) of every node, by its dense id
+    (sorted, checked against the days files by :meth:`DocumentIndex.dense`)."""
+    days = np.empty(len(dense), dtype=np.int32)
+    bounds = np.searchsorted(dense, index.offsets)  # each file's first node
+    for f in np.flatnonzero(bounds[1:] > bounds[:-1]):
+        start, stop = bounds[f], bounds[f + 1]
+        with index.folder.open(f"days/{f:05d}.days", "rb") as fh:
+            file_days = np.frombuffer(fh.read(), dtype="<i4")
+        days[start:stop] = file_days[dense[start:stop] - index.offsets[f]]
     return days
 
 
 def earliest_members(labels: np.ndarray, days: np.ndarray) -> np.ndarray:
-    """Index of each component's kept node (earliest day, ties: smallest index), by label."""
-    order = np.lexsort((days, labels))  # stable: equal days stay in index (= stream) order
-    sorted_labels = labels[order]
-    first = np.r_[True, sorted_labels[1:] != sorted_labels[:-1]]
-    return order[first]
+    """Index of each component's kept node (earliest day, ties: smallest index), by label.
+
+    Two ``minimum.at`` passes (earliest day per label, then smallest index among the nodes on
+    it): a few bytes per component and per candidate, where a lexsort of all nodes would hold
+    an int64 order and its temporaries."""
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    earliest = np.full(n_labels, np.iinfo(days.dtype).max, dtype=days.dtype)
+    np.minimum.at(earliest, labels, days)
+    candidates = np.flatnonzero(days == earliest[labels])
+    del earliest
+    kept = np.full(n_labels, len(labels), dtype=np.int64)
+    np.minimum.at(kept, labels[candidates], candidates)
+    return kept
+
+
+def first_members(labels: np.ndarray) -> np.ndarray:
+    """Smallest node index of each component, by label (int32 like the labels)."""
+    first = np.full(int(labels.max()) + 1 if len(labels) else 0, len(labels), dtype=np.int32)
+    np.minimum.at(first, labels, np.arange(len(labels), dtype=np.int32))
+    return first
 
 
 class EarliestMinhashCluster(PipelineStep):
@@ -310,20 +341,21 @@ class EarliestMinhashCluster(PipelineStep):
             if not len(dups):
                 return
             csr = upper_csr(len(dups), edges)
-            del edges  # scipy's transposed copy is the largest array held from here on
+            del edges  # scipy's transposed copy (with float64 data) is the peak from here on
             labels = component_labels(*csr)
             del csr
-            keys = index.keys(dups.marked())
+            first = first_members(labels)  # smallest key, by label like keep
+            dense = dups.marked()
             del dups
-            keep = earliest_members(labels, node_days(self.signatures, keys))
-            first = np.unique(labels, return_index=True)[1]  # smallest key, by label like keep
-            del labels
+            keep = earliest_members(labels, node_days(index, dense))
             self.stat_update("clusters", value=len(keep))
             if by_date := int(np.count_nonzero(keep != first)):
                 self.stat_update("kept_by_date", value=by_date)  # stream order keeps another
-            removed = np.ones(len(keys), dtype=bool)
+            del first
+            removed = np.ones(len(labels), dtype=bool)
+            del labels
             removed[keep] = False
-            self._write(keys[removed])
+            self._write(index.keys(dense[removed]))
 
     def _write(self, removed: np.ndarray) -> None:
         """``{file:06d}.remove`` per file with removals: its sorted document indices."""
