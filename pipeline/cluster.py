@@ -13,8 +13,10 @@ Python objects:
    prefix count per 64-bit word) are their compact node ids;
 3. a second read maps each pair by two array lookups to ``(low id << 32) | high id``; the
    distinct edges (:class:`SortedUnion` merges each chunk's, so a pair repeated in many
-   buckets is held once), one direction only, form a CSR matrix and
-   ``scipy.sparse.csgraph.connected_components`` labels the components;
+   buckets is held once) form a CSR matrix holding each in both directions (built chunk by
+   chunk, see :func:`symmetric_csr`), and ``scipy.sparse.csgraph.connected_components``
+   labels its strongly connected components, which on a symmetric graph are the connected
+   ones (its undirected call would hold a transposed copy with float64 data);
 4. each component keeps its member with the earliest day (``days/`` of the signature stage),
    ties broken by the smallest node key, i.e. the first in stream order -- exactly the rule
    of the dict version, so the ``.remove`` files are byte-identical
@@ -35,6 +37,8 @@ exist and otherwise estimated as input bytes / ``ASSUMED_DOC_BYTES``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
 from collections.abc import Iterator
 
@@ -46,16 +50,16 @@ from scipy.sparse.csgraph import connected_components
 
 PAIR = np.dtype([("f1", "<u4"), ("d1", "<u4"), ("f2", "<u4"), ("d2", "<u4")])
 """One record of datatrove's ``.dups`` files (``struct.pack("<4I", file1, doc1, file2, doc2)``)."""
-CHUNK_PAIRS = 1 << 18  # 4 MiB of records per read (~30 MB of temporaries)
+CHUNK_PAIRS = 1 << 16  # 1 MiB of records per read (~8 MB of temporaries)
 MIN_MERGE = 1 << 16  # distinct values pending before a merge, at least
 MAX_NODES = np.iinfo(np.int32).max
 _LOW32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
 # memory model of this step: peak RSS ~ BASE_GB + BYTES_PER_PAIR * pairs + BYTES_PER_DOC *
-# documents. benchmarks/cluster_scale.py measured 80 MB after imports and ~6.2 B per pair above
+# documents. benchmarks/cluster_scale.py measured 80 MB after imports and ~4.1 B per pair above
 # them at 10^7 pairs (~6.6 pairs and 1 distinct edge per duplicated document, as datatrove's
-# buckets repeat pairs); BYTES_PER_PAIR is ~2.5x that for pair sets with fewer repeats (more
+# buckets repeat pairs); BYTES_PER_PAIR is ~4x that for pair sets with fewer repeats (more
 # distinct edges and documents per pair), and SAFETY covers allocator slack
 BASE_GB = 0.5
 BYTES_PER_PAIR = 16.0
@@ -258,27 +262,60 @@ def _chunk_edges(rec: np.ndarray, rank: BitRank, index: DocumentIndex) -> np.nda
     return lo[distinct]
 
 
-def upper_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, indices) of the CSR matrix of the distinct upper edges (sorted by row), int32
-    where that fits (scipy would copy int64 ones down). Row starts are searched in ``edges``
-    itself, chunk by chunk: no array of rows, no int64 indptr, at the peak."""
-    dtype = np.int32 if len(edges) <= MAX_NODES else np.int64
-    indptr = np.empty(n_nodes + 1, dtype=dtype)
-    for start in range(0, n_nodes + 1, CHUNK_PAIRS):
-        rows = np.arange(start, min(start + CHUNK_PAIRS, n_nodes + 1), dtype=np.uint64)
-        indptr[start : start + len(rows)] = np.searchsorted(edges, rows << _S32)
-    indices = np.empty(len(edges), dtype=np.int32)
-    for start in range(0, len(edges), CHUNK_PAIRS):
-        part = edges[start : start + CHUNK_PAIRS]
-        indices[start : start + len(part)] = part & _LOW32
+def symmetric_csr(n_nodes: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of the CSR matrix holding each distinct upper edge in both directions,
+    int32 where that fits (scipy would copy int64 ones down).
+
+    Both directions let scipy label the components as the strongly connected ones of a
+    directed graph (the same partition on a symmetric graph), which works on the matrix as
+    given; the undirected call builds a transposed copy with float64 data and materializes
+    the data array for it (~24 bytes per edge more at the peak). Rows are filled chunk by
+    chunk: held are ``edges``, indptr and the indices."""
+    dtype = np.int32 if 2 * len(edges) <= MAX_NODES else np.int64
+    indptr = np.zeros(n_nodes + 1, dtype=dtype)
+    degree = indptr[1:]
+    for lo, hi in _edge_chunks(edges):
+        np.add.at(degree, lo, 1)
+        np.add.at(degree, hi, 1)
+    np.cumsum(degree, out=degree)
+    # indptr[r + 1] serves as row r's cursor (its first slot; each write advances it), so that
+    # no cursor array is held with the indices; filled, it holds row r's end = row r + 1's start
+    indices = np.empty(2 * len(edges), dtype=np.int32)
+    cursor = indptr[1:]
+    cursor[1:] = indptr[1:-1].copy()  # row r starts where rows < r end
+    cursor[0] = 0
+    for lo, hi in _edge_chunks(edges):
+        _scatter(indices, cursor, lo, hi)
+        _scatter(indices, cursor, hi, lo)
     return indptr, indices
 
 
+def _edge_chunks(edges: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(low ids, high ids) of ``edges``, ``CHUNK_PAIRS`` at a time (intp)."""
+    for start in range(0, len(edges), CHUNK_PAIRS):
+        part = edges[start : start + CHUNK_PAIRS]
+        yield (part >> _S32).astype(np.intp), (part & _LOW32).astype(np.intp)
+
+
+def _scatter(indices: np.ndarray, cursor: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+    """Writes ``cols`` into the next free slots of their ``rows`` and advances the cursors."""
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    counts = np.diff(np.r_[starts, len(rows)])
+    rank = np.arange(len(rows)) - np.repeat(starts, counts)  # place among its row's entries
+    indices[cursor[rows] + rank] = cols
+    cursor[rows[starts]] += counts.astype(cursor.dtype)
+
+
 def component_labels(indptr: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Component label (int32) of each compact node id of the upper-edge CSR matrix."""
+    """Component label (int32) of each compact node id of the symmetric CSR matrix
+    (:func:`symmetric_csr`): its strongly connected components, Pearce's algorithm in scipy,
+    which needs no transposed copy."""
     n = len(indptr) - 1
     ones = np.broadcast_to(np.float64(1), cols.shape)  # unweighted: no data array is stored
-    return connected_components(csr_matrix((ones, cols, indptr), shape=(n, n)), False)[1]
+    graph = csr_matrix((ones, cols, indptr), shape=(n, n))
+    return connected_components(graph, directed=True, connection="strong")[1]
 
 
 def node_days(index: DocumentIndex, dense: np.ndarray) -> np.ndarray:
@@ -317,6 +354,36 @@ def first_members(labels: np.ndarray) -> np.ndarray:
     return first
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+"""Arrays of at least this many bytes are mmapped (and unmapped when freed) while the step runs."""
+DYNAMIC_MMAP_MAX = 32 << 20
+"""Where glibc's dynamic threshold ends up after freeing large arrays (its 64-bit maximum)."""
+
+
+@contextlib.contextmanager
+def large_arrays_unmapped():
+    """Keeps glibc from serving large arrays from its heap while the step runs.
+
+    By default glibc raises its mmap threshold to the size of each mmapped block freed (up to
+    32 MiB), so after the first freed array of a few MB, such arrays come from the heap, where
+    freed ones stay resident between live ones: ~10 MB of the step's peak RSS at 10^7 pairs
+    (``benchmarks/cluster_scale.py``), for ~1.5 s more page faults. On exit the threshold is set
+    to where the dynamic one ends up (fixed from then on: glibc has no way back to dynamic);
+    elsewhere than glibc nothing changes."""
+    try:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    except (OSError, TypeError):  # no C library to look in (Windows)
+        mallopt = None
+    if mallopt is None or not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_MAX)
+
+
 class EarliestMinhashCluster(PipelineStep):
     """MinHash stage 3: joins duplicate pairs into clusters and keeps each one's earliest copy.
 
@@ -334,14 +401,14 @@ class EarliestMinhashCluster(PipelineStep):
         self.output = get_datafolder(output_folder)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        with self.track_time():
+        with self.track_time(), large_arrays_unmapped():
             names = sorted(self.buckets.list_files(glob_pattern="*.dups"))
             index = DocumentIndex(self.signatures)
             dups, edges = pair_graph(self.buckets, names, index)
             if not len(dups):
                 return
-            csr = upper_csr(len(dups), edges)
-            del edges  # scipy's transposed copy (with float64 data) is the peak from here on
+            csr = symmetric_csr(len(dups), edges)
+            del edges
             labels = component_labels(*csr)
             del csr
             first = first_members(labels)  # smallest key, by label like keep
