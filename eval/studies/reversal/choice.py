@@ -22,11 +22,13 @@ masks every slot after the one it scores, so a candidate scored as candidate + o
 read with as many masked slots as it has tokens - a shorter name predicted under other
 conditions than a longer one (and, for a long prompt, after another cut of the context). At one
 width every candidate is scored over the same slots, each slot under the same number of masks,
-and the padding it ends with is what the fine-tunes learnt (SFT rows are EOS-padded and the
-padding is a target, ``trainer/sft_data.py``). The ARM scores the same padded continuation: its
-conditions never depend on later tokens, so for it the padding only adds the exact terms log
-p(EOS | ..., EOS), near 0 for a fine-tune that learnt its padding; scoring them keeps both
-families scoring the same event. The ARM is exact; the MDM uses the chain-rule estimator (one
+and the padding it ends with is what the MDM's fine-tune learnt (its SFT rows are EOS-padded
+and, with ``sft.target=all``, the padding is a target, ``trainer/sft_data.py``). The ARM
+scores its candidate + one EOS, log p(candidate, EOS | prompt), exactly: its conditions never
+depend on later tokens, so padding would only add terms log p(EOS | ..., EOS) -- and its SFT
+loss leaves padding out (issue 16), so those terms are untrained noise (-12 to -15 nats each on
+the recorded run E's ARM), charged once per slot a candidate is shorter than the longest: that
+penalty, not the facts, decided all 12 of that ARM's trained-direction misses. The ARM is exact; the MDM uses the chain-rule estimator (one
 row per slot, deterministic), so the table is the same on every rerun, optionally with
 unsupervised classifier-free guidance (``cfg_scale``; the study reports the MDM with and
 without). The score is the total log-likelihood (no length normalisation: a candidate is the
@@ -76,10 +78,13 @@ def candidates(tests: dict[str, list[dict]]) -> dict[str, list[str]]:
     }
 
 
-def padded_answers(ids: dict[str, list[int]], eos_id: int) -> tuple[int, dict[str, list[int]]]:
-    """The file's width (longest candidate + 1) and each candidate padded with EOS to it."""
+def padded_answers(
+    ids: dict[str, list[int]], eos_id: int, pad: bool = True
+) -> tuple[int, dict[str, list[int]]]:
+    """The file's width (longest candidate + 1) and each candidate padded with EOS to it
+    (``pad=False``, the ARM: each candidate + one EOS; module docstring)."""
     width = max(map(len, ids.values())) + 1
-    return width, {c: t + [eos_id] * (width - len(t)) for c, t in ids.items()}
+    return width, {c: t + [eos_id] * (width - len(t) if pad else 1) for c, t in ids.items()}
 
 
 def rank_answers(
@@ -93,8 +98,8 @@ def rank_answers(
     n_candidates, width}``.
 
     ``loaded`` is an ``eval.measure.loading.LoadedModel``; ranks are by total log-likelihood of
-    candidate + EOS padding to the file's width given the templated prompt, with guidance
-    ``cfg_scale`` for an MDM (module docstring).
+    candidate + EOS padding to the file's width (an ARM: candidate + one EOS) given the
+    templated prompt, with guidance ``cfg_scale`` for an MDM (module docstring).
     """
     from eval.measure.likelihood import LikelihoodConfig, Scorer
 
@@ -105,7 +110,7 @@ def rank_answers(
     for stem, group in candidates(tests).items():
         rows = tests[stem]
         raw = {c: tok.encode(c, add_special_tokens=False).ids for c in group}
-        width, ids = padded_answers(raw, loaded.eos_id)
+        width, ids = padded_answers(raw, loaded.eos_id, pad=not getattr(loaded, "causal", False))
         contexts = [
             tok.encode(template.format(prompt=r["prompt"]), add_special_tokens=False).ids
             for r in rows

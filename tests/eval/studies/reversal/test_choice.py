@@ -190,3 +190,35 @@ def test_rank_answers_scores_with_the_chain_rule_and_the_guidance_asked(monkeypa
     assert [(c.estimator, c.cfg_scale, c.greedy) for c in configs] == [
         ("chain_rule", 0.8, False), ("chain_rule", 0.0, False)
     ]  # fmt: skip
+
+
+def test_an_arm_scores_each_candidate_and_one_eos_not_the_padding(monkeypatch):
+    """The ARM's SFT loss leaves padding out, so EOS-after-EOS terms are untrained: an ARM
+    scores candidate + one EOS (exact, its conditions never look ahead); an MDM the width."""
+    tok = WordTokenizer()
+    tests = {"p2d_reverse_prompts_test": [
+        {"prompt": "Who painted the moon?", "completion": " Ada Vale"},
+        {"prompt": "Who mapped the sea?", "completion": " Bo Quill of Old Yore"},
+    ]}  # fmt: skip
+    # a model that knows the short answer but pays -10 for every EOS after the first
+    right = tok.encode(" Ada Vale").ids
+
+    def score(c):
+        words = [t for t in c if t != 999]
+        return (0.0 if words == right else -5.0) - 10.0 * max(0, len(c) - len(words) - 1)
+
+    seen = {}
+    for causal in (True, False):
+        scorer = TableScorer(score, [])
+        monkeypatch.setattr(
+            "eval.measure.likelihood.Scorer.from_loaded", lambda *a, _s=scorer, **k: _s
+        )
+        loaded = SimpleNamespace(tokenizer=tok, eos_id=999, causal=causal)
+        seen[causal] = (rank_answers(loaded, tests, "{prompt}", progress=False), scorer.seen)
+    arm_rows, arm_pairs = seen[True]
+    assert sorted(len(c) for _, c in arm_pairs[:2]) == [3, 6]  # 2 and 5 words + one EOS
+    assert all(c[-1] == 999 and 999 not in c[:-1] for _, c in arm_pairs)
+    assert arm_rows["p2d_reverse_prompts_test"][0]["hit"]  # the short true answer wins
+    mdm_rows, mdm_pairs = seen[False]
+    assert {len(c) for _, c in mdm_pairs} == {6}  # one width: padding charged to the short one
+    assert not mdm_rows["p2d_reverse_prompts_test"][0]["hit"]
