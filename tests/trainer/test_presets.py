@@ -48,7 +48,18 @@ PAPER_GRID = {
     "1678M": (25, 16, 2048, 8192, 1_677_826_048),
     "2121M": (28, 17, 2176, 8704, 2_121_393_280),
 }
-TINY = ["tiny-0.03M", "tiny-0.07M", "tiny-0.13M", "tiny-0.3M", "tiny-1M", "tiny-3M"]
+TINY = [
+    "tiny-0.008M",
+    "tiny-0.019M",
+    "tiny-0.03M",
+    "tiny-0.05M",
+    "tiny-0.07M",
+    "tiny-0.13M",
+    "tiny-0.2M",
+    "tiny-0.3M",
+    "tiny-1M",
+    "tiny-3M",
+]
 
 
 def test_all_presets_listed_smallest_first():

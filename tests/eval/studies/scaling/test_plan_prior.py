@@ -1,7 +1,7 @@
 """`maskscale sweep plan --prior`: each budget's sizes spaced around a prior optimum (an anchor
 scaled as C^0.5, or a previous fit.json's N_opt laws), and runs under 200 steps warned about.
 
-Tiny presets (N: 0.03M 32,928; 0.07M 73,968; 0.13M 131,392; 0.3M 295,392; 1M 1,049,728;
+A pool of tiny presets (N: 0.03M 32,928; 0.07M 73,968; 0.13M 131,392; 0.3M 295,392; 1M 1,049,728;
 3M 2,951,232) and no corpus, so planning takes no data.
 """
 
@@ -12,10 +12,12 @@ import json
 from tests.eval.conftest import ROOT, run_cli
 
 TINY_CPU = str(ROOT / "configs/train/tiny-cpu.yaml")
+# A fixed pool, so that adding a tiny preset does not move these picks.
+POOL = "tiny-0.03M,tiny-0.07M,tiny-0.13M,tiny-0.3M,tiny-1M,tiny-3M"
 
 
 def plan(capsys, out, *args):
-    return run_cli(capsys, "sweep", "plan", "--sizes", "tiny", "--config", TINY_CPU,
+    return run_cli(capsys, "sweep", "plan", "--sizes", POOL, "--config", TINY_CPU,
                    "--out", out, *args)  # fmt: skip
 
 
