@@ -57,6 +57,9 @@ def _add_plan(sub) -> None:
                    help="with --prior: sizes within N_opt/W..N_opt*W (default 4)")  # fmt: skip
     p.add_argument("--per-budget", type=int, default=5,
                    help="with --prior: sizes per budget (default 5, at least 3)")  # fmt: skip
+    p.add_argument("--replace", action="store_true",
+                   help="the sweep becomes this plan alone (default: points of earlier plans "
+                   "in the folder are kept, so plans per family or budget add up)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the base config for every run, e.g. optim.lr=1e-3")  # fmt: skip
     p.set_defaults(func=_lazy("eval.studies.scaling.plan", "cmd_plan"))

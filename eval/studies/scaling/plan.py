@@ -88,6 +88,9 @@ class PlanConfig:
     """Sizes within [N_opt / window, N_opt x window] of the prior optimum."""
     per_budget: int = 5
     """Sizes per budget with a prior."""
+    replace: bool = False
+    """Drop the points of earlier plans in the same folder (default: keep them, so that plans
+    per family or per budget add up to one sweep)."""
 
     def validate(self) -> None:
         if not self.budgets or any(not (c > 0 and math.isfinite(c)) for c in self.budgets):
@@ -330,6 +333,36 @@ def check_started(out: Path, sweep: dict) -> None:
         )
 
 
+def merge_earlier(sweep: dict, out: Path, replace: bool) -> list[str]:
+    """Add the points of the folder's earlier plans that this plan does not redefine (unless
+    ``replace``): planning the ARM and then the MDM into one folder must give one sweep of
+    both, not silently drop the first family. Returns the names kept (or, with ``replace``,
+    dropped); the plans' own records go to ``sweep["plans"]``, oldest first."""
+    old_path = out / SWEEP_FILE
+    if not old_path.is_file():
+        sweep["plans"] = [sweep["plan"]]
+        return []
+    old = json.loads(old_path.read_text())
+    if old.get("name") != sweep["name"]:
+        raise ConfigError(
+            f"{old_path}: sweep {old.get('name')!r} lives here; plan into a new --out folder "
+            f"or give --name {old.get('name')}"
+        )
+    new_names = {p["name"] for p in sweep["points"]}
+    earlier = [p for p in old.get("points", []) if p["name"] not in new_names]
+    names = [p["name"] for p in earlier]
+    if replace:
+        sweep["plans"] = [sweep["plan"]]
+        return names
+    sweep["points"] = earlier + sweep["points"]
+    sweep["configs"] = {**{n: old["configs"][n] for n in names}, **sweep["configs"]}
+    sweep["refused"] = [r for r in old.get("refused", []) if r["name"] not in new_names] + [
+        r for r in sweep["refused"]
+    ]
+    sweep["plans"] = old.get("plans", [old.get("plan")]) + [sweep["plan"]]
+    return names
+
+
 def write_plan(sweep: dict, out: Path) -> None:
     """runs/<name>/config.yaml per point and sweep.json."""
     check_started(out, sweep)
@@ -423,6 +456,7 @@ def cmd_plan(args) -> int:
         prior_exponent=args.prior_exponent,
         window=args.window,
         per_budget=args.per_budget,
+        replace=args.replace,
     )
     sweep = make_plan(plan)
     if sweep["prior"]:
@@ -438,7 +472,16 @@ def cmd_plan(args) -> int:
         print("maskscale sweep plan: every point was refused; nothing written", file=sys.stderr)
         return 2
     out = Path(plan.out).resolve()
+    planned = len(sweep["points"])
+    others = merge_earlier(sweep, out, plan.replace)
     write_plan(sweep, out)
-    print(f"{len(sweep['points'])} runs -> {out / RUNS_DIR}; {out / SWEEP_FILE}")
+    if others and plan.replace:
+        print(f"--replace: dropped {len(others)} point(s) of earlier plans from the sweep "
+              f"(their run folders stay): {', '.join(others)}")  # fmt: skip
+    elif others:
+        print(f"kept {len(others)} point(s) of earlier plans in this folder (--replace drops "
+              "them)")  # fmt: skip
+    print(f"{len(sweep['points'])} runs ({planned} from this plan) -> {out / RUNS_DIR}; "
+          f"{out / SWEEP_FILE}")  # fmt: skip
     print(f"next: maskscale sweep run {plan.out} --launcher local|slurm|ray")
     return 0

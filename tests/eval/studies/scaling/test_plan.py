@@ -82,3 +82,32 @@ def test_replan_refuses_changing_a_started_run(corpus, tmp_path, capsys):
     assert run_cli(capsys, *args)[0] == 0  # same config: fine
     code, _, err = run_cli(capsys, *args, "optim.lr=1e-2")
     assert code == 2 and "already started with another config" in err
+
+
+def test_plans_per_family_add_up_to_one_sweep(corpus, tmp_path, capsys):
+    """Planning the ARM, then the MDM into the same folder keeps the ARM's points (the second
+    plan used to replace sweep.json, so `sweep run` silently trained only the MDM); --replace
+    makes the sweep the last plan alone; another sweep's folder is refused."""
+    base = ["sweep", "plan", "--budgets", "5e9", "--sizes", "tiny-0.3M", "--corpus", corpus,
+            "--config", TINY_CPU, "--out", tmp_path / "s"]  # fmt: skip
+    assert run_cli(capsys, *base, "--families", "arm")[0] == 0
+    code, out, err = run_cli(capsys, *base, "--families", "mdm", "--budgets", "1e10")
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "s/sweep.json").read_text())
+    assert [p["name"] for p in sweep["points"]] == ["arm-tiny-0.3M-C5e9", "mdm-tiny-0.3M-C1e10"]
+    assert set(sweep["configs"]) == {"arm-tiny-0.3M-C5e9", "mdm-tiny-0.3M-C1e10"}
+    assert [p["families"] for p in sweep["plans"]] == [["arm"], ["mdm"]]
+    assert "kept 1 point(s) of earlier plans" in out and "2 runs (1 from this plan)" in out
+
+    # the same plan again replaces its own points instead of doubling them
+    assert run_cli(capsys, *base, "--families", "mdm", "--budgets", "1e10")[0] == 0
+    sweep = json.loads((tmp_path / "s/sweep.json").read_text())
+    assert len(sweep["points"]) == 2 and len(sweep["plans"]) == 3
+
+    code, out, _ = run_cli(capsys, *base, "--families", "mdm", "--budgets", "1e10", "--replace")
+    assert code == 0 and "dropped 1 point(s) of earlier plans" in out
+    sweep = json.loads((tmp_path / "s/sweep.json").read_text())
+    assert [p["name"] for p in sweep["points"]] == ["mdm-tiny-0.3M-C1e10"]
+
+    code, _, err = run_cli(capsys, *base, "--families", "arm", "--name", "other")
+    assert code == 2 and "sweep 's' lives here" in err
