@@ -32,7 +32,8 @@ LAW_KEYS = ("loss_law", "size_law", "envelope_law")
 
 def quantities(study: dict) -> dict[str, float]:
     """The numbers the bootstrap tracks, by a flat key (``arm.loss_law.exponent``,
-    ``gap_geomean``, ``gap@1e+19`` per ARM budget, ...); missing ones are left out."""
+    ``gap_geomean``, ``gap@1e+19`` per ARM budget, ``size_ratio_geomean``, ...); missing ones
+    are left out."""
     out = {}
     for fam in FAMILIES:
         for key in LAW_KEYS:
@@ -45,6 +46,12 @@ def quantities(study: dict) -> dict[str, float]:
             out[f"{name}_geomean"] = value
         for g in rows:
             out[gap_key(name, g["C"])] = g["multiple"]
+    ratios = study["size_ratio"] or []
+    value = geomean([r["mdm_over_arm_N_opt"] for r in ratios])
+    if value is not None:
+        out["size_ratio_geomean"] = value
+    for r in ratios:
+        out[gap_key("size_ratio", r["C"])] = r["mdm_over_arm_N_opt"]
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

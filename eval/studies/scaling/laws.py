@@ -330,6 +330,7 @@ def to_json(study: dict) -> dict:
         "gap": gap,
         "gap_geomean": geomean([g["multiple"] for g in gap]),
         "size_ratio": study["size_ratio"],
+        "size_ratio_geomean": geomean([r["mdm_over_arm_N_opt"] for r in study["size_ratio"] or []]),
         "envelope_gap": env_gap,
         "envelope_gap_geomean": geomean([g["multiple"] for g in env_gap]),
     }

@@ -41,6 +41,9 @@ def test_intervals_hold_the_planted_exponents_and_gap():
     # the MDM's law 50.3 C'^-0.0625 reaches the ARM's 45.6 C^-0.0642 at C' = multiple x C
     truth = np.exp(np.mean([math.log((50.3 / (45.6 * c**-0.0642)) ** 16 / c) for c in BUDGETS]))
     assert q["gap_geomean"]["lo"] < truth < q["gap_geomean"]["hi"]
+    # planted N_opt: MDM 0.0408 C^0.5, ARM 0.0816 C^0.5, so the size ratio is 0.5 everywhere
+    for key in ["size_ratio_geomean"] + [f"size_ratio@{c:.6g}" for c in BUDGETS]:
+        assert q[key]["lo"] < 0.5 < q[key]["hi"] and q[key]["hi"] / q[key]["lo"] < 1.5, key
     for key, v in q.items():
         assert v["n_ok"] + v["n_failed"] == 300, key
     assert boot["resamples"] == 300 and boot["seed"] == 1 and boot["level"] == 0.95
@@ -81,6 +84,10 @@ def test_report_states_budgets_runs_and_resamples(tmp_path):
     assert "Geometric mean multiple: " in report and "over 5 ARM budgets, the MDM law resting " \
         "on 5 budgets; 95% interval [" in report  # fmt: skip
     assert "1 from summary.json (tokens trained)" in report
+    ratio = data["bootstrap"]["quantities"]["size_ratio_geomean"]
+    assert (f"Geometric mean ratio: {data['size_ratio_geomean']:.3g} (the N_opt laws rest on 5 "
+            f"ARM and 5 MDM budgets; 95% interval [{ratio['lo']:.3g}, {ratio['hi']:.3g}])"
+            ) in report  # fmt: skip
     assert data["families"]["arm"]["optima"][0]["C_real"] == pytest.approx(
         math.exp((math.log(6e18 * 1.01) + 6 * math.log(6e18)) / 7)
     )
