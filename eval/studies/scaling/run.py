@@ -40,6 +40,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+import pipeline
 from eval.measure.outputs import write_json_atomic, write_text_atomic
 from eval.studies.scaling.plan import RUNS_DIR, SWEEP_FILE
 from pipeline.configlib import ConfigError
@@ -53,8 +54,10 @@ POLL_S = 0.5
 """Seconds between two looks at the running subprocesses (local launcher)."""
 STOP_S = 30.0
 """Seconds a stopped run gets to exit after SIGTERM before it is killed."""
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-"""The folder holding the eval/trainer/pipeline packages (put on the runs' PYTHONPATH)."""
+PROJECT_ROOT = Path(pipeline.__file__).resolve().parent.parent
+"""The folder holding the eval/trainer/pipeline packages (put on the runs' PYTHONPATH, so a
+node without maskscale installed still runs ``-m pipeline.cli``). Found from the package, not
+from this file's depth, which changed when eval/ moved into rooms."""
 
 
 @dataclass
@@ -285,11 +288,32 @@ def sbatch_script(sweep_dir: Path, points: list[dict], res: Resources) -> str:
         f'CONFIG=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {sweep_dir / "slurm" / "runs.txt"})',
         'HEAD=$(scontrol show hostnames "$SLURM_NODELIST" | head -n 1)',
         'echo "array task $SLURM_ARRAY_TASK_ID: $CONFIG on $SLURM_NODELIST"',
+        'RUN_DIR=$(dirname "$CONFIG")',
+        f'rm -f "$RUN_DIR/{FAILED_FILE}"',
+        "rc=0",
         f"srun --nodes={res.nodes} --ntasks={res.nodes} {shlex.quote(sys.executable)} "
         f"-m torch.distributed.run {rdzv} --nproc_per_node={nproc} "
-        '-m pipeline.cli train --config "$CONFIG"',
+        '-m pipeline.cli train --config "$CONFIG" || rc=$?',
+        *failed_record_lines(sweep_dir),
+        "exit $rc",
     ]
     return "\n".join(lines) + "\n"
+
+
+def failed_record_lines(sweep_dir: Path) -> list[str]:
+    """Bash that writes runs/<name>/failed.json when the task's training exits non-zero, as
+    the local and Ray launchers do, so `sweep fit` lists the run as failed (with the array
+    task's log) instead of as not run."""
+    log = f"{sweep_dir / 'slurm' / 'logs'}/${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}.out"
+    record = '{"returncode": %d, "log": "%s", "slurm_job": "%s", "array_task": "%s"}\\n'
+    return [
+        'if [ "$rc" -ne 0 ]; then',
+        f'  printf \'{record}\' "$rc" "{log}" "$SLURM_ARRAY_JOB_ID" '
+        f'"$SLURM_ARRAY_TASK_ID" > "$RUN_DIR/{FAILED_FILE}.tmp"',
+        f'  mv "$RUN_DIR/{FAILED_FILE}.tmp" "$RUN_DIR/{FAILED_FILE}"',
+        f'  echo "array task $SLURM_ARRAY_TASK_ID failed ($rc): $RUN_DIR/{FAILED_FILE}"',
+        "fi",
+    ]
 
 
 def run_slurm(sweep_dir: Path, points: list[dict], res: Resources) -> int:

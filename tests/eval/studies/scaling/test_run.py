@@ -145,6 +145,7 @@ def test_slurm_job_array(tmp_path, capsys, monkeypatch):
     assert "torch.distributed.run --standalone --nproc_per_node=1" in script
     assert "submitted Slurm job array" in stdout
     assert (Path(sweep["points"][0]["run_dir"]) / "summary.json").is_file(), log.read_text()
+    assert not (Path(sweep["points"][0]["run_dir"]) / "failed.json").exists()
     sub = json.loads((out / "slurm/submissions.jsonl").read_text())
     assert sub["runs"] == [sweep["points"][0]["name"]]
 
@@ -157,6 +158,35 @@ def test_slurm_multi_node_script(tmp_path, capsys):
     assert "#SBATCH --array=0-2\n" in script and "#SBATCH --gpus-per-node=8" in script
     assert "--nnodes=4" in script and "--rdzv_backend=c10d" in script
     assert "--nproc_per_node=8" in script and "srun --nodes=4 --ntasks=4" in script
+
+
+def test_slurm_task_failure_is_recorded_and_the_packages_are_on_the_path(tmp_path):
+    """An array task whose training fails writes runs/<name>/failed.json (as the local and Ray
+    launchers do) and exits with the trainer's status; PYTHONPATH names the folder holding the
+    packages (it pointed at eval/studies after eval/ moved into rooms)."""
+    import subprocess
+
+    from eval.studies.scaling.run import Resources, sbatch_script
+
+    run_dir = tmp_path / "runs" / "arm-x"
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.yaml"
+    config.write_text("objective: arm\nzero_stage: 7\n")  # refused: the trainer exits non-zero
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm/runs.txt").write_text(f"{config}\n")
+    script = sbatch_script(tmp_path, [{"config": str(config)}], Resources())
+    root = script.split("export PYTHONPATH=")[1].split("$")[0]
+    assert (Path(root) / "pipeline" / "cli.py").is_file() and Path(root) == ROOT
+    path = tmp_path / "sweep.sbatch"
+    path.write_text(script)
+    env = {**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0",
+           "SLURM_ARRAY_JOB_ID": "77", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    proc = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    record = json.loads((run_dir / "failed.json").read_text())
+    assert record["returncode"] == proc.returncode and record["slurm_job"] == "77"
+    assert record["log"] == f"{tmp_path}/slurm/logs/77_0.out"
+    assert "array task 0 failed" in proc.stdout
 
 
 @pytest.mark.slow
