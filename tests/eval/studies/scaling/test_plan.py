@@ -4,6 +4,7 @@ configs, shows epochs of the corpus, and refuses points with less than one step.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,38 @@ def test_plans_per_family_add_up_to_one_sweep(corpus, tmp_path, capsys):
 
     code, _, err = run_cli(capsys, *base, "--families", "arm", "--name", "other")
     assert code == 2 and "sweep 's' lives here" in err
+
+
+def test_time_estimates_follow_the_measured_rates_by_size(corpus, tmp_path, capsys):
+    """An unmeasured size gets FLOP/s from a power law through the measured sizes around it
+    (or the two nearest beyond them), not their median: tiny models run at a fraction of a
+    larger one's FLOP/s. Numbers from the CPU study: 0.019M and 0.03M measured, 0.008M ran at
+    2.35e9 FLOP/s, and the median of the 7 measured sizes said 1.33e10."""
+    from eval.studies.scaling.plan import rate_at
+
+    by_n = {18_552: 5.20e9, 32_928: 8.24e9}
+    assert rate_at(8_272, by_n) == pytest.approx(2.72e9, rel=0.01)  # measured: 2.35e9
+    assert rate_at(18_552, by_n) == 5.20e9 and rate_at(1e5, {5e4: 3e9}) == 3e9
+    slope = math.log(8.24 / 5.20) / math.log(32_928 / 18_552)
+    assert rate_at(25_000, by_n) == pytest.approx(5.20e9 * (25_000 / 18_552) ** slope)
+    assert rate_at(1e6, {1e4: 1e9, 2e4: 8e9}) == pytest.approx(1e9 * 100)  # exponent clamped to 1
+    assert rate_at(1e3, {1e4: 5e9, 2e4: 1e9}) == 5e9  # clamped to 0: never faster when smaller
+    assert rate_at(1e4, {}) is None
+
+    runs = []
+    for size, n, tps in (("tiny-0.3M", 295_392, 1000.0), ("tiny-3M", 2_951_232, 400.0)):
+        runs.append(tmp_path / size)
+        runs[-1].mkdir()
+        (runs[-1] / "summary.json").write_text(json.dumps({"model": size, "N": n,
+                                                           "tokens_per_s": tps}))  # fmt: skip
+    out = tmp_path / "s"
+    code, _, err = run_cli(capsys, "sweep", "plan", "--budgets", "1e12", "--sizes", "tiny-1M",
+                           "--families", "arm", "--corpus", corpus, "--config", TINY_CPU,
+                           "--out", out, "--measured", *runs)  # fmt: skip
+    assert code == 0, err
+    sweep = json.loads((out / "sweep.json").read_text())
+    lo, hi = 6 * 295_392 * 1000.0, 6 * 2_951_232 * 400.0
+    rate = lo * (1_049_728 / 295_392) ** (math.log(hi / lo) / math.log(2_951_232 / 295_392))
+    (point,) = sweep["points"]
+    assert point["est_s"] == pytest.approx(point["flops"] / rate)
+    assert sweep["throughput"]["measured_flops_per_s"] == {"tiny-0.3M": lo, "tiny-3M": hi}
