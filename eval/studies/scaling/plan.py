@@ -229,18 +229,16 @@ def train_rows(manifest: dict | None, cfg: TrainConfig) -> int | None:
 def measured_flops_per_s(run_dirs: list[Path]) -> dict[str, dict]:
     """Achieved training FLOP/s (6 N tokens/s) per model preset, from finished runs:
     {preset: {"N": n, "flops_per_s": median over its runs}}."""
-
-    found: dict[str, list[float]] = {}
-    sizes: dict[str, int] = {}
+    found: dict[str, tuple[int, list[float]]] = {}
     for run_dir in run_dirs:
         path = run_dir / "summary.json"
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
         if s.get("tokens_per_s"):
-            found.setdefault(s["model"], []).append(6.0 * s["N"] * s["tokens_per_s"])
-            sizes[s["model"]] = int(s["N"])
-    return {m: {"N": sizes[m], "flops_per_s": statistics.median(v)} for m, v in found.items()}
+            rates = found.setdefault(s["model"], (int(s["N"]), []))[1]
+            rates.append(6.0 * s["N"] * s["tokens_per_s"])
+    return {m: {"N": n, "flops_per_s": statistics.median(v)} for m, (n, v) in found.items()}
 
 
 def rate_at(n: float, by_n: dict[float, float]) -> float | None:
@@ -320,7 +318,7 @@ def make_plan(plan: PlanConfig) -> dict:
         "throughput": {
             "measured_flops_per_s": {m: v["flops_per_s"] for m, v in measured.items()},
             "assumed_tokens_per_s": plan.tokens_per_s,
-        },  # fmt: skip
+        },
         "points": [asdict(p) for p in points],
         "refused": refused,
         "prior": prior,
@@ -342,13 +340,15 @@ def sizes_per_budget(plan: PlanConfig, base: dict, manifest: dict | None, out: P
     return spaced_grid(prior, pool, plan.families, plan.budgets, plan.window, plan.per_budget)
 
 
-def check_started(out: Path, sweep: dict) -> None:
-    """Refuse to change the config of a run that has already started."""
-    old_path = out / SWEEP_FILE
-    if not old_path.is_file():
-        return
+def read_earlier(out: Path) -> dict | None:
+    """The folder's sweep.json from earlier plans, or None."""
+    path = out / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    old = json.loads(old_path.read_text()).get("configs", {})
+
+def check_started(out: Path, sweep: dict, earlier: dict | None) -> None:
+    """Refuse to change the config of a run that has already started."""
+    old = (earlier or {}).get("configs", {})
     changed = [
         name
         for name, data in sweep["configs"].items()
@@ -363,39 +363,38 @@ def check_started(out: Path, sweep: dict) -> None:
         )
 
 
-def merge_earlier(sweep: dict, out: Path, replace: bool) -> list[str]:
-    """Add the points of the folder's earlier plans that this plan does not redefine (unless
-    ``replace``): planning the ARM and then the MDM into one folder must give one sweep of
-    both, not silently drop the first family. Returns the names kept (or, with ``replace``,
-    dropped); the plans' own records go to ``sweep["plans"]``, oldest first."""
-    old_path = out / SWEEP_FILE
-    if not old_path.is_file():
+def merge_earlier(sweep: dict, out: Path, earlier: dict | None, replace: bool) -> list[str]:
+    """Add the points of the folder's earlier plans (``earlier``, their sweep.json) that this
+    plan does not redefine (unless ``replace``): planning the ARM and then the MDM into one
+    folder must give one sweep of both, not silently drop the first family. Returns the names
+    kept (or, with ``replace``, dropped); the plans' own records go to ``sweep["plans"]``,
+    oldest first."""
+    if earlier is None:
         sweep["plans"] = [sweep["plan"]]
         return []
-    old = json.loads(old_path.read_text())
-    if old.get("name") != sweep["name"]:
+    if earlier.get("name") != sweep["name"]:
         raise ConfigError(
-            f"{old_path}: sweep {old.get('name')!r} lives here; plan into a new --out folder "
-            f"or give --name {old.get('name')}"
+            f"{out / SWEEP_FILE}: sweep {earlier.get('name')!r} lives here; plan into a new "
+            f"--out folder or give --name {earlier.get('name')}"
         )
     new_names = {p["name"] for p in sweep["points"]}
-    earlier = [p for p in old.get("points", []) if p["name"] not in new_names]
-    names = [p["name"] for p in earlier]
+    kept = [p for p in earlier.get("points", []) if p["name"] not in new_names]
+    names = [p["name"] for p in kept]
     if replace:
         sweep["plans"] = [sweep["plan"]]
         return names
-    sweep["points"] = earlier + sweep["points"]
-    sweep["configs"] = {**{n: old["configs"][n] for n in names}, **sweep["configs"]}
-    sweep["refused"] = [r for r in old.get("refused", []) if r["name"] not in new_names] + [
-        r for r in sweep["refused"]
-    ]
-    sweep["plans"] = old.get("plans", [old.get("plan")]) + [sweep["plan"]]
+    sweep["points"] = kept + sweep["points"]
+    sweep["configs"] = {**{n: earlier["configs"][n] for n in names}, **sweep["configs"]}
+    old_refused = [r for r in earlier.get("refused", []) if r["name"] not in new_names]
+    sweep["refused"] = old_refused + sweep["refused"]
+    sweep["plans"] = earlier.get("plans", [earlier.get("plan")]) + [sweep["plan"]]
     return names
 
 
-def write_plan(sweep: dict, out: Path) -> None:
-    """runs/<name>/config.yaml per point and sweep.json."""
-    check_started(out, sweep)
+def write_plan(sweep: dict, out: Path, earlier: dict | None = None) -> None:
+    """runs/<name>/config.yaml per point and sweep.json; ``earlier``: the folder's previous
+    sweep.json (``read_earlier``), whose started runs may not change config."""
+    check_started(out, sweep, earlier)
     for name, data in sweep["configs"].items():
         text = f"# sweep {sweep['name']}: point {name} (maskscale sweep plan)\n"
         text += yaml.safe_dump(data, sort_keys=False)
@@ -502,9 +501,9 @@ def cmd_plan(args) -> int:
         print("maskscale sweep plan: every point was refused; nothing written", file=sys.stderr)
         return 2
     out = Path(plan.out).resolve()
-    planned = len(sweep["points"])
-    others = merge_earlier(sweep, out, plan.replace)
-    write_plan(sweep, out)
+    planned, earlier = len(sweep["points"]), read_earlier(out)
+    others = merge_earlier(sweep, out, earlier, plan.replace)
+    write_plan(sweep, out, earlier)
     if others and plan.replace:
         print(f"--replace: dropped {len(others)} point(s) of earlier plans from the sweep "
               f"(their run folders stay): {', '.join(others)}")  # fmt: skip
